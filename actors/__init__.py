@@ -1,0 +1,1 @@
+"""Thin Ray actor shells over the core in :mod:`vela`."""

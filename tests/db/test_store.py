@@ -1,0 +1,162 @@
+"""The store on SQLite and PostgreSQL: CRUD, compare-and-set, encryption at rest."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, text
+
+from vela.db.models import Secret
+from vela.db.store import StepSpec, Store, utcnow
+from vela.domain import BuildStatus, StepStatus
+from vela.errors import Conflict, InvalidTransition, NotFound, VelaError
+
+
+@pytest.fixture
+def store(engine, master_key):
+    return Store(engine, master_key)
+
+
+async def new_build(store: Store, repo: str = "octo/hello", steps: int = 2):
+    return await store.create_build(
+        repo, executable='{"steps": []}',
+        steps=[StepSpec(i + 1, f"s{i + 1}") for i in range(steps)], timeout_s=60)
+
+
+async def test_build_numbers_count_per_repo(store):
+    a1 = await new_build(store, "octo/a")
+    a2 = await new_build(store, "octo/a")
+    b1 = await new_build(store, "octo/b")
+    assert (a1.number, a2.number, b1.number) == (1, 2, 1)
+    assert a1.status == BuildStatus.PENDING and a1.timeout_s == 60
+    assert [s.status for s in await store.get_steps(a1.id)] == ["pending", "pending"]
+
+
+async def test_repo_name_must_have_org(store):
+    with pytest.raises(VelaError, match="org/name"):
+        await new_build(store, "nothing")
+
+
+async def test_transition_cas_and_rules(store):
+    b = await new_build(store)
+    with pytest.raises(InvalidTransition):
+        await store.transition_build(b.id, BuildStatus.PENDING, BuildStatus.SUCCESS)
+    run = await store.transition_build(b.id, BuildStatus.PENDING, BuildStatus.RUNNING,
+                                       worker="w1", token_jti="j1", dispatched_at=utcnow())
+    assert run.status == "running" and run.worker == "w1"
+    with pytest.raises(Conflict, match="is running, not pending"):
+        await store.transition_build(b.id, BuildStatus.PENDING, BuildStatus.RUNNING)
+    # A guard on the token id: a stale token cannot finish the build.
+    with pytest.raises(Conflict):
+        await store.transition_build(b.id, BuildStatus.RUNNING, BuildStatus.SUCCESS,
+                                     only_if={"token_jti": "other"})
+    done = await store.transition_build(b.id, BuildStatus.RUNNING, BuildStatus.ERROR,
+                                        only_if={"token_jti": "j1"}, reason="worker_lost")
+    assert done.status == "error" and done.reason == "worker_lost" and done.finished_at
+    assert {s.status for s in await store.get_steps(b.id)} == {"skipped"}
+    with pytest.raises(NotFound):
+        await store.transition_build(9999, BuildStatus.PENDING, BuildStatus.RUNNING)
+
+
+async def test_concurrent_transitions_exactly_one_wins(store):
+    b = await new_build(store)
+
+    async def attempt(i: int) -> str:
+        try:
+            await store.transition_build(b.id, BuildStatus.PENDING, BuildStatus.RUNNING,
+                                         worker=f"w{i}")
+            return f"w{i}"
+        except Conflict:
+            return ""
+
+    results = await asyncio.gather(*(attempt(i) for i in range(20)))
+    winners = [r for r in results if r]
+    assert len(winners) == 1
+    assert (await store.get_build(b.id)).worker == winners[0]
+
+
+async def test_steps_and_logs(store):
+    b = await new_build(store)
+    await store.update_step(b.id, 1, StepStatus.RUNNING)
+    assert await store.append_log(b.id, 1, ["a", "b"]) == 1
+    assert await store.append_log(b.id, 1, ["c"]) == 2
+    step = await store.update_step(b.id, 1, StepStatus.SUCCESS, exit_code=0)
+    assert step.exit_code == 0 and step.finished_at >= step.started_at
+    with pytest.raises(InvalidTransition):
+        await store.update_step(b.id, 1, StepStatus.RUNNING)
+    logs = await store.get_logs(b.id)
+    assert "".join(chunk for _, _, chunk in logs) == "a\nb\nc\n"
+    assert await store.get_logs(b.id, after_id=logs[-1][0]) == []
+    with pytest.raises(NotFound):
+        await store.append_log(b.id, 7, ["x"])
+
+
+async def test_secret_encrypted_at_rest_and_never_listed(store, engine):
+    await store.put_secret("org", "octo", "", "token", "org-value-123")
+    info = await store.put_secret("repo", "octo", "hello", "token", "repo-value-456")
+    assert not hasattr(info, "value")
+    assert "repo-value-456" not in repr(await store.list_secrets())
+    async with engine.connect() as conn:
+        raw = b"".join(r[0] for r in await conn.execute(text("SELECT value_enc FROM secrets")))
+        dumped = str(list(await conn.execute(text("SELECT * FROM secrets"))))
+    assert b"repo-value-456" not in raw and b"org-value-123" not in raw
+    assert "value-" not in dumped
+    # The repo secret wins over the org secret of the same name.
+    assert await store.secrets_for_repo("octo/hello", ["token"]) == {"token": "repo-value-456"}
+    assert await store.secrets_for_repo("octo/other", ["token"]) == {"token": "org-value-123"}
+    assert await store.secrets_for_repo("evil/hello", ["token"]) == {}
+
+
+async def test_secret_ciphertext_is_bound_to_its_row(store, engine):
+    """Copying one secret's ciphertext onto another row does not decrypt."""
+    await store.put_secret("repo", "octo", "a", "k", "alpha")
+    await store.put_secret("repo", "octo", "b", "k", "beta")
+    async with store.session() as s, s.begin():
+        a = await s.scalar(select(Secret).where(Secret.target == "a"))
+        b = await s.scalar(select(Secret).where(Secret.target == "b"))
+        b.value_enc = a.value_enc
+    with pytest.raises(VelaError, match="does not decrypt"):
+        await store.secrets_for_repo("octo/b", ["k"])
+
+
+async def test_secret_update_and_delete(store):
+    await store.put_secret("repo", "octo", "hello", "k", "v1")
+    await store.put_secret("repo", "octo", "hello", "k", "v2")
+    assert await store.secrets_for_repo("octo/hello", ["k"]) == {"k": "v2"}
+    assert len(await store.list_secrets(org="octo")) == 1
+    await store.delete_secret("repo", "octo", "hello", "k")
+    with pytest.raises(NotFound):
+        await store.delete_secret("repo", "octo", "hello", "k")
+    with pytest.raises(VelaError, match="scope"):
+        await store.put_secret("galaxy", "octo", "hello", "k", "v")
+
+
+async def test_workers(store):
+    w = await store.upsert_worker("h1", routes=["vela"], build_limit=2, sign_public_key="s",
+                                  seal_public_key="x", key_thumbprint="t", actor_name="a")
+    assert w.status == "idle" and w.active and w.running_builds == []
+    await store.update_worker("h1", status="busy", running_builds=[1, 2])
+    got = await store.get_worker("h1")
+    assert got.status == "busy" and got.running_builds == [1, 2]
+    await store.upsert_worker("h1", routes=["gpu"], build_limit=3, sign_public_key="s2",
+                              seal_public_key="x2", key_thumbprint="t2")
+    got = await store.get_worker("h1")
+    assert got.routes == ["gpu"] and got.build_limit == 3 and got.registered_at == w.registered_at
+    with pytest.raises(NotFound):
+        await store.update_worker("nope", status="idle")
+
+
+async def test_registration_token_single_use(store):
+    now = utcnow()
+    await store.create_registration_token(token_hash="h" * 64, routes=["vela"], hostname=None,
+                                          expires_at=now + timedelta(minutes=5))
+    await store.create_registration_token(token_hash="e" * 64, routes=["vela"], hostname=None,
+                                          expires_at=now - timedelta(seconds=1))
+    results = await asyncio.gather(*(store.use_registration_token("h" * 64, used_by=f"w{i}",
+                                                                  now=now) for i in range(5)))
+    assert results.count(True) == 1
+    assert not await store.use_registration_token("e" * 64, used_by="w", now=now)
+    row = await store.get_registration_token("h" * 64)
+    assert row.used_at is not None and row.expires_at.tzinfo is not None

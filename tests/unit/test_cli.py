@@ -1,0 +1,91 @@
+"""The front door: help, version, config show, db upgrade/check on both back ends."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import PG_URL, pg_exec
+from vela import __version__
+from vela.cli import app
+from vela.db.migrate import head_revision
+
+runner = CliRunner()
+
+
+def invoke(args, env):
+    return runner.invoke(app, args, env=env)
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {"VELA_SERVER_DATA_DIR": str(tmp_path), "VELA_CONFIG": ""}
+
+
+def test_help_and_version(env):
+    r = invoke(["--help"], env)
+    assert r.exit_code == 0
+    for cmd in ("config", "db"):
+        assert cmd in r.output
+    r = invoke(["--version"], env)
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+def test_config_show_redacts(env):
+    env = {**env, "VELA_SERVER_MASTER_KEY": "cd" * 32,
+           "VELA_QUEUE_REDIS_URL": "redis://:t0psecret@cache:6379/0"}
+    r = invoke(["config", "show"], env)
+    assert r.exit_code == 0, r.output
+    assert "cd" * 32 not in r.output and "t0psecret" not in r.output
+    assert "[queue]" in r.output and "redis://:***@cache:6379/0" in r.output
+    r = invoke(["config", "show", "--json"], env)
+    assert r.exit_code == 0 and '"backend": "database"' in r.output
+
+
+def test_bad_config_is_one_line_exit_2(env, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nid = 3\nnope = true\n")
+    r = invoke(["--config", str(bad), "config", "show"], env)
+    assert r.exit_code == 2
+    assert "Traceback" not in r.output
+    assert str(bad) in r.output and "server" in r.output
+
+
+def test_db_upgrade_and_check_sqlite(env):
+    r = invoke(["db", "check"], env)
+    assert r.exit_code == 1 and "vela db upgrade" in r.output
+    r = invoke(["db", "upgrade"], env)
+    assert r.exit_code == 0 and head_revision() in r.output
+    r = invoke(["db", "upgrade"], env)
+    assert r.exit_code == 0 and "already" in r.output
+    r = invoke(["db", "check", "--json"], env)
+    assert r.exit_code == 0 and '"up_to_date": true' in r.output
+
+
+@pytest.fixture
+def pg_database():
+    """A database of its own, so the CLI's public schema is nobody else's."""
+    name = f"vela_cli_{os.getpid()}"
+    pg_exec(f"DROP DATABASE IF EXISTS {name}")
+    pg_exec(f"CREATE DATABASE {name}")
+    yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    pg_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_db_upgrade_and_check_postgres(env, pg_database):
+    env = {**env, "VELA_DATABASE_URL": pg_database}
+    r = invoke(["db", "check"], env)
+    assert r.exit_code == 1 and "empty" in r.output
+    r = invoke(["db", "upgrade"], env)
+    assert r.exit_code == 0, r.output
+    r = invoke(["db", "check"], env)
+    assert r.exit_code == 0 and "postgresql" in r.output and head_revision() in r.output
+
+
+def test_db_check_unreachable(env):
+    r = invoke(["db", "check"], {**env, "VELA_DATABASE_URL":
+                                 "postgresql+asyncpg://postgres@127.0.0.1:1/test"})
+    assert r.exit_code == 1 and "cannot reach the database" in r.output
+    assert "Traceback" not in r.output

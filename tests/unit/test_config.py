@@ -1,0 +1,93 @@
+"""Configuration: sources in order, clear errors, secrets never shown."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from vela.config import REDACTED, load_settings, redacted
+from vela.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_system(tmp_path):
+    s = load_settings(environ={"VELA_SERVER_DATA_DIR": str(tmp_path)})
+    assert s.queue.backend == "database" and s.queue.mode == "server"
+    assert s.database_url() == f"sqlite+aiosqlite:///{tmp_path / 'vela.db'}"
+    assert s.ray.address == "" and s.ray.head_port != 6379
+    assert s.worker.mode == "queueless" and s.queue.routes == ["vela"]
+
+
+def test_file_then_env_override(tmp_path):
+    cfg = tmp_path / "vela.toml"
+    cfg.write_text('[queue]\nbackend = "redis"\nroutes = ["a", "b"]\nlease_seconds = 5\n')
+    s = load_settings(cfg, environ={"VELA_QUEUE_ROUTES": "c, d", "VELA_QUEUE_LEASE_SECONDS": "7"})
+    assert s.queue.backend == "redis"
+    assert s.queue.routes == ["c", "d"] and s.queue.lease_seconds == 7
+    assert load_settings(environ={"VELA_CONFIG": str(cfg)}).queue.routes == ["a", "b"]
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("[queue]\nbogus = 1\n", "queue.bogus: unknown key"),
+    ("[nope]\nx = 1\n", "nope: unknown key"),
+    ('[queue]\nbackend = "kafka"\n', "queue.backend"),
+    ("[worker]\nbuild_limit = 0\n", "worker.build_limit"),
+    ("[queue\n", "not valid TOML"),
+])
+def test_bad_file_names_key_and_file(tmp_path, body, expected):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(body)
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg, environ={})
+    assert str(cfg) in str(e.value) and expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_env_names_variable():
+    with pytest.raises(ConfigError, match="VELA_SCHEDULER_HEALTH_CHECK_PERIOD_S"):
+        load_settings(environ={"VELA_SCHEDULER_HEALTH_CHECK_PERIOD_S": "soon"})
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings("/nonexistent/vela.toml", environ={})
+
+
+def test_secrets_hidden_in_repr_logs_and_show(caplog):
+    env = {"VELA_SERVER_MASTER_KEY": "ab" * 32,
+           "VELA_DATABASE_URL": "postgresql+asyncpg://vela:hunter2pw@db/vela",
+           "VELA_WORKER_REGISTRATION_TOKEN": "vrt_supersecret"}
+    s = load_settings(environ=env)
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("test").info("settings: %s %r", s, s)
+    shown = str(redacted(s))
+    for secret in ("ab" * 32, "hunter2pw", "vrt_supersecret"):
+        assert secret not in repr(s) and secret not in caplog.text and secret not in shown
+    assert redacted(s)["worker"]["registration_token"] == REDACTED
+    assert redacted(s)["database"]["url"] == "postgresql+asyncpg://vela:***@db/vela"
+    assert s.master_key() == bytes.fromhex("ab" * 32)
+
+
+def test_master_key_created_once_private(tmp_path):
+    s = load_settings(environ={"VELA_SERVER_DATA_DIR": str(tmp_path)})
+    key = s.master_key()
+    assert len(key) == 32 and s.master_key() == key
+    assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_bad_master_key():
+    with pytest.raises(ConfigError, match="64 hex"):
+        load_settings(environ={"VELA_SERVER_MASTER_KEY": "short"}).master_key()
+
+
+@pytest.mark.parametrize("name", ["vela.toml", "production.toml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / name
+    s = load_settings(path, environ={})
+    assert s.ray.head_port != 6379
+    if name == "production.toml":
+        assert s.queue.backend == "redis" and s.ray.address == "auto"
+    else:
+        assert s.queue.backend == "database" and s.ray.address == ""

@@ -1,0 +1,89 @@
+"""The Typer app, the shared context and error handling for every command."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from vela import __version__
+from vela.config import Settings, load_settings
+from vela.errors import ConfigError, VelaError
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="Vela on Ray: CI builds pushed by the server to workers that prove who they are.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+class CliState:
+    config_path: Path | None = None
+    _settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+        return self._settings
+
+
+state = CliState()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"vela {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="TOML configuration file (default: $VELA_CONFIG).",
+        envvar="VELA_CONFIG",
+    ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    state.config_path = config
+    state._settings = None
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def command(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn our errors into one-line messages: config errors exit 2, others 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            raise fail(f"configuration: {e}", 2) from None
+        except VelaError as e:
+            raise fail(str(e)) from None
+
+    return wrapper
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def print_json(data: Any) -> None:
+    console.print_json(json.dumps(data, default=str))

@@ -1,0 +1,104 @@
+"""Front-door commands: configuration and database."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from vela.cli._app import app, command, console, print_json, run, state
+from vela.config import redacted
+from vela.db import migrate
+from vela.db.engine import create_engine
+
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema: apply migrations, check the connection.",
+                     no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+
+
+@config_app.command("show")
+@command
+def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Print the effective configuration (defaults < file < VELA_* env), secrets redacted."""
+    data = redacted(state.settings)
+    if as_json:
+        print_json(data)
+        return
+    for section, values in data.items():
+        console.print(f"[{section}]", style="bold", markup=False, highlight=False)
+        for key, value in values.items():
+            console.print(f"{key} = {json.dumps(value)}", markup=False, highlight=False)
+        console.print()
+
+
+def _engine():  # type: ignore[no-untyped-def]
+    s = state.settings
+    return create_engine(s.database_url(), echo=s.database.echo)
+
+
+@db_app.command("upgrade")
+@command
+def db_upgrade() -> None:
+    """Apply every pending migration to the configured database."""
+
+    async def go() -> tuple[str | None, str | None]:
+        engine = _engine()
+        try:
+            before = await migrate.current_revision(engine)
+            await migrate.upgrade(engine)
+            return before, await migrate.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    before, after = run(go())
+    if before == after:
+        console.print(f"database already at schema {after} (latest)")
+    else:
+        console.print(f"database upgraded from {before or 'empty'} to schema {after}")
+
+
+@db_app.command("check")
+@command
+def db_check(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Connect to the configured database and report its schema version."""
+
+    async def go() -> str | None:
+        engine = _engine()
+        try:
+            return await migrate.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        current = run(go())
+    except OSError as e:  # refused connection and friends
+        raise _unreachable(e) from None
+    except Exception as e:  # noqa: BLE001 - driver errors vary; report them in one line
+        if type(e).__module__.startswith(("sqlalchemy", "asyncpg", "sqlite3", "aiosqlite")):
+            raise _unreachable(e) from None
+        raise
+    head = migrate.head_revision()
+    up_to_date = current == head
+    backend = state.settings.database_url().split(":", 1)[0]
+    if as_json:
+        print_json({"backend": backend, "schema": current, "latest": head,
+                    "up_to_date": up_to_date})
+    else:
+        table = Table(show_header=False)
+        table.add_row("backend", backend)
+        table.add_row("schema", current or "empty (run `vela db upgrade`)")
+        table.add_row("latest", head)
+        console.print(table)
+    if not up_to_date:
+        raise typer.Exit(1)
+
+
+def _unreachable(e: Exception) -> typer.Exit:
+    from vela.cli._app import fail
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return fail(f"cannot reach the database: {first}. Check database.url "
+                "(VELA_DATABASE_URL) and that the server is running.")

@@ -1,0 +1,235 @@
+"""One settings model. Sources, later wins: defaults, a TOML file, ``VELA_*`` env.
+
+Environment variables are ``VELA_<SECTION>_<FIELD>`` (``VELA_DATABASE_URL``,
+``VELA_QUEUE_BACKEND``...). Lists accept comma-separated values. Secret fields
+are :class:`pydantic.SecretStr`, so they never show in ``repr`` or logs, and
+:func:`redacted` replaces them for ``vela config show``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _secrets
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from vela.domain import DEFAULT_ROUTE
+from vela.errors import ConfigError
+
+ENV_PREFIX = "VELA_"
+REDACTED = "**redacted**"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSettings(_Section):
+    id: str = "vela-server"
+    data_dir: Path = Path(".vela")
+    # Encrypts the server's signing keys and secrets at rest. When unset, a
+    # random key is created once in ``data_dir/master.key`` (mode 0600).
+    master_key: SecretStr | None = None
+
+
+class DatabaseSettings(_Section):
+    # Empty means SQLite in ``server.data_dir/vela.db``.
+    url: SecretStr | None = None
+    echo: bool = False
+
+
+class QueueSettings(_Section):
+    backend: Literal["database", "redis"] = "database"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    mode: Literal["server", "legacy"] = "server"
+    routes: list[str] = Field(default_factory=lambda: [DEFAULT_ROUTE])
+    lease_seconds: float = Field(default=60.0, gt=0)
+    max_item_bytes: int = Field(default=4096, gt=0)
+
+    @field_validator("routes")
+    @classmethod
+    def _routes_nonempty(cls, v: list[str]) -> list[str]:
+        if not v or any(not r.strip() for r in v):
+            raise ValueError("routes must be a non-empty list of non-empty names")
+        return v
+
+
+class RaySettings(_Section):
+    # Empty starts a local Ray; otherwise "auto" or "host:port" of a cluster head.
+    address: str = ""
+    namespace: str = "vela"
+    # Redis owns 6379 on our machines, which is also Ray's default head port.
+    head_port: int = Field(default=6390, gt=0, lt=65536)
+    dashboard_port: int = Field(default=8265, gt=0, lt=65536)
+
+
+class SchedulerSettings(_Section):
+    health_check_period_s: float = Field(default=2.0, gt=0)
+    health_check_timeout_s: float = Field(default=5.0, gt=0)
+    # A worker failing checks for this long is declared lost.
+    worker_lost_after_s: float = Field(default=10.0, gt=0)
+    challenge_ttl_s: float = Field(default=10.0, gt=0)
+
+
+class TokenSettings(_Section):
+    build_token_grace_s: int = Field(default=300, ge=0)
+    registration_ttl_s: int = Field(default=3600, gt=0)
+    proof_max_age_s: int = Field(default=30, gt=0)
+    package_ttl_s: int = Field(default=60, gt=0)
+
+
+class WorkerSettings(_Section):
+    hostname: str = ""
+    state_dir: Path = Path(".vela/worker")
+    routes: list[str] = Field(default_factory=lambda: [DEFAULT_ROUTE])
+    build_limit: int = Field(default=1, gt=0)
+    mode: Literal["queueless", "legacy"] = "queueless"
+    registration_token: SecretStr | None = None
+    allow_unsandboxed: bool = False
+    network: bool = True
+    checkin_period_s: float = Field(default=15.0, gt=0)
+    log_batch_lines: int = Field(default=100, gt=0)
+    log_flush_s: float = Field(default=0.5, gt=0)
+
+
+class Settings(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    tokens: TokenSettings = Field(default_factory=TokenSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    def database_url(self) -> str:
+        if self.database.url is not None and self.database.url.get_secret_value():
+            return self.database.url.get_secret_value()
+        return f"sqlite+aiosqlite:///{(self.server.data_dir / 'vela.db').resolve()}"
+
+    def master_key(self) -> bytes:
+        """The 32-byte master key; created once in the data directory if unset."""
+        if self.server.master_key is not None:
+            return _decode_key(self.server.master_key.get_secret_value(), "server.master_key")
+        path = self.server.data_dir / "master.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(_secrets.token_hex(32))
+        return _decode_key(path.read_text().strip(), str(path))
+
+
+def _decode_key(text: str, where: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"{where}: the master key must be 64 hex characters (32 bytes)")
+    return key
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for name, sub in model.model_fields.items():
+            key = f"{ENV_PREFIX}{section}_{name}".upper()
+            if key in environ:
+                value: Any = environ[key]
+                if get_origin(sub.annotation) is list or list in get_args(sub.annotation):
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+                out.setdefault(section, {})[name] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = {**merged[k], **v}
+        else:
+            merged[k] = v
+    return merged
+
+
+def _describe(err: ValidationError, origin: dict[str, str]) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    source = origin.get(key) or origin.get(key.split(".")[0], "defaults")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{source}: {key}: {msg}"
+
+
+def load_settings(path: str | Path | None = None,
+                  environ: dict[str, str] | None = None) -> Settings:
+    """Load settings from defaults, the TOML file and the environment.
+
+    ``path`` falls back to ``$VELA_CONFIG``. Raises :class:`ConfigError` with
+    the key and the file (or variable) at fault.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get("VELA_CONFIG") or None
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: configuration file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        for section, values in data.items():
+            origin[section] = str(p)
+            if isinstance(values, dict):
+                for k in values:
+                    origin[f"{section}.{k}"] = str(p)
+    env = _env_overrides(environ)
+    for section, values in env.items():
+        for k in values:
+            origin[f"{section}.{k}"] = f"environment {ENV_PREFIX}{section.upper()}_{k.upper()}"
+    try:
+        return Settings.model_validate(_merge(data, env))
+    except ValidationError as e:
+        raise ConfigError(_describe(e, origin)) from None
+
+
+def _mask_secret(value: SecretStr) -> str:
+    """URLs keep their shape with the password hidden; other secrets vanish."""
+    text = value.get_secret_value()
+    if "://" in text:
+        from sqlalchemy.engine import make_url
+
+        try:
+            url = make_url(text)
+        except Exception:  # noqa: BLE001 - an unparsable URL is simply hidden
+            return REDACTED
+        return url.render_as_string(hide_password=True)
+    return REDACTED
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data, with every secret replaced."""
+
+    def walk(model: BaseModel) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                out[name] = walk(value)
+            elif isinstance(value, SecretStr):
+                out[name] = _mask_secret(value)
+            elif isinstance(value, Path):
+                out[name] = str(value)
+            else:
+                out[name] = value
+        return out
+
+    return walk(settings)

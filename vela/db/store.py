@@ -1,0 +1,452 @@
+"""The one store layer over both back ends.
+
+State changes are compare-and-set UPDATEs (``... WHERE status = :expected``):
+of two concurrent writers exactly one moves a build, the other gets
+:class:`~vela.errors.Conflict`. Returned rows are detached model instances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from vela.db.models import (
+    Build,
+    Log,
+    RegistrationToken,
+    Repo,
+    Secret,
+    ServerKey,
+    Step,
+    Worker,
+)
+from vela.domain import (
+    DEFAULT_ROUTE,
+    BuildStatus,
+    StepStatus,
+    WorkerStatus,
+    check_build_transition,
+    check_step_transition,
+)
+from vela.errors import Conflict, NotFound, VelaError
+from vela.security import atrest
+
+SECRET_SCOPES = ("repo", "org", "shared")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """A secret's metadata. Values are write-only: no listing ever returns one."""
+
+    id: int
+    scope: str
+    org: str
+    target: str
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    number: int
+    name: str
+    image: str = ""
+
+
+def split_repo(full_name: str) -> tuple[str, str]:
+    org, sep, name = full_name.partition("/")
+    if not sep or not org or not name or "/" in name:
+        raise VelaError(f"repository must look like 'org/name', got {full_name!r}")
+    return org, name
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine, master_key: bytes) -> None:
+        self.engine = engine
+        self._master_key = master_key
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.dialect.name})"
+
+    def session(self) -> AsyncSession:
+        return self._sessions()
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # ------------------------------------------------------------------ repos
+    async def get_or_create_repo(self, full_name: str, *, timeout_s: int = 3600) -> Repo:
+        org, name = split_repo(full_name)
+        async with self.session() as s:
+            repo = await s.scalar(select(Repo).where(Repo.full_name == full_name))
+            if repo is not None:
+                return repo
+            repo = Repo(org=org, name=name, full_name=full_name, timeout_s=timeout_s,
+                        counter=0, active=True, created_at=utcnow())
+            s.add(repo)
+            try:
+                await s.commit()
+            except IntegrityError:  # created concurrently
+                await s.rollback()
+                repo = await s.scalar(select(Repo).where(Repo.full_name == full_name))
+                assert repo is not None
+            return repo
+
+    async def get_repo(self, full_name: str) -> Repo:
+        async with self.session() as s:
+            repo = await s.scalar(select(Repo).where(Repo.full_name == full_name))
+        if repo is None:
+            raise NotFound(f"repository {full_name} not found")
+        return repo
+
+    async def list_repos(self) -> list[Repo]:
+        async with self.session() as s:
+            return list(await s.scalars(select(Repo).order_by(Repo.full_name)))
+
+    # ----------------------------------------------------------------- builds
+    async def create_build(self, repo_full_name: str, *, executable: str,
+                           steps: Sequence[StepSpec], route: str = DEFAULT_ROUTE,
+                           timeout_s: int | None = None,
+                           parent_id: int | None = None) -> Build:
+        """A new ``pending`` build with its steps; the repo's counter gives the number."""
+        repo = await self.get_or_create_repo(repo_full_name)
+        now = utcnow()
+        async with self.session() as s, s.begin():
+            number = await s.scalar(
+                update(Repo).where(Repo.id == repo.id).values(counter=Repo.counter + 1)
+                .returning(Repo.counter)
+            )
+            build = Build(repo_id=repo.id, number=number, route=route,
+                          status=BuildStatus.PENDING.value,
+                          timeout_s=timeout_s or repo.timeout_s, attempts=0,
+                          executable=executable, parent_id=parent_id, created_at=now)
+            s.add(build)
+            await s.flush()
+            for spec in steps:
+                s.add(Step(build_id=build.id, number=spec.number, name=spec.name,
+                           image=spec.image, status=StepStatus.PENDING.value))
+        return build
+
+    async def get_build(self, build_id: int) -> Build:
+        async with self.session() as s:
+            build = await s.get(Build, build_id)
+        if build is None:
+            raise NotFound(f"build {build_id} not found")
+        return build
+
+    async def repo_of(self, build: Build) -> Repo:
+        async with self.session() as s:
+            repo = await s.get(Repo, build.repo_id)
+        assert repo is not None
+        return repo
+
+    async def list_builds(self, *, repo: str | None = None,
+                          status: Iterable[BuildStatus] | None = None,
+                          worker: str | None = None,
+                          limit: int = 50, offset: int = 0) -> list[Build]:
+        q = select(Build).order_by(Build.id.desc()).limit(limit).offset(offset)
+        if repo is not None:
+            q = q.join(Repo, Repo.id == Build.repo_id).where(Repo.full_name == repo)
+        if status is not None:
+            q = q.where(Build.status.in_([BuildStatus(x).value for x in status]))
+        if worker is not None:
+            q = q.where(Build.worker == worker)
+        async with self.session() as s:
+            return list(await s.scalars(q))
+
+    async def count_builds(self, status: BuildStatus) -> int:
+        async with self.session() as s:
+            return int(await s.scalar(
+                select(func.count()).select_from(Build).where(Build.status == status.value)
+            ) or 0)
+
+    async def set_build_fields(self, build_id: int, **fields: Any) -> None:
+        """Bookkeeping fields that are not part of the state machine (e.g. enqueued_at)."""
+        assert "status" not in fields, "use transition_build for status changes"
+        async with self.session() as s, s.begin():
+            await s.execute(update(Build).where(Build.id == build_id).values(**fields))
+
+    async def transition_build(self, build_id: int, expected: BuildStatus,
+                               new: BuildStatus, *, only_if: dict[str, Any] | None = None,
+                               **fields: Any) -> Build:
+        """Compare-and-set a build's status; raises :class:`Conflict` if it lost.
+
+        ``only_if`` adds equality guards (e.g. ``{"token_jti": jti}``) to the CAS.
+        """
+        check_build_transition(expected, new)
+        q = update(Build).where(Build.id == build_id, Build.status == expected.value)
+        for col, value in (only_if or {}).items():
+            q = q.where(getattr(Build, col) == value)
+        values = {"status": new.value, **fields}
+        if new.terminal:
+            values.setdefault("finished_at", utcnow())
+        async with self.session() as s, s.begin():
+            res = await s.execute(q.values(**values))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                current = await s.get(Build, build_id)
+                if current is None:
+                    raise NotFound(f"build {build_id} not found")
+                raise Conflict(
+                    f"build {build_id} is {current.status}, not {expected.value}; "
+                    f"it cannot move to {new.value}"
+                )
+            if new.terminal:
+                await s.execute(
+                    update(Step).where(Step.build_id == build_id,
+                                       Step.status.in_([StepStatus.PENDING.value]))
+                    .values(status=StepStatus.SKIPPED.value)
+                )
+                await s.execute(
+                    update(Step).where(Step.build_id == build_id,
+                                       Step.status == StepStatus.RUNNING.value)
+                    .values(status=_step_status_for(new).value, finished_at=utcnow())
+                )
+            build = await s.get(Build, build_id)
+        assert build is not None
+        return build
+
+    # ------------------------------------------------------------------ steps
+    async def get_steps(self, build_id: int) -> list[Step]:
+        async with self.session() as s:
+            return list(await s.scalars(
+                select(Step).where(Step.build_id == build_id).order_by(Step.number)
+            ))
+
+    async def update_step(self, build_id: int, number: int, status: StepStatus, *,
+                          exit_code: int | None = None, reason: str | None = None,
+                          at: datetime | None = None) -> Step:
+        at = at or utcnow()
+        async with self.session() as s, s.begin():
+            step = await s.scalar(
+                select(Step).where(Step.build_id == build_id, Step.number == number)
+            )
+            if step is None:
+                raise NotFound(f"build {build_id} has no step {number}")
+            old = StepStatus(step.status)
+            check_step_transition(old, status)
+            values: dict[str, Any] = {"status": status.value}
+            if status == StepStatus.RUNNING:
+                values["started_at"] = at
+            if status.terminal:
+                values.update(exit_code=exit_code, reason=reason, finished_at=at)
+            res = await s.execute(
+                update(Step).where(Step.id == step.id, Step.status == old.value).values(**values)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise Conflict(f"step {number} of build {build_id} changed concurrently")
+            await s.refresh(step)
+        return step
+
+    # ------------------------------------------------------------------- logs
+    async def append_log(self, build_id: int, number: int, lines: Sequence[str]) -> int:
+        """Append one chunk to a step's log; returns its sequence number."""
+        async with self.session() as s, s.begin():
+            step_id = await s.scalar(
+                select(Step.id).where(Step.build_id == build_id, Step.number == number)
+            )
+            if step_id is None:
+                raise NotFound(f"build {build_id} has no step {number}")
+            seq = await s.scalar(
+                select(func.coalesce(func.max(Log.seq), 0)).where(Log.step_id == step_id)
+            )
+            s.add(Log(build_id=build_id, step_id=step_id, seq=int(seq or 0) + 1,
+                      data="".join(line + "\n" for line in lines), created_at=utcnow()))
+        return int(seq or 0) + 1
+
+    async def get_logs(self, build_id: int, *, number: int | None = None,
+                       after_id: int = 0) -> list[tuple[int, int, str]]:
+        """Log chunks as ``(chunk id, step number, text)`` in order."""
+        q = (select(Log.id, Step.number, Log.data).join(Step, Step.id == Log.step_id)
+             .where(Log.build_id == build_id, Log.id > after_id)
+             .order_by(Step.number, Log.seq))
+        if number is not None:
+            q = q.where(Step.number == number)
+        async with self.session() as s:
+            return [(r[0], r[1], r[2]) for r in await s.execute(q)]
+
+    # ---------------------------------------------------------------- secrets
+    @staticmethod
+    def _secret_aad(scope: str, org: str, target: str, name: str) -> bytes:
+        return f"vela-secret\x00{scope}\x00{org}\x00{target}\x00{name}".encode()
+
+    async def put_secret(self, scope: str, org: str, target: str, name: str,
+                         value: str) -> SecretInfo:
+        """Create or update a secret; the value is stored AES-GCM encrypted."""
+        if scope not in SECRET_SCOPES:
+            raise VelaError(f"secret scope must be one of {', '.join(SECRET_SCOPES)}")
+        if scope == "org":
+            target = "*"
+        blob = atrest.encrypt(self._master_key, value.encode(),
+                              self._secret_aad(scope, org, target, name))
+        now = utcnow()
+        async with self.session() as s, s.begin():
+            row = await s.scalar(select(Secret).where(
+                Secret.scope == scope, Secret.org == org, Secret.target == target,
+                Secret.name == name))
+            if row is None:
+                row = Secret(scope=scope, org=org, target=target, name=name, value_enc=blob,
+                             created_at=now, updated_at=now)
+                s.add(row)
+            else:
+                row.value_enc = blob
+                row.updated_at = now
+            await s.flush()
+            return _secret_info(row)
+
+    async def list_secrets(self, *, org: str | None = None) -> list[SecretInfo]:
+        q = select(Secret).order_by(Secret.org, Secret.scope, Secret.target, Secret.name)
+        if org is not None:
+            q = q.where(Secret.org == org)
+        async with self.session() as s:
+            return [_secret_info(r) for r in await s.scalars(q)]
+
+    async def delete_secret(self, scope: str, org: str, target: str, name: str) -> None:
+        if scope == "org":
+            target = "*"
+        async with self.session() as s, s.begin():
+            res = await s.execute(delete(Secret).where(
+                Secret.scope == scope, Secret.org == org, Secret.target == target,
+                Secret.name == name))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFound(f"secret {scope}/{org}/{target}/{name} not found")
+
+    async def secrets_for_repo(self, full_name: str, names: Iterable[str]) -> dict[str, str]:
+        """Clear values of the named secrets a build of ``full_name`` may use.
+
+        A repo secret wins over an org secret of the same name. Only the server's
+        scheduler calls this, to seal a package to one worker.
+        """
+        org, repo = split_repo(full_name)
+        wanted = set(names)
+        if not wanted:
+            return {}
+        async with self.session() as s:
+            rows = list(await s.scalars(select(Secret).where(
+                Secret.org == org, Secret.name.in_(wanted),
+                ((Secret.scope == "repo") & (Secret.target == repo)) | (Secret.scope == "org"),
+            )))
+        rows.sort(key=lambda r: r.scope == "repo")  # repo scope last, so it wins
+        return {r.name: atrest.decrypt(self._master_key, r.value_enc,
+                                       self._secret_aad(r.scope, r.org, r.target, r.name)
+                                       ).decode() for r in rows}
+
+    # ---------------------------------------------------------------- workers
+    async def upsert_worker(self, hostname: str, *, routes: Sequence[str], build_limit: int,
+                            sign_public_key: str, seal_public_key: str, key_thumbprint: str,
+                            address: str = "", ray_node_id: str | None = None,
+                            actor_name: str | None = None) -> Worker:
+        now = utcnow()
+        fields = dict(routes=list(routes), build_limit=build_limit,
+                      sign_public_key=sign_public_key, seal_public_key=seal_public_key,
+                      key_thumbprint=key_thumbprint, address=address,
+                      ray_node_id=ray_node_id, actor_name=actor_name,
+                      last_checked_in=now, last_status_update=now)
+        async with self.session() as s, s.begin():
+            row = await s.scalar(select(Worker).where(Worker.hostname == hostname))
+            if row is None:
+                row = Worker(hostname=hostname, active=True, status=WorkerStatus.IDLE.value,
+                             running_builds=[], registered_at=now, **fields)
+                s.add(row)
+            else:
+                for k, v in fields.items():
+                    setattr(row, k, v)
+            await s.flush()
+        return row
+
+    async def get_worker(self, hostname: str) -> Worker:
+        async with self.session() as s:
+            row = await s.scalar(select(Worker).where(Worker.hostname == hostname))
+        if row is None:
+            raise NotFound(f"worker {hostname} is not registered")
+        return row
+
+    async def find_worker(self, hostname: str) -> Worker | None:
+        async with self.session() as s:
+            return await s.scalar(select(Worker).where(Worker.hostname == hostname))
+
+    async def list_workers(self) -> list[Worker]:
+        async with self.session() as s:
+            return list(await s.scalars(select(Worker).order_by(Worker.hostname)))
+
+    async def update_worker(self, hostname: str, **fields: Any) -> None:
+        if "status" in fields:
+            fields["status"] = WorkerStatus(fields["status"]).value
+            fields.setdefault("last_status_update", utcnow())
+        async with self.session() as s, s.begin():
+            res = await s.execute(update(Worker).where(Worker.hostname == hostname)
+                                  .values(**fields))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFound(f"worker {hostname} is not registered")
+
+    # ---------------------------------------------------- registration tokens
+    async def create_registration_token(self, *, token_hash: str, routes: list[str],
+                                        hostname: str | None, expires_at: datetime) -> int:
+        async with self.session() as s, s.begin():
+            row = RegistrationToken(token_hash=token_hash, routes=list(routes),
+                                    hostname=hostname, created_at=utcnow(),
+                                    expires_at=expires_at)
+            s.add(row)
+            await s.flush()
+            return row.id
+
+    async def get_registration_token(self, token_hash: str) -> RegistrationToken | None:
+        async with self.session() as s:
+            return await s.scalar(
+                select(RegistrationToken).where(RegistrationToken.token_hash == token_hash))
+
+    async def use_registration_token(self, token_hash: str, *, used_by: str,
+                                     now: datetime) -> bool:
+        """Compare-and-set: marks the token used only if unused and unexpired."""
+        async with self.session() as s, s.begin():
+            res = await s.execute(
+                update(RegistrationToken)
+                .where(RegistrationToken.token_hash == token_hash,
+                       RegistrationToken.used_at.is_(None),
+                       RegistrationToken.expires_at > now)
+                .values(used_at=now, used_by=used_by))
+            return res.rowcount == 1  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ server keys
+    async def save_server_key(self, *, kid: str, purpose: str, private_enc: bytes,
+                              public_key: str, created_at: datetime) -> None:
+        async with self.session() as s, s.begin():
+            s.add(ServerKey(kid=kid, purpose=purpose, private_enc=private_enc,
+                            public_key=public_key, created_at=created_at))
+
+    async def list_server_keys(self, purpose: str) -> list[ServerKey]:
+        async with self.session() as s:
+            return list(await s.scalars(select(ServerKey).where(ServerKey.purpose == purpose)
+                                        .order_by(ServerKey.created_at)))
+
+    async def retire_server_key(self, kid: str, *, retired_at: datetime,
+                                verify_until: datetime) -> None:
+        async with self.session() as s, s.begin():
+            await s.execute(update(ServerKey).where(ServerKey.kid == kid)
+                            .values(retired_at=retired_at, verify_until=verify_until))
+
+
+def _secret_info(row: Secret) -> SecretInfo:
+    return SecretInfo(id=row.id, scope=row.scope, org=row.org, target=row.target,
+                      name=row.name, created_at=row.created_at, updated_at=row.updated_at)
+
+
+def _step_status_for(build: BuildStatus) -> StepStatus:
+    """What a still-running step becomes when its build ends from outside."""
+    return {
+        BuildStatus.CANCELED: StepStatus.CANCELED,
+        BuildStatus.KILLED: StepStatus.KILLED,
+        BuildStatus.SUCCESS: StepStatus.SUCCESS,
+        BuildStatus.FAILURE: StepStatus.FAILURE,
+    }.get(build, StepStatus.ERROR)

@@ -1,0 +1,1 @@
+"""Security core: keys, onboarding, challenges, build tokens, sealed packages."""
