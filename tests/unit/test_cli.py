@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -89,3 +92,27 @@ def test_db_check_unreachable(env):
                                  "postgresql+asyncpg://postgres@127.0.0.1:1/test"})
     assert r.exit_code == 1 and "cannot reach the database" in r.output
     assert "Traceback" not in r.output
+
+
+def test_worker_token_create_stores_only_a_hash(env):
+    assert invoke(["db", "upgrade"], env).exit_code == 0
+    r = invoke(["worker-token", "create", "--ttl", "15m", "--routes", "vela", "--json"], env)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    token = out["token"]
+    assert token.startswith("vrt_") and out["ttl_s"] == 900 and out["routes"] == ["vela"]
+    db = (Path(env["VELA_SERVER_DATA_DIR"]) / "vela.db").read_bytes()
+    assert token.encode() not in db
+    assert hashlib.sha256(token.encode()).hexdigest().encode() in db
+
+
+@pytest.mark.parametrize("ttl", ["0", "1y", "-5m", "soon"])
+def test_worker_token_bad_ttl_says_what_to_use(env, ttl):
+    r = invoke(["worker-token", "create", "--ttl", ttl], env)
+    assert r.exit_code == 1
+    assert "15m" in r.output and "Traceback" not in r.output
+
+
+def test_queue_commands_are_mounted(env):
+    r = invoke(["queue", "--help"], env)
+    assert r.exit_code == 0 and "dead-letters" in r.output

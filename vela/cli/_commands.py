@@ -7,6 +7,7 @@ import json
 import typer
 from rich.table import Table
 
+from vela.cli import queue_cmd, worker_token_cmd
 from vela.cli._app import app, command, console, print_json, run, state
 from vela.config import redacted
 from vela.db import migrate
@@ -17,6 +18,8 @@ db_app = typer.Typer(help="Database schema: apply migrations, check the connecti
                      no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
+app.add_typer(queue_cmd.app, name="queue")
+app.add_typer(worker_token_cmd.app, name="worker-token")
 
 
 @config_app.command("show")

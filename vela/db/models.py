@@ -182,6 +182,8 @@ class QueueItem(Base):
     """The database queue back end (the embedded default)."""
 
     __tablename__ = "queue_items"
+    # Ids are never reused on SQLite, so a stale lease can never match a new item.
+    __table_args__ = {"sqlite_autoincrement": True}
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     route: Mapped[str] = mapped_column(String(250), index=True)
     payload: Mapped[bytes] = mapped_column(LargeBinary)

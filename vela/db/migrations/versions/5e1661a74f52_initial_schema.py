@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: 87de6e0c1ce2
+Revision ID: 5e1661a74f52
 Revises: 
-Create Date: 2026-11-28 10:21:58.310077
+Create Date: 2026-11-28 13:38:35.447796
 """
 
 import sqlalchemy as sa
@@ -11,7 +11,7 @@ from alembic import op
 import vela.db.models
 
 
-revision = '87de6e0c1ce2'
+revision = '5e1661a74f52'
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -31,7 +31,8 @@ def upgrade() -> None:
     sa.Column('detail', sa.Text(), nullable=True),
     sa.Column('created_at', sa.Float(), nullable=False),
     sa.Column('dead_at', sa.Float(), nullable=True),
-    sa.PrimaryKeyConstraint('id')
+    sa.PrimaryKeyConstraint('id'),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('queue_items', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_queue_items_route'), ['route'], unique=False)

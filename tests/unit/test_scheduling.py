@@ -1,0 +1,83 @@
+"""Placement: route, active, healthy, free slot; least loaded, then least recently used."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vela.scheduling import WorkerRegistry
+
+
+def reg(*specs):
+    r = WorkerRegistry()
+    for host, routes, limit in specs:
+        r.upsert(host, routes=routes, build_limit=limit)
+    return r
+
+
+def test_only_workers_serving_the_route():
+    r = reg(("a", ["vela"], 1), ("g", ["gpu"], 1))
+    assert r.choose("gpu").hostname == "g"
+    assert r.choose("vela").hostname == "a"
+    assert r.choose("other") is None
+    assert r.free_slots() == {"vela": 1, "gpu": 1}
+
+
+def test_least_loaded_then_least_recent():
+    r = reg(("a", ["vela"], 3), ("b", ["vela"], 3))
+    first = r.choose("vela").hostname
+    r.assign(first, 1)
+    second = r.choose("vela").hostname
+    assert second != first
+    r.assign(second, 2)
+    # Both at load 1: the one loaded first is the least recently used.
+    assert r.choose("vela").hostname == first
+    r.release(first, 1)
+    assert r.choose("vela").hostname == first  # least loaded wins
+
+
+def test_full_unhealthy_inactive_are_never_chosen():
+    r = reg(("a", ["vela"], 1), ("b", ["vela"], 1), ("c", ["vela"], 1))
+    r.assign("a", 1)
+    r.set_health("b", False)
+    r.set_active("c", False)
+    assert r.choose("vela") is None and r.free_routes() == set()
+    r.set_health("b", True)
+    assert r.choose("vela").hostname == "b" and r.free_slots() == {"vela": 1}
+    assert r.choose("vela", exclude=["b"]) is None
+
+
+def test_reregistration_keeps_running_builds():
+    r = reg(("a", ["vela"], 2))
+    r.assign("a", 7)
+    r.upsert("a", routes=["vela", "x"], build_limit=4)
+    assert r.get("a").running == {7}
+    assert r.free_slots() == {"vela": 3, "x": 3}
+    r.remove("a")
+    assert r.free_slots() == {} and r.choose("vela") is None
+
+
+@given(st.lists(st.tuples(st.sampled_from(["assign", "release", "sick", "well", "off", "on"]),
+                          st.integers(0, 4), st.integers(0, 20)), max_size=80))
+def test_index_matches_a_full_scan(ops):
+    r = WorkerRegistry()
+    for i in range(5):
+        r.upsert(f"w{i}", routes=["vela"] if i % 2 else ["vela", "b"], build_limit=1 + i % 3)
+    for op, w, b in ops:
+        host = f"w{w}"
+        if op == "assign" and r.get(host).eligible:
+            r.assign(host, b)
+        elif op == "release":
+            r.release(host, b)
+        elif op in ("sick", "well"):
+            r.set_health(host, op == "well")
+        elif op in ("off", "on"):
+            r.set_active(host, op == "on")
+        for route in ("vela", "b"):
+            eligible = [e for e in r.workers() if route in e.routes and e.eligible]
+            assert r.free_slots().get(route, 0) == sum(e.free for e in eligible)
+            chosen = r.choose(route)
+            if not eligible:
+                assert chosen is None
+            else:
+                assert chosen.load == min(e.load for e in eligible)

@@ -1,0 +1,19 @@
+"""Human durations for the command line: ``90``, ``90s``, ``15m``, ``1h``, ``2d``."""
+
+from __future__ import annotations
+
+import re
+
+from vela.errors import VelaError
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``text``; :class:`VelaError` saying the accepted forms otherwise."""
+    m = _RE.match(text.lower())
+    if not m or int(m.group(1)) <= 0:
+        raise VelaError(f"invalid duration {text!r}: use a positive number with s, m, h or d "
+                        "(e.g. 15m, 1h)")
+    return int(m.group(1)) * _UNITS[m.group(2)]

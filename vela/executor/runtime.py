@@ -1,0 +1,315 @@
+"""Where a step's process runs: in a bubblewrap sandbox, or (if allowed) bare.
+
+A runtime starts ``sh -e -c <script>`` for one step in its own session (so
+the whole process group can be killed) with exactly the environment it is
+given: nothing of the worker's own environment leaks in.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vela.errors import VelaError
+
+logger = logging.getLogger("vela.executor")
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Paths a step must never see even if some bind would expose them. bwrap binds
+# only what it is told to, so these are hidden anyway; listing them keeps
+# them hidden if they ever sit under a bound directory.
+DEFAULT_HIDDEN_PATHS: tuple[Path, ...] = (
+    Path("/tmp/ray"),  # noqa: S108 - Ray's session dir, listed to be hidden
+    Path.home() / ".ray",
+)
+
+INSTALL_HINT = (
+    "install bubblewrap (Debian/Ubuntu: `apt-get install -y bubblewrap`, "
+    "Fedora: `dnf install bubblewrap`)"
+)
+UNSANDBOXED_HINT = (
+    "to run build steps without a sandbox (trusted hosts only) set "
+    "`worker.allow_unsandboxed = true` (env VELA_WORKER_ALLOW_UNSANDBOXED=true)"
+)
+
+
+class SandboxUnavailable(VelaError):
+    """bubblewrap is missing or cannot create namespaces, and unsandboxed runs are off."""
+
+
+@dataclass(frozen=True)
+class BuildDirs:
+    """Host directories of one build, all under ``root`` (removed afterwards)."""
+
+    root: Path
+    workspace: Path
+    home: Path
+    tmp: Path
+    empty: Path  # an empty read-only file, bound over hidden files
+
+    @classmethod
+    def create(cls, root: Path) -> BuildDirs:
+        dirs = cls(root, root / "workspace", root / "home", root / "tmp", root / "empty")
+        for d in (dirs.workspace, dirs.home, dirs.tmp):
+            d.mkdir(mode=0o700)
+        dirs.empty.touch(mode=0o400)
+        return dirs
+
+
+@dataclass(frozen=True)
+class StepPaths:
+    """Paths as the step sees them."""
+
+    workspace: str
+    home: str
+    tmp: str
+
+
+class Runtime(abc.ABC):
+    """Starts one step's process; the executor does the rest."""
+
+    name: str
+    sandboxed: bool
+
+    @abc.abstractmethod
+    def paths(self, dirs: BuildDirs) -> StepPaths:
+        """Where the step sees its workspace, home and temp directory."""
+
+    @abc.abstractmethod
+    async def spawn(
+        self, script: str, *, env: Mapping[str, str], dirs: BuildDirs
+    ) -> asyncio.subprocess.Process:
+        """Start ``sh -e -c script`` with exactly ``env``; stdout+stderr piped.
+
+        The process must lead a new session so :meth:`kill` reaches all of it.
+        """
+
+    def kill(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGKILL the step's whole process group (the leader may be gone)."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+async def _start(
+    argv: Sequence[str], *, env: Mapping[str, str], cwd: Path
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        env=dict(env),
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+class LocalRuntime(Runtime):
+    """Runs steps directly on the host. No isolation: trusted hosts only.
+
+    The step still gets only the environment the executor builds, and its
+    own HOME and TMPDIR inside the build directory, but it can read anything
+    the worker's user can read, and use the network.
+    """
+
+    name = "local"
+    sandboxed = False
+
+    def paths(self, dirs: BuildDirs) -> StepPaths:
+        return StepPaths(str(dirs.workspace), str(dirs.home), str(dirs.tmp))
+
+    async def spawn(
+        self, script: str, *, env: Mapping[str, str], dirs: BuildDirs
+    ) -> asyncio.subprocess.Process:
+        return await _start(["/bin/sh", "-e", "-c", script], env=env, cwd=dirs.workspace)
+
+
+# /etc entries a step may need (users, DNS, TLS roots, Debian's alternatives
+# symlinks, the dynamic linker cache); everything else in /etc stays out.
+_ETC_ENTRIES = (
+    "passwd", "group", "nsswitch.conf", "hosts", "host.conf", "resolv.conf", "gai.conf",
+    "services", "protocols", "networks", "ssl", "ca-certificates", "ca-certificates.conf",
+    "pki", "alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime",
+    "os-release", "debian_version", "mime.types", "inputrc", "profile",
+)
+_ROOT_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+class BwrapRuntime(Runtime):
+    """Runs each step in its own bubblewrap sandbox.
+
+    New user/pid/net/ipc/uts/cgroup namespaces (``--unshare-all``; the host
+    network only when ``network``), no capabilities, a read-only root made of
+    the system directories, fresh ``/proc``, ``/dev``, ``/tmp`` and HOME, and
+    the build workspace read-write at ``/vela/workspace``. Nothing else of
+    the host is mounted, so the worker's key directory, ``/tmp/ray`` and
+    ``~/.ray/auth_token`` do not exist inside. ``hidden_paths`` that lie under
+    a bound directory are covered by an empty tmpfs (directories) or an
+    empty file.
+    """
+
+    name = "bwrap"
+    sandboxed = True
+    WORKSPACE = "/vela/workspace"
+    HOME = "/vela/home"
+
+    def __init__(
+        self,
+        *,
+        network: bool = False,
+        hidden_paths: Sequence[Path] = DEFAULT_HIDDEN_PATHS,
+        ro_binds: Sequence[Path] = (),
+        bwrap: str | None = None,
+    ) -> None:
+        path = bwrap or shutil.which("bwrap")
+        if path is None or not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise SandboxUnavailable(
+                f"bubblewrap (`bwrap`) is not installed: {INSTALL_HINT}, or {UNSANDBOXED_HINT}"
+            )
+        self.bwrap = path
+        self.network = network
+        self.hidden_paths = tuple(hidden_paths)
+        self.ro_binds = tuple(Path(p) for p in ro_binds)
+
+    def __repr__(self) -> str:
+        return f"BwrapRuntime(network={self.network}, bwrap={self.bwrap!r})"
+
+    def paths(self, dirs: BuildDirs) -> StepPaths:
+        return StepPaths(self.WORKSPACE, self.HOME, "/tmp")  # noqa: S108 - the sandbox's own tmpfs
+
+    def argv(self, script: str, dirs: BuildDirs) -> list[str]:
+        """The full bwrap command line (no secrets: those travel in the env)."""
+        args = [
+            self.bwrap,
+            "--unshare-all",
+            *(["--share-net"] if self.network else []),
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop", "ALL",
+            "--hostname", "vela-step",
+        ]
+        binds: list[tuple[Path, str]] = []  # (host source, sandbox destination)
+
+        def ro(src: Path, dest: str) -> None:
+            args.extend(["--ro-bind", str(src), dest])
+            binds.append((src.resolve(), dest))
+
+        ro(Path("/usr"), "/usr")
+        for name in _ROOT_LINKS:
+            host = Path("/") / name
+            if host.is_symlink():
+                args.extend(["--symlink", os.readlink(host), f"/{name}"])
+            elif host.is_dir():
+                ro(host, f"/{name}")
+        for name in _ETC_ENTRIES:
+            host = Path("/etc") / name
+            if host.exists():
+                ro(host, f"/etc/{name}")
+        args += [
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--tmpfs", "/tmp",  # noqa: S108 - a fresh tmpfs inside the sandbox
+            "--tmpfs", self.HOME,
+        ]
+        for extra in self.ro_binds:  # after /tmp, so a tool dir under /tmp stays visible
+            ro(extra, str(extra))
+        args += ["--bind", str(dirs.workspace), self.WORKSPACE]
+        binds.append((dirs.workspace.resolve(), self.WORKSPACE))
+        args += self._cover_hidden(binds, dirs.empty)
+        args += ["--remount-ro", "/", "--chdir", self.WORKSPACE, "--"]
+        # No --clearenv/--setenv: --setenv would put secret values on bwrap's
+        # command line, readable by any host user and inside the sandbox as
+        # /proc/1/cmdline. bwrap runs with exactly the step's environment
+        # instead (see spawn), which it hands on unchanged.
+        args += ["/bin/sh", "-e", "-c", script]
+        return args
+
+    def _cover_hidden(self, binds: list[tuple[Path, str]], empty: Path) -> list[str]:
+        out: list[str] = []
+        for hidden in self.hidden_paths:
+            try:
+                real = Path(hidden).resolve()
+            except OSError:
+                continue
+            if not real.exists():
+                continue
+            for src, dest in binds:
+                if real != src and src not in real.parents:
+                    continue
+                inside = str(Path(dest) / real.relative_to(src))
+                if real.is_dir():
+                    out += ["--tmpfs", inside, "--remount-ro", inside]
+                else:
+                    out += ["--ro-bind", str(empty), inside]
+        return out
+
+    async def spawn(
+        self, script: str, *, env: Mapping[str, str], dirs: BuildDirs
+    ) -> asyncio.subprocess.Process:
+        return await _start(self.argv(script, dirs), env=env, cwd=dirs.workspace)
+
+    def probe(self, timeout_s: float = 10.0) -> None:
+        """Run ``true`` in a sandbox; raise :class:`SandboxUnavailable` if it fails."""
+        with tempfile.TemporaryDirectory(prefix="vela-probe-") as tmp:
+            argv = self.argv("true", BuildDirs.create(Path(tmp)))
+            try:
+                res = subprocess.run(
+                    argv, env={"PATH": DEFAULT_PATH}, capture_output=True,
+                    timeout=timeout_s, check=False, cwd=tmp,
+                )
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise SandboxUnavailable(f"bubblewrap at {self.bwrap} cannot run: {e}") from None
+        if res.returncode != 0:
+            why = res.stderr.decode(errors="replace").strip() or f"exit code {res.returncode}"
+            raise SandboxUnavailable(
+                f"bubblewrap at {self.bwrap} cannot create a sandbox here ({why}); "
+                "enable unprivileged user namespaces (e.g. sysctl "
+                f"kernel.unprivileged_userns_clone=1), or {UNSANDBOXED_HINT}"
+            )
+
+
+def choose_runtime(
+    *,
+    allow_unsandboxed: bool,
+    network: bool,
+    hidden_paths: Sequence[Path] = DEFAULT_HIDDEN_PATHS,
+    ro_binds: Sequence[Path] = (),
+    bwrap: str | None = None,
+    probe: bool = True,
+) -> Runtime:
+    """The bubblewrap sandbox if it works here; else the bare runtime if allowed.
+
+    Raises :class:`SandboxUnavailable` (saying how to fix it) when there is no
+    working bubblewrap and ``allow_unsandboxed`` is false.
+    """
+    try:
+        runtime = BwrapRuntime(
+            network=network, hidden_paths=hidden_paths, ro_binds=ro_binds, bwrap=bwrap
+        )
+        if probe:
+            runtime.probe()
+        return runtime
+    except SandboxUnavailable as e:
+        if not allow_unsandboxed:
+            raise
+        reason = str(e)
+    logger.warning(
+        "!!! RUNNING BUILD STEPS WITHOUT A SANDBOX !!! %s. Steps can read this host's "
+        "files (worker keys, Ray session and auth token) and use its network%s. "
+        "Only acceptable on a trusted, single-purpose host.",
+        reason,
+        "" if network else " (worker.network = false cannot be enforced)",
+    )
+    return LocalRuntime()

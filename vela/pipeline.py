@@ -1,0 +1,399 @@
+"""Pipeline YAML → :class:`Executable`, the compiled form that travels in packages.
+
+A pipeline looks like Vela's::
+
+    version: "1"
+    steps:
+      - name: test
+        image: local            # optional; the bwrap/local runtimes run host tools
+        commands: [make test]
+        environment: {GOFLAGS: -mod=vendor}
+        secrets: [api_key]      # reaches the step as $API_KEY
+        timeout: 5m             # seconds, or a duration like 90s / 5m / 1h30m
+        failure: ignore         # the build goes on if this step fails
+
+The same pydantic models validate the YAML and the stored JSON, so an
+executable read back from the database or a package is checked exactly as
+one compiled from YAML. Every problem surfaces as :class:`PipelineError` whose
+message names the line and the field, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from vela.errors import VelaError
+
+MAX_PIPELINE_CHARS = 256 * 1024
+MAX_STEPS = 100
+MAX_ERRORS_SHOWN = 20
+DEFAULT_IMAGE = "local"
+
+_STEP_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,61}[A-Za-z0-9_.-])?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_IMAGE = re.compile(r"\S{1,255}")
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class PipelineError(VelaError):
+    """The pipeline (YAML or stored executable) is invalid.
+
+    ``problems`` holds ``(line or None, field path, message)`` for each problem;
+    ``str()`` shows them one per line, e.g.
+    ``line 4: steps[0].commands: field required``.
+    """
+
+    def __init__(self, problems: list[tuple[int | None, str, str]]) -> None:
+        self.problems = problems
+        shown = [_format_problem(*p) for p in problems[:MAX_ERRORS_SHOWN]]
+        if len(problems) > MAX_ERRORS_SHOWN:
+            shown.append(f"... and {len(problems) - MAX_ERRORS_SHOWN} more problems")
+        super().__init__("\n".join(shown))
+
+
+def _format_problem(line: int | None, path: str, message: str) -> str:
+    prefix = f"line {line}: " if line is not None else ""
+    return f"{prefix}{path}: {message}" if path else f"{prefix}{message}"
+
+
+def secret_env_name(secret: str) -> str:
+    """Vela's convention: secret ``api_key`` reaches a step as ``API_KEY``."""
+    return secret.upper()
+
+
+# --- field checks -----------------------------------------------------------
+
+
+def _check_step_name(v: str) -> str:
+    if not _STEP_NAME.fullmatch(v):
+        raise ValueError(
+            "must be 1-63 characters of letters, digits, spaces, '.', '_' or '-', "
+            "starting with a letter or digit and not ending with a space"
+        )
+    return v
+
+
+def _check_image(v: str) -> str:
+    if not _IMAGE.fullmatch(v):
+        raise ValueError("must be 1-255 characters without whitespace")
+    return v
+
+
+def _check_command(v: str) -> str:
+    if "\x00" in v:
+        raise ValueError("must not contain NUL characters")
+    return v
+
+
+def _to_seconds(v: Any) -> Any:
+    """``30``, ``2.5``, ``"45"``, ``"90s"``, ``"5m"``, ``"1h30m"`` → seconds."""
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        raise ValueError("must be a number of seconds or a duration like '5m'")
+    if isinstance(v, int | float):
+        seconds = float(v)
+    elif isinstance(v, str):
+        text = v.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            m = _DURATION.fullmatch(text)
+            if not text or m is None:
+                raise ValueError(
+                    f"{v!r} is not a duration; use seconds or e.g. '90s', '5m', '1h30m'"
+                ) from None
+            h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+            seconds = h * 3600 + mi * 60 + s
+    else:
+        raise ValueError("must be a number of seconds or a duration like '5m'")
+    if not (0 < seconds <= 7 * 24 * 3600):
+        raise ValueError("must be more than 0 seconds and at most 7 days")
+    return seconds
+
+
+def _scalars_to_str(v: Any) -> Any:
+    """YAML gives ``PORT: 8080`` as an int; environment values are strings."""
+    if not isinstance(v, dict):
+        return v
+    out: dict[Any, Any] = {}
+    for k, val in v.items():
+        if isinstance(val, bool):
+            val = "true" if val else "false"
+        elif isinstance(val, int | float):
+            val = str(val)
+        out[k] = val
+    return out
+
+
+def _version_to_str(v: Any) -> Any:
+    return "1" if v == 1 and not isinstance(v, bool) else v
+
+
+StepName = Annotated[str, AfterValidator(_check_step_name)]
+Image = Annotated[str, AfterValidator(_check_image)]
+Command = Annotated[str, AfterValidator(_check_command)]
+Seconds = Annotated[float | None, BeforeValidator(_to_seconds)]
+
+
+class Step(BaseModel):
+    """One step. ``timeout`` is normalised to seconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: StepName
+    image: Image = DEFAULT_IMAGE
+    commands: list[Command] = Field(min_length=1, max_length=1000)
+    environment: Annotated[dict[str, str], BeforeValidator(_scalars_to_str)] = Field(
+        default_factory=dict
+    )
+    secrets: list[str] = Field(default_factory=list)
+    timeout: Seconds = None
+    failure: Literal["fail", "ignore"] = "fail"
+
+    @property
+    def ignore_failure(self) -> bool:
+        return self.failure == "ignore"
+
+    def script(self) -> str:
+        """The text run as ``sh -e -c <script>``."""
+        return "\n".join(self.commands)
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _ENV_NAME.fullmatch(key):
+                raise PydanticCustomError(
+                    "env_name", "not a valid variable name", {"sub_loc": (key,)}
+                )
+            if key.upper().startswith("VELA_"):
+                raise PydanticCustomError(
+                    "env_reserved", "VELA_* variables are set by Vela", {"sub_loc": (key,)}
+                )
+            if "\x00" in value:
+                raise PydanticCustomError(
+                    "env_nul", "must not contain NUL characters", {"sub_loc": (key,)}
+                )
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for i, name in enumerate(v):
+            if not _SECRET_NAME.fullmatch(name):
+                raise PydanticCustomError(
+                    "secret_name",
+                    "secret names are letters, digits and '_', not starting with a digit",
+                    {"sub_loc": (i,)},
+                )
+            if secret_env_name(name) in seen:
+                raise PydanticCustomError(
+                    "secret_duplicate", "secret '{name}' listed twice",
+                    {"name": name, "sub_loc": (i,)},
+                )
+            seen.add(secret_env_name(name))
+        return v
+
+    @model_validator(mode="after")
+    def _no_env_secret_clash(self) -> Step:
+        for name in self.secrets:
+            if secret_env_name(name) in self.environment:
+                raise PydanticCustomError(
+                    "secret_env_clash",
+                    "environment sets {var} which secret '{name}' also sets",
+                    {"var": secret_env_name(name), "name": name,
+                     "sub_loc": ("environment", secret_env_name(name))},
+                )
+        return self
+
+
+def _check_unique_names(steps: list[Step]) -> list[Step]:
+    seen: set[str] = set()
+    for i, step in enumerate(steps):
+        if step.name in seen:
+            raise PydanticCustomError(
+                "duplicate_step_name", "duplicate step name '{name}'",
+                {"name": step.name, "sub_loc": (i, "name")},
+            )
+        seen.add(step.name)
+    return steps
+
+
+class Executable(BaseModel):
+    """The compiled pipeline: what the server stores and the worker runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Annotated[Literal["1"], BeforeValidator(_version_to_str)]
+    steps: Annotated[
+        list[Step], Field(min_length=1, max_length=MAX_STEPS), AfterValidator(_check_unique_names)
+    ]
+
+    def secret_names(self) -> list[str]:
+        """Every secret some step lists, sorted: what the server must gather."""
+        return sorted({name for step in self.steps for name in step.secrets})
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> Executable:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as e:
+            raise PipelineError(_problems(e, {})) from None
+
+
+# --- YAML with line numbers -------------------------------------------------
+
+
+def compile_pipeline(text: str) -> Executable:
+    """Parse and validate pipeline YAML; raise :class:`PipelineError` with lines."""
+    if len(text) > MAX_PIPELINE_CHARS:
+        raise PipelineError(
+            [(None, "", f"pipeline is larger than {MAX_PIPELINE_CHARS} characters")]
+        )
+    try:
+        data, lines = _load(text)
+    except PipelineError:
+        raise
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = ", ".join(p for p in (e.context, e.problem) if p) or "cannot parse"
+        raise PipelineError([(line, "", f"invalid YAML: {problem}")]) from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, max(e.position, 0)) + 1
+        raise PipelineError([(line, "", f"invalid YAML: {e.reason}")]) from None
+    except yaml.YAMLError as e:
+        raise PipelineError([(None, "", f"invalid YAML: {e}")]) from None
+    except RecursionError:
+        raise PipelineError([(None, "", "pipeline nests too deeply")]) from None
+    except (ValueError, TypeError, OverflowError) as e:
+        # PyYAML's constructors can raise these for odd scalars (e.g. a date
+        # that matches the timestamp pattern but does not exist).
+        raise PipelineError([(None, "", f"invalid YAML value: {e}")]) from None
+
+    if data is None:
+        raise PipelineError([(1, "", "pipeline is empty; expected `version` and `steps`")])
+    if not isinstance(data, dict):
+        raise PipelineError(
+            [(lines.get((), 1), "", "pipeline must be a mapping with `version` and `steps`")]
+        )
+    try:
+        return Executable.model_validate(data)
+    except ValidationError as e:
+        raise PipelineError(_problems(e, lines)) from None
+    except RecursionError:
+        raise PipelineError([(None, "", "pipeline nests too deeply")]) from None
+
+
+def _load(text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        # Walk before constructing: construction flattens merge keys in place.
+        lines = _line_map(node)
+        return loader.construct_document(node), lines
+    finally:
+        loader.dispose()
+
+
+def _line_map(root: yaml.Node) -> dict[tuple[str, ...], int]:
+    """Path (as strings) → 1-based line; also rejects duplicate mapping keys.
+
+    Each node is visited once, so aliases cannot make the walk explode.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    seen: set[int] = set()
+    stack: list[tuple[tuple[str, ...], yaml.Node]] = [((), root)]
+    while stack:
+        path, node = stack.pop()
+        lines.setdefault(path, node.start_mark.line + 1)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = str(key_node.value)
+                if key in keys:
+                    raise PipelineError(
+                        [(key_node.start_mark.line + 1, _format_loc((*path, key)),
+                          "duplicate key")]
+                    )
+                keys.add(key)
+                lines.setdefault((*path, key), key_node.start_mark.line + 1)
+                stack.append(((*path, key), value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                stack.append(((*path, str(i)), item))
+    return lines
+
+
+_MESSAGES = {
+    "missing": "field required",
+    "extra_forbidden": "unknown key",
+}
+
+
+def _problems(
+    error: ValidationError, lines: dict[tuple[str, ...], int]
+) -> list[tuple[int | None, str, str]]:
+    out: list[tuple[int | None, str, str]] = []
+    for err in error.errors(include_url=False, include_input=False):
+        loc = tuple(err["loc"])
+        ctx = err.get("ctx") or {}
+        loc += tuple(ctx.get("sub_loc", ()))
+        msg = _MESSAGES.get(err["type"], err["msg"])
+        msg = msg.removeprefix("Value error, ")
+        msg = msg[:1].lower() + msg[1:]
+        if loc and loc[-1] == "[key]":  # pydantic's marker for a bad mapping key
+            loc, msg = loc[:-1], f"key: {msg}"
+        if err["type"] == "model_type" and not loc:
+            msg = "pipeline must be a mapping with `version` and `steps`"
+        out.append((_line_for(loc, lines), _format_loc(loc), msg))
+    out.sort(key=lambda p: (p[0] or 0, p[1]))
+    return out
+
+
+def _line_for(loc: tuple[Any, ...], lines: dict[tuple[str, ...], int]) -> int | None:
+    if not lines:
+        return None
+    path = tuple(str(p) for p in loc)
+    for n in range(len(path), -1, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int) or (isinstance(part, str) and part.isdigit() and out):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out

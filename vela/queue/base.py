@@ -1,0 +1,192 @@
+"""The queue contract every back end keeps.
+
+Delivery is at-least-once: ``reserve`` hands out an item under a *lease*
+(an id and a deadline). The holder settles it with ``ack``, ``release`` or
+``dead_letter``; if it never does (it crashed), ``reclaim_expired`` puts the
+item back at the head of its route once the deadline has passed, and the
+next ``reserve`` delivers it again. Settling with a lease that is no longer
+current (reclaimed, and perhaps redelivered to someone else) does nothing and
+returns ``False``: a slow consumer can never ack an item twice or ack the
+copy another consumer is working on.
+
+Routes passed to ``reserve`` are tried in the order given; each route is
+FIFO, and an item that comes back (released or reclaimed) goes to the head.
+Item ids are strings on every back end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Self
+
+from vela.errors import VelaError
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[object]]
+
+# Column sizes of the database back end; the Redis back end keeps the same limits.
+MAX_REASON_CHARS = 64
+MAX_DETAIL_CHARS = 2000
+MAX_ROUTE_CHARS = 250
+
+
+class QueueError(VelaError):
+    """A queue operation was called wrongly (empty route, bad lease length...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An item handed out under a lease; settle it before ``deadline``."""
+
+    id: str
+    route: str
+    payload: bytes
+    lease_id: str
+    deadline: float
+    # 1 on first delivery; each reclaim after an expired lease adds one.
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    route: str
+    payload: bytes
+    reason: str
+    detail: str
+    dead_at: float
+    created_at: float
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDepth:
+    ready: int = 0
+    in_flight: int = 0
+    dead: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Queue(ABC):
+    """Abstract queue. Subclasses implement the single-shot primitives."""
+
+    def __init__(self, *, clock: Clock = time.time, poll_interval_s: float = 0.1,
+                 sleep: Sleep = asyncio.sleep) -> None:
+        self._clock = clock
+        self._poll_interval_s = poll_interval_s
+        self._sleep = sleep
+
+    # -- producing -------------------------------------------------------
+
+    async def push(self, route: str, payload: bytes) -> str:
+        """Append ``payload`` to ``route``; returns the new item's id."""
+        _check_route(route)
+        if not isinstance(payload, bytes | bytearray):
+            raise QueueError("queue payloads are bytes")
+        return await self._push(route, bytes(payload))
+
+    # -- consuming -------------------------------------------------------
+
+    async def reserve(self, routes: Sequence[str], *, lease_s: float,
+                      timeout_s: float = 0) -> Reservation | None:
+        """The next item of the first non-empty route, leased for ``lease_s``.
+
+        With ``timeout_s > 0`` it polls until an item arrives or the time is up
+        (wall time, not the injected clock, which only dates the leases).
+        """
+        if isinstance(routes, str):
+            raise QueueError("reserve takes a sequence of routes, not one string")
+        ordered = list(dict.fromkeys(routes))
+        if not ordered:
+            raise QueueError("reserve needs at least one route")
+        for r in ordered:
+            _check_route(r)
+        if lease_s <= 0:
+            raise QueueError("lease_s must be positive")
+        give_up = time.monotonic() + max(timeout_s, 0)
+        while True:
+            res = await self._reserve_once(ordered, lease_s)
+            if res is not None:
+                return res
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
+                return None
+            await self._sleep(min(self._poll_interval_s, remaining))
+
+    @abstractmethod
+    async def ack(self, res: Reservation) -> bool:
+        """Remove the item for good. ``False`` if the lease is no longer current."""
+
+    @abstractmethod
+    async def release(self, res: Reservation) -> bool:
+        """Put the item back at the head of its route, ready now.
+
+        A release is a "not now", not a failed delivery: it does not count
+        towards ``deliveries``. ``False`` if the lease is no longer current.
+        """
+
+    @abstractmethod
+    async def dead_letter(self, res: Reservation, reason: str, detail: str = "") -> bool:
+        """Park the item with a reason code. ``False`` if the lease is no longer current."""
+
+    @abstractmethod
+    async def reclaim_expired(self, now: float | None = None) -> int:
+        """Return items whose lease deadline is ``<= now`` to the head of their route."""
+
+    # -- inspecting and repairing ------------------------------------------
+
+    @abstractmethod
+    async def depth(self) -> dict[str, RouteDepth]:
+        """Counts per route, for routes that hold at least one item."""
+
+    @abstractmethod
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, most recent first."""
+
+    @abstractmethod
+    async def requeue(self, dead_id: str) -> str:
+        """Move a dead letter back to the tail of its route as a new item.
+
+        Returns the new id; raises :class:`vela.errors.NotFound` if
+        ``dead_id`` is not a dead letter.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections this queue owns (not ones it was given)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    # -- back-end primitives -----------------------------------------------
+
+    @abstractmethod
+    async def _push(self, route: str, payload: bytes) -> str: ...
+
+    @abstractmethod
+    async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None: ...
+
+    def _now(self, now: float | None = None) -> float:
+        return self._clock() if now is None else now
+
+
+def _check_route(route: str) -> None:
+    if not isinstance(route, str) or not route.strip() or len(route) > MAX_ROUTE_CHARS:
+        raise QueueError(f"invalid route {route!r}: a non-empty name of at most "
+                         f"{MAX_ROUTE_CHARS} characters")
+
+
+def clip_reason(reason: str, detail: str) -> tuple[str, str]:
+    """Reason codes and details are bounded so one bad item cannot bloat storage."""
+    return str(reason)[:MAX_REASON_CHARS] or "unspecified", str(detail)[:MAX_DETAIL_CHARS]

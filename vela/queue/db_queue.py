@@ -1,0 +1,185 @@
+"""The database back end (the embedded default), on SQLite and PostgreSQL.
+
+One row per item in ``queue_items``; ``state`` is ready, leased or dead.
+Every transition is a single conditional statement, so it is atomic on both
+databases and a stale lease matches no row:
+
+- reserve: ``UPDATE ... WHERE id = (SELECT id ... ORDER BY id LIMIT 1
+  FOR UPDATE SKIP LOCKED) AND state = 'ready' RETURNING ...``. PostgreSQL
+  skips rows other consumers hold; SQLite ignores the locking clause and
+  serialises writers, which makes the single statement just as safe.
+- ack / release / dead-letter: ``... WHERE id = ? AND state = 'leased' AND
+  lease_id = ?``; a zero row count means the lease is no longer current.
+
+Order within a route is by id: an item that comes back keeps its id and so
+goes before everything pushed after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import cast
+
+from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from vela.db.models import QueueItem as QueueRow
+from vela.errors import NotFound
+from vela.queue.base import (
+    Clock,
+    DeadLetter,
+    Queue,
+    Reservation,
+    RouteDepth,
+    Sleep,
+    clip_reason,
+)
+
+READY, LEASED, DEAD = "ready", "leased", "dead"
+
+t = cast(Table, QueueRow.__table__)
+
+
+def _int_id(item_id: str) -> int | None:
+    text = str(item_id).strip()
+    return int(text) if text.isdigit() else None
+
+
+class DatabaseQueue(Queue):
+    def __init__(self, engine: AsyncEngine, *, owns_engine: bool = False,
+                 clock: Clock = time.time, poll_interval_s: float = 0.2,
+                 sleep: Sleep = asyncio.sleep) -> None:
+        super().__init__(clock=clock, poll_interval_s=poll_interval_s, sleep=sleep)
+        self._engine = engine
+        self._owns = owns_engine
+
+    async def _push(self, route: str, payload: bytes) -> str:
+        async with self._engine.begin() as conn:
+            new_id = (await conn.execute(
+                insert(t).values(route=route, payload=payload, state=READY, deliveries=0,
+                                 created_at=self._clock()).returning(t.c.id)
+            )).scalar_one()
+        return str(new_id)
+
+    async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None:
+        # One statement per route keeps each lookup on the route index and
+        # gives routes their priority order.
+        for route in routes:
+            lease_id, deadline = uuid.uuid4().hex, self._clock() + lease_s
+            head = (
+                select(t.c.id)
+                .where(t.c.state == READY, t.c.route == route)
+                .order_by(t.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            )
+            stmt = (
+                update(t)
+                .where(t.c.id == head, t.c.state == READY)
+                .values(state=LEASED, lease_id=lease_id, lease_until=deadline,
+                        deliveries=t.c.deliveries + 1)
+                .returning(t.c.id, t.c.payload, t.c.deliveries)
+            )
+            async with self._engine.begin() as conn:
+                row = (await conn.execute(stmt)).first()
+            if row is not None:
+                return Reservation(id=str(row.id), route=route, payload=bytes(row.payload),
+                                   lease_id=lease_id, deadline=deadline,
+                                   deliveries=int(row.deliveries))
+        return None
+
+    def _current(self, res: Reservation):  # type: ignore[no-untyped-def]
+        return (t.c.id == int(res.id), t.c.state == LEASED, t.c.lease_id == res.lease_id)
+
+    async def ack(self, res: Reservation) -> bool:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(delete(t).where(*self._current(res)))
+        return result.rowcount == 1
+
+    async def release(self, res: Reservation) -> bool:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(t).where(*self._current(res)).values(
+                    state=READY, lease_id=None, lease_until=None,
+                    deliveries=t.c.deliveries - 1,
+                )
+            )
+        return result.rowcount == 1
+
+    async def dead_letter(self, res: Reservation, reason: str, detail: str = "") -> bool:
+        reason, detail = clip_reason(reason, detail)
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(t).where(*self._current(res)).values(
+                    state=DEAD, lease_id=None, lease_until=None, reason=reason, detail=detail,
+                    dead_at=self._clock(),
+                )
+            )
+        return result.rowcount == 1
+
+    async def reclaim_expired(self, now: float | None = None) -> int:
+        now = self._now(now)
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(t).where(t.c.state == LEASED, t.c.lease_until <= now)
+                .values(state=READY, lease_id=None, lease_until=None)
+            )
+        return int(result.rowcount)
+
+    async def depth(self) -> dict[str, RouteDepth]:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(
+                select(t.c.route, t.c.state, func.count()).group_by(t.c.route, t.c.state)
+            )).all()
+        counts: dict[str, dict[str, int]] = {}
+        for route, state, n in rows:
+            counts.setdefault(route, {})[state] = int(n)
+        return {
+            route: RouteDepth(ready=c.get(READY, 0), in_flight=c.get(LEASED, 0),
+                              dead=c.get(DEAD, 0))
+            for route, c in sorted(counts.items())
+        }
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(
+                select(t).where(t.c.state == DEAD)
+                .order_by(t.c.dead_at.desc(), t.c.id.desc()).limit(limit)
+            )).all()
+        return [
+            DeadLetter(id=str(r.id), route=r.route, payload=bytes(r.payload),
+                       reason=r.reason or "", detail=r.detail or "", dead_at=float(r.dead_at or 0),
+                       created_at=float(r.created_at), deliveries=int(r.deliveries))
+            for r in rows
+        ]
+
+    async def requeue(self, dead_id: str) -> str:
+        old = _int_id(dead_id)
+        if old is None:
+            raise NotFound(f"no dead letter with id {dead_id!r}")
+        missing = NotFound(f"no dead letter with id {dead_id!r}")
+        async with self._engine.begin() as conn:
+            row = (await conn.execute(
+                select(t.c.route, t.c.payload).where(t.c.id == old, t.c.state == DEAD)
+                .with_for_update()
+            )).first()
+            if row is None:
+                raise missing
+            # Insert before deleting: SQLite reuses the highest rowid once it is freed.
+            new_id = (await conn.execute(
+                insert(t).values(route=row.route, payload=row.payload, state=READY,
+                                 deliveries=0, created_at=self._clock()).returning(t.c.id)
+            )).scalar_one()
+            gone = await conn.execute(delete(t).where(t.c.id == old, t.c.state == DEAD))
+            if gone.rowcount != 1:
+                raise missing  # requeued concurrently; rolls back our insert
+        return str(new_id)
+
+    async def close(self) -> None:
+        if self._owns:
+            await self._engine.dispose()

@@ -1,0 +1,31 @@
+"""Open the configured queue back end."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from vela.config import Settings
+from vela.queue.base import Clock, Queue
+from vela.queue.redis_queue import DEFAULT_PREFIX, RedisQueue
+
+
+def open_queue(settings: Settings, *, engine: AsyncEngine | None = None,
+               clock: Clock = time.time, redis_prefix: str = DEFAULT_PREFIX) -> Queue:
+    """The back end named by ``settings.queue.backend``.
+
+    The database back end uses ``engine`` if given (and leaves it open on
+    ``close``), otherwise it creates one from ``settings.database_url()`` and
+    disposes of it on ``close``. No connection is made until first use.
+    """
+    if settings.queue.backend == "redis":
+        return RedisQueue.from_url(settings.queue.redis_url.get_secret_value(),
+                                   prefix=redis_prefix, clock=clock)
+    from vela.db.engine import create_engine
+    from vela.queue.db_queue import DatabaseQueue
+
+    if engine is not None:
+        return DatabaseQueue(engine, clock=clock)
+    return DatabaseQueue(create_engine(settings.database_url(), echo=settings.database.echo),
+                         owns_engine=True, clock=clock)

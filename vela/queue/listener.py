@@ -1,0 +1,411 @@
+"""The queue listener's logic: pop only what can be placed, settle only what is safe.
+
+Plain asyncio, no Ray: the ``QueueListener`` actor wraps :class:`Listener`,
+and the Scheduler plays the :class:`Dispatcher`.
+
+One pass (:meth:`Listener.run_once`):
+
+1. settle anything left unsettled by a back-end outage (ack/release retried);
+2. every ``reclaim_every_s``, return expired leases to their routes;
+3. ask the dispatcher which routes have a free slot and reserve one item
+   from those only, so items that cannot be placed stay in the queue;
+4. verify the item; a refused item is dead-lettered with its reason code;
+5. ``submit`` it and settle by outcome: DISPATCHED and NOT_PENDING ack,
+   NO_CAPACITY and RETRY release, REJECTED dead-letters; ``submit``
+   raising releases.
+
+The item leaves the queue only after the dispatcher says the build is
+durably recorded as dispatched (or was already handled). Since delivery is
+at-least-once, exactly-once *dispatch* rests on the dispatcher answering
+NOT_PENDING for a build that is no longer pending.
+
+When the back end is unreachable the pass fails, the listener reports
+``healthy = False`` with the error, and waits with jittered exponential
+backoff before the next pass; items are never lost (they stay leased and
+come back after the lease) nor settled twice (stale leases do nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError
+
+from vela.queue.base import Clock, Queue, Reservation, Sleep
+from vela.queue.item import ItemVerifier, QueueItem, QueueItemInvalid
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the back end is unreachable right now", not "this item is bad".
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError, DBAPIError, OSError,
+)
+
+MAX_DELIVERIES_REASON = "too_many_deliveries"
+SUBMIT_FAILED = "submit_failed"
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+class Outcome(StrEnum):
+    DISPATCHED = "dispatched"     # build durably recorded as dispatched: ack
+    NOT_PENDING = "not_pending"   # build already handled (e.g. a redelivery): ack, no dispatch
+    NO_CAPACITY = "no_capacity"   # no slot after all: release, the item stays queued
+    RETRY = "retry"               # transient trouble placing it: release
+    REJECTED = "rejected"         # can never run: dead-letter
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A REJECTED outcome with its reason code (e.g. ``build_not_found``)."""
+
+    reason: str
+    detail: str = ""
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.REJECTED
+
+
+SubmitResult = Outcome | Rejected
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """What the listener needs from the Scheduler."""
+
+    async def free_routes(self) -> set[str]:
+        """Routes that have at least one free worker slot right now."""
+        ...
+
+    async def submit(self, item: QueueItem) -> SubmitResult:
+        """Place the build. Return DISPATCHED only once it is durably recorded."""
+        ...
+
+
+class Step(StrEnum):
+    """What one pass did."""
+
+    IDLE = "idle"                    # nothing queued on routes with capacity
+    NO_CAPACITY = "no_capacity"      # no route has a free slot; nothing reserved
+    DISPATCHED = "dispatched"
+    SKIPPED = "skipped"              # NOT_PENDING: acked without dispatch
+    RELEASED = "released"
+    DEAD_LETTERED = "dead_lettered"
+    LEASE_LOST = "lease_lost"        # lease expired before we settled; the redelivery decides
+    BACKEND_ERROR = "backend_error"
+    DISPATCHER_ERROR = "dispatcher_error"
+
+
+class Backoff:
+    """Exponential backoff with equal jitter: ``d/2 + U(0, d/2)``, ``d = min(cap, base*2^n)``."""
+
+    def __init__(self, *, base_s: float = 0.2, cap_s: float = 30.0,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.base_s, self.cap_s, self._rng = base_s, cap_s, rng
+        self.failures = 0
+
+    def next(self) -> float:
+        d = min(self.cap_s, self.base_s * (2 ** min(self.failures, 32)))
+        self.failures += 1
+        return d / 2 + self._rng() * d / 2
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class ListenerStats:
+    reserved: int = 0
+    dispatched: int = 0
+    acked: int = 0
+    released: int = 0
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    lease_lost: int = 0
+    reclaimed: int = 0
+    submit_errors: int = 0
+    backend_errors: int = 0
+    dispatcher_errors: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "reserved": self.reserved, "dispatched": self.dispatched, "acked": self.acked,
+            "released": self.released, "dead_lettered": dict(self.dead_lettered),
+            "lease_lost": self.lease_lost, "reclaimed": self.reclaimed,
+            "submit_errors": self.submit_errors, "backend_errors": self.backend_errors,
+            "dispatcher_errors": self.dispatcher_errors,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Settlement:
+    res: Reservation
+    action: str  # ack | release | dead
+    done: Step   # what the pass reports once it took effect
+    reason: str = ""
+    detail: str = ""
+
+
+def _ack(res: Reservation, done: Step) -> _Settlement:
+    return _Settlement(res, "ack", done)
+
+
+def _release(res: Reservation) -> _Settlement:
+    return _Settlement(res, "release", Step.RELEASED)
+
+
+def _dead(res: Reservation, reason: str, detail: str) -> _Settlement:
+    return _Settlement(res, "dead", Step.DEAD_LETTERED, reason, detail)
+
+
+class Listener:
+    def __init__(
+        self,
+        queue: Queue,
+        verifier: ItemVerifier,
+        dispatcher: Dispatcher,
+        *,
+        lease_s: float,
+        reserve_timeout_s: float = 1.0,
+        reclaim_every_s: float = 5.0,
+        idle_s: float = 0.5,
+        max_deliveries: int | None = None,
+        backoff: Backoff | None = None,
+        reconnect: Callable[[], Awaitable[Queue]] | None = None,
+        clock: Clock = time.time,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.queue = queue
+        self.verifier = verifier
+        self.dispatcher = dispatcher
+        self.lease_s = lease_s
+        self.reserve_timeout_s = reserve_timeout_s
+        self.reclaim_every_s = reclaim_every_s
+        self.idle_s = idle_s
+        self.max_deliveries = max_deliveries
+        self.backoff = backoff or Backoff()
+        self._reconnect = reconnect
+        self._clock = clock
+        self._sleep = sleep
+        self.stats = ListenerStats()
+        self.healthy = True
+        self.last_error: str | None = None
+        self._next_reclaim = float("-inf")
+        self._unsettled: list[_Settlement] = []
+        self._rotation = 0
+        self.last_pass_s = 0.0
+
+    # -- the loop ------------------------------------------------------------
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """Passes until ``stop`` is set; never dies on an error."""
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                step = await self.run_once(stop=stop)
+            except Exception as e:  # noqa: BLE001 - the loop must outlive any bug
+                log.exception("queue listener pass failed")
+                self._unhealthy(e)
+                await self._pause(self.backoff.next(), stop)
+                continue
+            self.last_pass_s = time.monotonic() - started
+            log.debug("listener pass: %s in %.3fs", step, self.last_pass_s)
+            # Back-end errors already backed off inside the pass. A release means
+            # the item could not be placed now: give the scheduler a moment.
+            idle = step is Step.IDLE and self.reserve_timeout_s <= 0
+            if idle or step in (Step.NO_CAPACITY, Step.RELEASED):
+                await self._pause(self.idle_s, stop)
+
+    async def run_until_idle(self, max_passes: int = 10_000) -> list[Step]:
+        """Burst mode for tests and tools: passes until nothing more happens."""
+        steps = []
+        for _ in range(max_passes):
+            step = await self.run_once()
+            steps.append(step)
+            if step in (Step.IDLE, Step.NO_CAPACITY):
+                break
+        return steps
+
+    async def run_once(self, *, stop: asyncio.Event | None = None) -> Step:
+        """One pass. Back-end errors are absorbed: unhealthy, back off, return."""
+        try:
+            await self._settle_leftovers()
+            await self._maybe_reclaim()
+            try:
+                free = await self.dispatcher.free_routes()
+            except Exception as e:  # noqa: BLE001 - a dead scheduler must not kill us
+                self.stats.dispatcher_errors += 1
+                self._unhealthy(e)
+                await self._pause(self.backoff.next(), stop)
+                return Step.DISPATCHER_ERROR
+            routes = self._routes(free)
+            if not routes:
+                self._healthy()
+                return Step.NO_CAPACITY
+            res = await self.queue.reserve(routes, lease_s=self.lease_s,
+                                           timeout_s=self.reserve_timeout_s)
+            self._healthy()
+            if res is None:
+                return Step.IDLE
+            self.stats.reserved += 1
+            return await self._handle(res)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            self.stats.backend_errors += 1
+            self._unhealthy(e)
+            log.warning("queue back end unavailable: %s", e)
+            await self._pause(self.backoff.next(), stop)
+            await self._try_reconnect()
+            return Step.BACKEND_ERROR
+
+    # -- one item ------------------------------------------------------------
+
+    async def _handle(self, res: Reservation) -> Step:
+        try:
+            item = self.verifier.verify(res.payload, route=res.route)
+        except QueueItemInvalid as e:
+            log.warning("dead-lettering queue item %s on %s: %s", res.id, res.route, e)
+            return await self._settle(_dead(res, e.reason.value, str(e)))
+        if self.max_deliveries is not None and res.deliveries > self.max_deliveries:
+            return await self._settle(_dead(
+                res, MAX_DELIVERIES_REASON,
+                f"delivered {res.deliveries} times without being settled"))
+        try:
+            result = await self.dispatcher.submit(item)
+        except Exception as e:  # noqa: BLE001 - e.g. the scheduler died; the item comes back
+            self.stats.submit_errors += 1
+            log.warning("submit of build %s failed, releasing: %r", item.build_id, e)
+            return await self._settle(_release(res))
+        if isinstance(result, Rejected):
+            return await self._settle(_dead(res, result.reason, result.detail))
+        try:
+            outcome = Outcome(result)
+        except ValueError:
+            self.stats.submit_errors += 1
+            log.error("dispatcher returned %r for build %s; releasing", result, item.build_id)
+            return await self._settle(_release(res))
+        if outcome is Outcome.DISPATCHED:
+            self.stats.dispatched += 1
+            return await self._settle(_ack(res, Step.DISPATCHED))
+        if outcome is Outcome.NOT_PENDING:
+            return await self._settle(_ack(res, Step.SKIPPED))
+        if outcome is Outcome.REJECTED:
+            return await self._settle(_dead(res, "rejected", ""))
+        return await self._settle(_release(res))  # NO_CAPACITY, RETRY
+
+    async def _settle(self, s: _Settlement) -> Step:
+        """Settle, or remember it for the next pass if the back end is down."""
+        try:
+            done = await self._apply(s)
+        except Exception as e:
+            if is_transient(e):
+                # Retried first thing next pass, while the lease may still hold;
+                # if it lapses the item is redelivered and settled then.
+                self._unsettled.append(s)
+            raise
+        return self._account(s, done)
+
+    async def _apply(self, s: _Settlement) -> bool:
+        if s.action == "ack":
+            return await self.queue.ack(s.res)
+        if s.action == "release":
+            return await self.queue.release(s.res)
+        return await self.queue.dead_letter(s.res, s.reason, s.detail)
+
+    def _account(self, s: _Settlement, done: bool) -> Step:
+        if not done:
+            self.stats.lease_lost += 1
+            log.warning("lease on queue item %s lapsed before it was settled (%s)",
+                        s.res.id, s.action)
+            return Step.LEASE_LOST
+        if s.action == "ack":
+            self.stats.acked += 1
+        elif s.action == "release":
+            self.stats.released += 1
+        else:
+            self.stats.dead_lettered[s.reason] += 1
+        return s.done
+
+    async def _settle_leftovers(self) -> None:
+        while self._unsettled:
+            s = self._unsettled[0]
+            done = await self._apply(s)  # raises again if still down; kept for next time
+            self._unsettled.pop(0)
+            self._account(s, done)
+
+    async def _maybe_reclaim(self) -> None:
+        now = self._clock()
+        if now < self._next_reclaim:
+            return
+        n = await self.queue.reclaim_expired(now)
+        self._next_reclaim = now + self.reclaim_every_s
+        if n:
+            self.stats.reclaimed += n
+            log.info("returned %d queue item(s) with expired leases", n)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _routes(self, free: Iterable[str]) -> list[str]:
+        """Known routes with capacity, rotated each pass so no route starves."""
+        free = set(free)
+        routes = [r for r in self.verifier.known_routes if r in free]
+        if len(routes) > 1:
+            k = self._rotation % len(routes)
+            self._rotation += 1
+            routes = routes[k:] + routes[:k]
+        return routes
+
+    def _healthy(self) -> None:
+        if not self.healthy:
+            log.info("queue listener healthy again")
+        self.healthy = True
+        self.last_error = None
+        self.backoff.reset()
+
+    def _unhealthy(self, e: BaseException) -> None:
+        self.healthy = False
+        self.last_error = f"{type(e).__name__}: {e}"
+
+    async def _try_reconnect(self) -> None:
+        if self._reconnect is None:
+            return  # redis-py and SQLAlchemy pools reconnect on the next call
+        try:
+            fresh = await self._reconnect()
+        except Exception as e:  # noqa: BLE001 - still down; next pass tries again
+            self._unhealthy(e)
+            return
+        old, self.queue = self.queue, fresh
+        try:
+            await old.close()
+        except Exception:  # noqa: BLE001,S110 - the old connection is already broken
+            pass
+
+    async def _pause(self, delay: float, stop: asyncio.Event | None) -> None:
+        if stop is None:
+            await self._sleep(delay)
+            return
+        sleeper = asyncio.ensure_future(self._sleep(delay))
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waiter):
+                task.cancel()
+
+    def status(self) -> dict[str, object]:
+        return {"healthy": self.healthy, "last_error": self.last_error,
+                "unsettled": len(self._unsettled), "last_pass_s": self.last_pass_s,
+                **self.stats.as_dict()}

@@ -1,0 +1,143 @@
+"""The Scheduler's worker registry and placement, as plain code.
+
+Placement picks, among workers that serve the route, are active, healthy and
+have a free slot, the least loaded, then the least recently used (the one
+whose load changed longest ago: a round robin among equals). It is not a
+scan: per route, eligible workers sit in buckets keyed by their running count,
+each bucket in that order, so a choice costs O(distinct loads), not O(workers).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorkerEntry:
+    hostname: str
+    routes: frozenset[str]
+    build_limit: int
+    active: bool = True
+    healthy: bool = True
+    # Builds dispatched to this worker and not yet ended: each holds a slot.
+    running: set[int] = field(default_factory=set)
+    # Changes when the worker's actor restarts (its running builds are then lost).
+    incarnation: str = ""
+
+    @property
+    def load(self) -> int:
+        return len(self.running)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.build_limit - self.load)
+
+    @property
+    def eligible(self) -> bool:
+        return self.active and self.healthy and self.free > 0
+
+
+class WorkerRegistry:
+    def __init__(self) -> None:
+        self._workers: dict[str, WorkerEntry] = {}
+        # route -> load -> hostnames in least-recently-used order
+        self._buckets: dict[str, dict[int, OrderedDict[str, None]]] = {}
+        self._free: dict[str, int] = {}
+
+    # -------------------------------------------------------------- queries
+    def __contains__(self, hostname: str) -> bool:
+        return hostname in self._workers
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def get(self, hostname: str) -> WorkerEntry | None:
+        return self._workers.get(hostname)
+
+    def workers(self) -> list[WorkerEntry]:
+        return list(self._workers.values())
+
+    def free_slots(self) -> dict[str, int]:
+        """Free slots per route, over eligible workers (what the listener asks)."""
+        return {route: n for route, n in self._free.items() if n > 0}
+
+    def free_routes(self) -> set[str]:
+        return set(self.free_slots())
+
+    def choose(self, route: str, exclude: Iterable[str] = ()) -> WorkerEntry | None:
+        buckets = self._buckets.get(route)
+        if not buckets:
+            return None
+        skip = set(exclude)
+        for load in sorted(buckets):
+            for hostname in buckets[load]:
+                if hostname not in skip:
+                    return self._workers[hostname]
+        return None
+
+    # ------------------------------------------------------------ mutations
+    def upsert(self, hostname: str, *, routes: Iterable[str], build_limit: int,
+               active: bool = True, incarnation: str = "") -> WorkerEntry:
+        old = self._workers.get(hostname)
+        if old is not None:
+            self._unindex(old)
+        entry = WorkerEntry(hostname=hostname, routes=frozenset(routes),
+                            build_limit=build_limit, active=active, incarnation=incarnation,
+                            running=set(old.running) if old else set())
+        if old is not None:
+            entry.healthy = old.healthy
+        self._workers[hostname] = entry
+        self._index(entry)
+        return entry
+
+    def remove(self, hostname: str) -> WorkerEntry | None:
+        entry = self._workers.pop(hostname, None)
+        if entry is not None:
+            self._unindex(entry)
+        return entry
+
+    def assign(self, hostname: str, build_id: int) -> None:
+        self._change(hostname, lambda e: e.running.add(build_id))
+
+    def release(self, hostname: str, build_id: int) -> bool:
+        entry = self._workers.get(hostname)
+        if entry is None or build_id not in entry.running:
+            return False
+        self._change(hostname, lambda e: e.running.discard(build_id))
+        return True
+
+    def set_health(self, hostname: str, healthy: bool) -> None:
+        self._change(hostname, lambda e: setattr(e, "healthy", healthy))
+
+    def set_active(self, hostname: str, active: bool) -> None:
+        self._change(hostname, lambda e: setattr(e, "active", active))
+
+    # ------------------------------------------------------------ internals
+    def _change(self, hostname: str, fn: Callable[[WorkerEntry], object]) -> None:
+        entry = self._workers.get(hostname)
+        if entry is None:
+            raise KeyError(hostname)
+        self._unindex(entry)
+        fn(entry)
+        self._index(entry)
+
+    def _index(self, e: WorkerEntry) -> None:
+        if not e.eligible:
+            return
+        for route in e.routes:
+            self._buckets.setdefault(route, {}).setdefault(e.load, OrderedDict())[e.hostname] = None
+            self._free[route] = self._free.get(route, 0) + e.free
+
+    def _unindex(self, e: WorkerEntry) -> None:
+        if not e.eligible:
+            return
+        for route in e.routes:
+            buckets = self._buckets.get(route, {})
+            bucket = buckets.get(e.load)
+            if bucket is not None:
+                bucket.pop(e.hostname, None)
+                if not bucket:
+                    del buckets[e.load]
+            self._free[route] = self._free.get(route, 0) - e.free

@@ -1,0 +1,58 @@
+"""The full check of a request made with a build token, in its one order.
+
+token (signature, type, time) → proof of possession (bound key, fresh,
+unreplayed) → authorization against the build's current row. The proof comes
+before authorization so that a stolen token alone learns nothing about the
+build's state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+
+from vela.domain import BuildStatus
+from vela.security.authz import authorize_build_request
+from vela.security.errors import Rejected
+from vela.security.proof import ReplayCache, verify_proof
+from vela.security.tokens import DEFAULT_LEEWAY_S, BuildClaims, verify_build_token
+
+log = logging.getLogger(__name__)
+
+
+class BuildRequestGuard:
+    """Holds the replay cache; one per process that serves build-token requests."""
+
+    def __init__(self, *, issuer: str, proof_max_age_s: float, started_at: datetime,
+                 max_replay_entries: int = 100_000,
+                 leeway_s: float = DEFAULT_LEEWAY_S) -> None:
+        self.issuer = issuer
+        self.leeway_s = leeway_s
+        self.replay = ReplayCache(max_age_s=proof_max_age_s, started_at=started_at,
+                                  max_entries=max_replay_entries, skew_s=leeway_s)
+
+    def check(self, *, token: object, proof: object, action: str, keys: Mapping[str, str],
+              build_id: int, build_status: BuildStatus | str, build_worker: str | None,
+              build_token_jti: str | None, worker_sign_key: str | None,
+              now: datetime) -> BuildClaims:
+        """Claims of the token if the request may proceed; :class:`Rejected` otherwise.
+
+        ``keys`` are the server's verifying keys; ``build_*`` come from the
+        build row named by the request; ``worker_sign_key`` is the registered
+        key of ``build_worker`` (None if it has none).
+        """
+        try:
+            claims = verify_build_token(token, keys=keys, issuer=self.issuer, now=now,
+                                        leeway_s=self.leeway_s)
+            assert isinstance(token, str)
+            verify_proof(proof, token=token, claims=claims, worker_sign_key=worker_sign_key or "",
+                         action=action, build_id=build_id, cache=self.replay, now=now)
+            authorize_build_request(claims, action, build_id=build_id,
+                                    build_status=build_status, build_worker=build_worker,
+                                    build_token_jti=build_token_jti)
+        except Rejected as e:
+            log.info("build request rejected",
+                     extra={"reason": e.reason.value, "build_id": build_id, "action": action})
+            raise
+        return claims
