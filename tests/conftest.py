@@ -51,17 +51,28 @@ async def fresh_engine(url: str, schema: str | None = None):
     return engine
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def engine(request, tmp_path):
-    """A fresh schema on each back end (PostgreSQL at 127.0.0.1:5432/test)."""
-    if request.param == "sqlite":
-        eng = await fresh_engine(f"sqlite+aiosqlite:///{tmp_path / 'vela.db'}")
-    else:
-        eng = await fresh_engine(PG_URL, request.getfixturevalue("pg_schema"))
+@pytest.fixture
+async def engine_sqlite(tmp_path):
+    eng = await fresh_engine(f"sqlite+aiosqlite:///{tmp_path / 'vela.db'}")
     try:
         yield eng
     finally:
         await eng.dispose()
+
+
+@pytest.fixture
+async def engine_postgres(pg_schema):
+    eng = await fresh_engine(PG_URL, pg_schema)
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request):
+    """A fresh schema on each back end (PostgreSQL at 127.0.0.1:5432/test)."""
+    return request.getfixturevalue(f"engine_{request.param}")
 
 
 @pytest.fixture

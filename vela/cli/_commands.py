@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from vela.cli import queue_cmd, worker_token_cmd
+from vela.cli import queue_cmd, serve_cmd, worker_token_cmd  # noqa: F401 - registers commands
 from vela.cli._app import app, command, console, print_json, run, state
 from vela.config import redacted
 from vela.db import migrate

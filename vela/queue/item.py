@@ -24,13 +24,16 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from vela.errors import VelaError
+
+if TYPE_CHECKING:
+    from vela.security.keys import SigningKey
 
 # Domain separation: a signature made for a queue item is useless anywhere else.
 SIGNING_CONTEXT = b"vela/queue-item/v1\n"
@@ -89,14 +92,23 @@ def _unb64url(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
 
 
+class _Signs(Protocol):
+    def sign(self, data: bytes) -> bytes: ...
+
+
 class ItemSigner:
     """Signs items with the server's queue key."""
 
-    def __init__(self, private_key: Ed25519PrivateKey, kid: str) -> None:
+    def __init__(self, private_key: Ed25519PrivateKey | _Signs, kid: str) -> None:
         if not kid:
             raise ValueError("a signing key needs a key id")
         self._key = private_key
         self.kid = kid
+
+    @classmethod
+    def from_key(cls, key: SigningKey) -> ItemSigner:
+        """Signs with a server :class:`~vela.security.keys.SigningKey` (purpose ``queue``)."""
+        return cls(key, key.kid)
 
     def sign(self, item: QueueItem) -> bytes:
         body = item.model_dump(mode="json")
@@ -110,6 +122,15 @@ def _reject_constant(name: str) -> float:
 
 class ItemVerifier:
     """Checks raw queue payloads; raises :class:`QueueItemInvalid` with a reason."""
+
+    @classmethod
+    def from_public_keys(cls, keys: Mapping[str, str], known_routes: Iterable[str],
+                         max_bytes: int) -> ItemVerifier:
+        """From ``{kid: base64url public key}``, as ``KeyRing.verifying_keys`` gives them."""
+        from vela.security.keys import load_public_key
+
+        return cls({kid: load_public_key(k) for kid, k in keys.items()}, known_routes,
+                   max_bytes)
 
     def __init__(self, public_keys: Mapping[str, Ed25519PublicKey], known_routes: Iterable[str],
                  max_bytes: int) -> None:

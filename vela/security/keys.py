@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PURPOSE_TOKEN = "token"  # noqa: S105 - signs build/API tokens, packages, key sets
+PURPOSE_QUEUE = "queue"  # signs queue items
 KEY_BYTES = 32
 
 

@@ -1,0 +1,134 @@
+"""Every Ray call of the actors sits here, behind small clients with plain
+interfaces, so the logic in ``vela/`` never sees Ray and tests can swap these.
+
+Error translation, in one place: an actor that is dead for good
+(``RayActorError``) becomes :class:`~vela.server.scheduler.WorkerGone`; one
+that is restarting or unreachable (``ActorUnavailableError``) becomes a
+``TimeoutError`` (transient). Application errors (e.g.
+:class:`~vela.security.Rejected`) come through as themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from vela.queue.item import QueueItem
+from vela.queue.listener import SubmitResult
+from vela.server.authority import IssuedPackage
+from vela.server.scheduler import WorkerGone
+
+T = TypeVar("T")
+
+NAMESPACE = "vela"
+AUTHORITY = "vela-token-authority"
+SCHEDULER = "vela-scheduler"
+LISTENER = "vela-queue-listener"
+WORKER_PREFIX = "vela-worker-"
+
+
+def worker_actor_name(hostname: str) -> str:
+    return WORKER_PREFIX + hostname
+
+
+def get_actor(name: str, namespace: str = NAMESPACE) -> Any | None:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+async def _await(ref: Awaitable[T], *, gone: type[Exception] | None = None) -> T:
+    try:
+        return await ref
+    except ActorUnavailableError as e:
+        raise TimeoutError(f"actor unavailable: {type(e).__name__}") from None
+    except RayActorError as e:
+        if gone is None:
+            raise TimeoutError(f"actor died: {type(e).__name__}") from None
+        raise gone(type(e).__name__) from None
+
+
+class RayWorkerClient:
+    def __init__(self, handle: Any) -> None:
+        self._h = handle
+
+    async def availability(self, challenge: dict[str, Any]) -> dict[str, Any]:
+        return await _await(self._h.availability.remote(challenge), gone=WorkerGone)
+
+    async def execute_package(self, package: dict[str, Any]) -> dict[str, Any]:
+        return await _await(self._h.execute_package.remote(package), gone=WorkerGone)
+
+    async def status(self) -> dict[str, Any]:
+        return await _await(self._h.status.remote(), gone=WorkerGone)
+
+    async def cancel(self, build_id: int) -> bool:
+        return await _await(self._h.cancel.remote(build_id), gone=WorkerGone)
+
+
+class RayWorkerDirectory:
+    def __init__(self, namespace: str = NAMESPACE) -> None:
+        self.namespace = namespace
+
+    async def connect(self, hostname: str, actor_name: str | None) -> RayWorkerClient | None:
+        handle = get_actor(actor_name or worker_actor_name(hostname), self.namespace)
+        return RayWorkerClient(handle) if handle is not None else None
+
+
+class RayAuthority:
+    """The Scheduler's view of the TokenAuthority actor."""
+
+    def __init__(self, handle: Any) -> None:
+        self._h = handle
+
+    async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage:
+        return await _await(self._h.issue_package.remote(build_id, hostname))
+
+    async def authorize(self, *, build_id: int, action: str, token: object,
+                        proof: object) -> str:
+        return await _await(self._h.authorize.remote(build_id=build_id, action=action,
+                                                     token=token, proof=proof))
+
+    async def key_set(self) -> dict[str, Any]:
+        return await _await(self._h.key_set.remote())
+
+
+class RayDispatcher:
+    """The listener's view of the Scheduler actor."""
+
+    def __init__(self, handle: Any) -> None:
+        self._h = handle
+
+    async def free_routes(self) -> set[str]:
+        return await _await(self._h.free_routes.remote())
+
+    async def submit(self, item: QueueItem) -> SubmitResult:
+        return await _await(self._h.submit.remote(item))
+
+
+class RayServerLink:
+    """A worker's line to the server: reports with build token and proof."""
+
+    def __init__(self, namespace: str = NAMESPACE) -> None:
+        self.namespace = namespace
+        self._scheduler: Any | None = None
+
+    def scheduler(self) -> Any:
+        # A handle stays valid across the Scheduler's restarts; look it up once.
+        if self._scheduler is None:
+            self._scheduler = get_actor(SCHEDULER, self.namespace)
+            if self._scheduler is None:
+                raise TimeoutError("the scheduler is not running")
+        return self._scheduler
+
+    async def report(self, *, build_id: int, action: str, payload: dict[str, Any], token: str,
+                     proof: str) -> None:
+        await _await(self.scheduler().report.remote(build_id=build_id, action=action,
+                                                    payload=payload, token=token, proof=proof))
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Registration and check-in calls on the Scheduler."""
+        return await _await(getattr(self.scheduler(), method).remote(*args, **kwargs))

@@ -1,0 +1,79 @@
+"""Create, find and tear down the actors: what `vela serve`, `vela worker` and
+`vela stop` do once connected to Ray. Creation is idempotent (named, detached,
+``get_if_exists``), so running it twice changes nothing."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors._ray import AUTHORITY, LISTENER, NAMESPACE, SCHEDULER, get_actor, worker_actor_name
+from actors.queue_listener import QueueListenerActor
+from actors.scheduler import SchedulerActor
+from actors.token_authority import TokenAuthorityActor
+from actors.worker import WorkerActor
+from vela.config import Settings
+
+CONTROL = ((AUTHORITY, TokenAuthorityActor), (SCHEDULER, SchedulerActor),
+           (LISTENER, QueueListenerActor))
+
+
+def _options(name: str, namespace: str) -> dict[str, Any]:
+    return dict(name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
+                num_cpus=0, max_restarts=-1, max_task_retries=0)
+
+
+def start_control_plane(settings: Settings, *, timeout_s: float = 120.0) -> dict[str, Any]:
+    """TokenAuthority, Scheduler, QueueListener — in that order, each confirmed ready."""
+    ns = settings.ray.namespace
+    handles: dict[str, Any] = {}
+    for name, cls in CONTROL:
+        handle = cls.options(**_options(name, ns)).remote(settings)
+        ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
+        handles[name] = handle
+    ray.get(handles[SCHEDULER].ready.remote(), timeout=timeout_s)
+    return handles
+
+
+def default_hostname() -> str:
+    return socket.gethostname().split(".")[0] or "worker"
+
+
+def start_worker(settings: Settings, *, hostname: str, routes: list[str], build_limit: int,
+                 state_dir: Path, registration_token: str | None = None,
+                 node_id: str | None = None, max_restarts: int = -1,
+                 timeout_s: float = 120.0) -> tuple[Any, dict[str, Any]]:
+    """Start (or find) the WorkerActor for ``hostname`` pinned to ``node_id`` (default:
+    this driver's node); wait until it registered. Returns the handle and its status."""
+    node = node_id or ray.get_runtime_context().get_node_id()
+    handle = WorkerActor.options(
+        **{**_options(worker_actor_name(hostname), settings.ray.namespace),
+           "max_restarts": max_restarts},
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+    ).remote(settings, hostname=hostname, routes=routes, build_limit=build_limit,
+             state_dir=str(state_dir.resolve()), registration_token=registration_token)
+    status = ray.get(handle.wait_registered.remote(timeout_s), timeout=timeout_s + 30)
+    return handle, status
+
+
+def vela_actors(namespace: str = NAMESPACE) -> list[str]:
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a.get("namespace") == namespace]
+    return sorted(names)
+
+
+def stop_all(namespace: str = NAMESPACE) -> list[str]:
+    """Kill every named actor of ours: the listener first, so nothing new is popped."""
+    names = vela_actors(namespace)
+    order = {LISTENER: 0, SCHEDULER: 2, AUTHORITY: 3}
+    stopped = []
+    for name in sorted(names, key=lambda n: order.get(n, 1)):
+        handle = get_actor(name, namespace)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+            stopped.append(name)
+    return stopped

@@ -1,0 +1,49 @@
+"""TokenAuthority actor: the only process holding the server's token signing keys."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import ray
+
+from vela.config import Settings
+from vela.server.authority import Authority, IssuedPackage
+from vela.server.context import ServerContext
+
+
+@ray.remote
+class TokenAuthorityActor:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._authority: Authority | None = None
+        self._lock = asyncio.Lock()
+
+    async def _get(self) -> Authority:
+        async with self._lock:
+            if self._authority is None:
+                self._authority = await ServerContext.open(self._settings).authority()
+            return self._authority
+
+    def __repr__(self) -> str:
+        return f"TokenAuthority({self._settings.server.id})"
+
+    async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage:
+        return await (await self._get()).issue_package(build_id, hostname)
+
+    async def authorize(self, *, build_id: int, action: str, token: object,
+                        proof: object) -> str:
+        return await (await self._get()).authorize(build_id=build_id, action=action,
+                                                   token=token, proof=proof)
+
+    async def key_set(self) -> dict[str, Any]:
+        return await (await self._get()).key_set()
+
+    async def registration_token(self, *, routes: list[str], hostname: str | None,
+                                 ttl_s: int | None = None) -> str:
+        return await (await self._get()).registration_token(routes=routes, hostname=hostname,
+                                                            ttl_s=ttl_s)
+
+    async def stats(self) -> dict[str, Any]:
+        s = (await self._get()).stats
+        return {"issued": s.issued, "authorized": s.authorized, "rejected": dict(s.rejected)}

@@ -1,0 +1,166 @@
+"""WorkerActor: one per worker host, pinned to its Ray node.
+
+A thin shell over :class:`vela.worker.WorkerCore`. On (re)start it loads or
+creates its keys and registers with the Scheduler — with a registration
+token the first time, by signing a challenge afterwards — then checks in
+periodically and registers again whenever the Scheduler has forgotten it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors._ray import RayServerLink, worker_actor_name
+from vela.config import Settings
+from vela.executor import DEFAULT_HIDDEN_PATHS, choose_runtime
+from vela.security import (
+    Reason,
+    Registration,
+    Rejected,
+    answer_challenge,
+    load_or_create_identity,
+    load_pinned_server,
+    pin_key_set,
+    save_pinned_server,
+)
+from vela.security.challenge import Challenge
+from vela.worker import WorkerCore
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+class WorkerActor:
+    def __init__(self, settings: Settings, *, hostname: str, routes: list[str],
+                 build_limit: int, state_dir: str, registration_token: str | None = None) -> None:
+        self.hostname = hostname
+        self._settings = settings
+        self._routes = list(routes)
+        self._state_dir = Path(state_dir)
+        # Taken once, then forgotten: after the first registration the key proves us.
+        self._token = registration_token
+        self._identity = load_or_create_identity(self._state_dir)
+        self._pinned = load_pinned_server(self._state_dir)
+        ws = settings.worker
+        runtime = choose_runtime(allow_unsandboxed=ws.allow_unsandboxed, network=ws.network,
+                                 hidden_paths=(*DEFAULT_HIDDEN_PATHS, self._state_dir.resolve()))
+        self._link = RayServerLink(settings.ray.namespace)
+        workspace = self._state_dir / "workspaces"
+        workspace.mkdir(parents=True, exist_ok=True)
+        self.core = WorkerCore(
+            hostname=hostname, routes=self._routes, build_limit=build_limit,
+            identity=self._identity,
+            pinned_server_keys=self._pinned.keys if self._pinned else {},
+            runtime=runtime, server=self._link, workspace_root=workspace,
+            batch_lines=ws.log_batch_lines, flush_s=ws.log_flush_s)
+        self._registered = asyncio.Event()
+        self._error: str | None = None
+        self._loop = asyncio.get_running_loop().create_task(self._checkin_loop())
+
+    def __repr__(self) -> str:
+        return (f"WorkerActor({self.hostname}, {len(self.core.running)}/"
+                f"{self.core.build_limit} running)")
+
+    # -- registration ---------------------------------------------------------------
+    def _registration(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return Registration(
+            hostname=self.hostname, routes=self._routes, build_limit=self.core.build_limit,
+            sign_public_key=self._identity.sign_public_key,
+            seal_public_key=self._identity.seal_public_key,
+            address=ray.util.get_node_ip_address(), ray_node_id=ctx.get_node_id(),
+            actor_name=worker_actor_name(self.hostname)).model_dump(mode="json")
+
+    async def _register(self) -> None:
+        reg = self._registration()
+        running = self.core.running
+        key_set: dict[str, Any] | None = None
+        if self._pinned is not None:
+            try:
+                challenge = await self._link.call("reregister_challenge", self.hostname)
+                answer = answer_challenge(Challenge.model_validate_json(json.dumps(challenge)),
+                                          identity=self._identity, hostname=self.hostname,
+                                          free_slots=self.core.free_slots)
+                key_set = await self._link.call(
+                    "reregister", reg, challenge=challenge,
+                    answer=answer.model_dump(mode="json"), running=running)
+            except Rejected as e:
+                if e.reason is not Reason.WORKER_UNKNOWN or not self._token:
+                    raise
+                log.warning("server does not know this worker; registering with the token")
+        if key_set is None:
+            if not self._token:
+                raise Rejected(Reason.REGISTRATION_UNKNOWN,
+                               "no registration token: set VELA_WORKER_REGISTRATION_TOKEN "
+                               "(mint one with `vela worker-token create`)")
+            key_set = await self._link.call("register", reg, token=self._token, running=running)
+            self._token = None
+        self._pinned = pin_key_set(key_set, pinned=self._pinned)
+        save_pinned_server(self._state_dir, self._pinned)
+        self.core.pin(self._pinned.keys)
+
+    async def _checkin_loop(self) -> None:
+        period = self._settings.worker.checkin_period_s
+        delay = 0.2
+        while True:
+            try:
+                if not self._registered.is_set() or not await self._link.call(
+                        "checkin", self.hostname):
+                    self._registered.clear()
+                    await self._register()
+                    self._registered.set()
+                    self._error = None
+                    log.info("worker %s registered", self.hostname)
+                delay = 0.2
+                await asyncio.sleep(period)
+            except Rejected as e:
+                # Not transient: wrong or used token, unknown keys. Say so; keep trying
+                # slowly in case an admin fixes it.
+                self._error = str(e)
+                log.error("worker %s cannot register: %s", self.hostname, e)
+                await asyncio.sleep(max(period, 5.0))
+            except Exception as e:  # noqa: BLE001 - the scheduler may be (re)starting
+                self._error = f"{type(e).__name__}: {e}"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def wait_registered(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Block until registered (or the timeout); returns :meth:`status`."""
+        try:
+            await asyncio.wait_for(self._registered.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        return await self.status()
+
+    # -- the protocol -----------------------------------------------------------------
+    async def availability(self, challenge: dict[str, Any]) -> dict[str, Any]:
+        return self.core.availability(challenge)
+
+    async def execute_package(self, package: dict[str, Any]) -> dict[str, Any]:
+        return (await self.core.execute_package(package)).as_dict()
+
+    async def cancel(self, build_id: int) -> bool:
+        return self.core.cancel(build_id)
+
+    async def status(self) -> dict[str, Any]:
+        return {**self.core.status(), "registered": self._registered.is_set(),
+                "error": self._error, "pid": os.getpid(),
+                "sandbox": type(self.core.runtime).__name__}
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop taking builds, finish the running ones, leave the server, exit.
+
+        On the timeout the worker keeps running (and draining) and the error says so."""
+        await self.core.drain(timeout_s)
+        try:
+            await self._link.call("worker_left", self.hostname)
+        finally:
+            self._loop.cancel()
+            ray.actor.exit_actor()

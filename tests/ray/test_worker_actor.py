@@ -1,0 +1,185 @@
+"""The WorkerActor on real Ray, against a test double of the server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tests.ray.conftest import wait_until
+from tests.server.conftest import pipeline
+
+pytestmark = pytest.mark.ray
+
+SECRET = "double-s3cr3t"
+
+
+def _fake_server_class():
+    import ray
+
+    from vela.pipeline import compile_pipeline
+    from vela.security import (
+        KeyRing,
+        ReplayCache,
+        jwk_thumbprint,
+        mint_build_token,
+        publish_key_set,
+        seal_package,
+        verify_proof,
+    )
+    from vela.security.tokens import verify_build_token
+
+    @ray.remote
+    class FakeServer:
+        """Plays the Scheduler: takes any registration, records checked reports."""
+
+        def __init__(self) -> None:
+            self.ring = KeyRing.generate(datetime.now(UTC))
+            self.replay = ReplayCache(max_age_s=30, started_at=datetime.now(UTC))
+            self.registration: dict[str, Any] | None = None
+            self.reports: list[tuple[int, str, dict[str, Any]]] = []
+            self.bad_proofs = 0
+
+        def _now(self) -> datetime:
+            return datetime.now(UTC)
+
+        async def register(self, registration, *, token, running=None):
+            self.registration = registration
+            return publish_key_set(self.ring, server_id="test-server",
+                                   now=self._now()).model_dump(mode="json")
+
+        async def checkin(self, hostname):
+            return self.registration is not None
+
+        async def worker_left(self, hostname):
+            return None
+
+        async def report(self, *, build_id, action, payload, token, proof):
+            now = self._now()
+            claims = verify_build_token(token, keys=self.ring.verifying_keys(now),
+                                        issuer="test-server", now=now)
+            try:
+                verify_proof(proof, token=token, claims=claims,
+                             worker_sign_key=self.registration["sign_public_key"],
+                             action=action, build_id=build_id, cache=self.replay, now=now)
+            except Exception:
+                self.bad_proofs += 1
+                raise
+            self.reports.append((build_id, action, payload))
+
+        async def package(self, build_id, text, *, worker=None, secrets=None, tamper=False):
+            reg = self.registration
+            now = self._now()
+            token, _ = mint_build_token(self.ring, issuer="test-server", build_id=build_id,
+                                        worker=worker or reg["hostname"],
+                                        jkt=jwk_thumbprint(reg["sign_public_key"]),
+                                        timeout_s=60, grace_s=10, now=now)
+            executable = compile_pipeline(text).to_json()
+            pkg = seal_package(ring=self.ring, server_id="test-server", build_id=build_id,
+                               worker=worker or reg["hostname"],
+                               worker_seal_key=reg["seal_public_key"],
+                               build={"build_id": build_id, "timeout_s": 60},
+                               executable=executable, secrets=secrets or {},
+                               build_token=token, now=now, ttl_s=60).to_wire()
+            if tamper:
+                pkg["executable"] = pkg["executable"].replace("echo", "true")
+            return pkg
+
+        async def state(self):
+            return {"reports": self.reports, "bad_proofs": self.bad_proofs}
+
+    return FakeServer
+
+
+@pytest.fixture
+def double(settings):
+    import ray
+
+    from actors._ray import SCHEDULER
+    from actors.deploy import start_worker, stop_all
+
+    fake = _fake_server_class().options(name=SCHEDULER, namespace=settings.ray.namespace,
+                                        num_cpus=0).remote()
+    handle, status = start_worker(settings, hostname="wa", routes=["vela"], build_limit=2,
+                                  state_dir=settings.server.data_dir / "wa",
+                                  registration_token="vrt_" + "x" * 43, max_restarts=0)
+    assert status["registered"], status
+    try:
+        yield fake, handle
+    finally:
+        stop_all(settings.ray.namespace)
+        ray.kill(fake)
+
+
+def _finished(fake, build_id):
+    import ray
+
+    st = ray.get(fake.state.remote())
+    return [p for b, a, p in st["reports"] if b == build_id and a == "build.finish"]
+
+
+def test_accepts_a_valid_package_and_reports_with_proofs(double):
+    import ray
+
+    fake, worker = double
+    pkg = ray.get(fake.package.remote(1, pipeline('echo "s=$API_TOKEN"', secrets=("api_token",)),
+                                      secrets={"api_token": SECRET}))
+    receipt = ray.get(worker.execute_package.remote(pkg))
+    assert receipt["accepted"] is True, receipt
+    (finish,) = wait_until(lambda: _finished(fake, 1), 60, "the finish report")
+    assert finish["status"] == "success"
+    st = ray.get(fake.state.remote())
+    actions = [a for b, a, _ in st["reports"] if b == 1]
+    assert actions[0] == "build.start" and actions[-1] == "build.finish"
+    lines = [line for b, a, p in st["reports"] if a == "log.append" for line in p["lines"]]
+    assert "s=***" in lines and not any(SECRET in x for x in lines)
+    assert st["bad_proofs"] == 0
+    # The same package again is a replay.
+    again = ray.get(worker.execute_package.remote(pkg))
+    assert again["accepted"] is False and again["reason"] in ("duplicate_package",
+                                                               "package_expired")
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("tamper", "package_tampered"),
+                                              ("elsewhere", "package_not_for_me")])
+def test_refuses_tampered_and_misaddressed_packages(double, kind, reason):
+    import ray
+
+    fake, worker = double
+    pkg = ray.get(fake.package.remote(7, pipeline("echo hi"), tamper=kind == "tamper",
+                                      worker="someone-else" if kind == "elsewhere" else None))
+    receipt = ray.get(worker.execute_package.remote(pkg))
+    assert receipt == {**receipt, "accepted": False, "reason": reason}
+    assert ray.get(worker.status.remote())["running"] == []
+
+
+def test_build_limit_and_drain(double):
+    import ray
+    from ray.exceptions import RayActorError
+
+    fake, worker = double
+    pkgs = [ray.get(fake.package.remote(10 + i, pipeline("sleep 1"))) for i in range(3)]
+    receipts = ray.get([worker.execute_package.remote(p) for p in pkgs])
+    assert sum(r["accepted"] for r in receipts) == 2
+    assert [r["reason"] for r in receipts if not r["accepted"]] == ["no_free_slot"]
+    drained = worker.drain.remote(60)
+    late = ray.get(worker.execute_package.remote(
+        ray.get(fake.package.remote(20, pipeline("true")))))
+    assert late["accepted"] is False and late["reason"] == "draining"
+    try:
+        ray.get(drained, timeout=60)
+    except RayActorError:
+        pass  # the actor exits as the call returns
+
+    def dead() -> bool:
+        try:
+            ray.get(worker.status.remote(), timeout=10)
+        except RayActorError:
+            return True
+        return False
+
+    wait_until(dead, 30, "the drained worker to exit")
+    for r in receipts:
+        if r["accepted"]:
+            assert _finished(fake, r["build_id"])[0]["status"] == "success"

@@ -1,0 +1,215 @@
+"""The whole server in one event loop, without Ray: Authority, Scheduler, Listener
+and real WorkerCores (bubblewrap sandbox) wired through in-process stand-ins for
+the Ray clients. Two back-end pairs: the embedded default (SQLite + database
+queue) and production (PostgreSQL + Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import REDIS_URL
+from vela.config import Settings
+from vela.db.store import Store
+from vela.domain import BuildStatus
+from vela.executor import choose_runtime
+from vela.queue.db_queue import DatabaseQueue
+from vela.queue.listener import Listener
+from vela.queue.redis_queue import RedisQueue
+from vela.security import Registration, load_or_create_identity, pin_key_set
+from vela.server.authority import Authority
+from vela.server.context import ServerContext
+from vela.server.scheduler import Scheduler, WorkerGone
+from vela.worker import WorkerCore
+
+HELLO = """
+version: "1"
+steps:
+  - name: greet
+    commands:
+      - echo "token is $API_TOKEN"
+      - echo "$API_TOKEN" | base64
+    secrets: [api_token]
+  - name: check
+    commands:
+      - test -z "$API_TOKEN"
+      - echo done
+"""
+
+
+def pipeline(*commands: str, secrets: tuple[str, ...] = ()) -> str:
+    lines = ['version: "1"', "steps:", "  - name: main", "    commands:"]
+    lines += [f"      - {c!r}" for c in commands]
+    if secrets:
+        lines.append(f"    secrets: [{', '.join(secrets)}]")
+    return "\n".join(lines) + "\n"
+
+
+class LocalWorkerClient:
+    """What RayWorkerClient does, in process; ``kill()`` plays a dead actor."""
+
+    def __init__(self, core: WorkerCore) -> None:
+        self.core = core
+        self.dead = False
+
+    def _alive(self) -> None:
+        if self.dead:
+            raise WorkerGone("killed")
+
+    async def availability(self, challenge: dict[str, Any]) -> dict[str, Any]:
+        self._alive()
+        return self.core.availability(challenge)
+
+    async def execute_package(self, package: dict[str, Any]) -> dict[str, Any]:
+        self._alive()
+        return (await self.core.execute_package(package)).as_dict()
+
+    async def status(self) -> dict[str, Any]:
+        self._alive()
+        return self.core.status()
+
+    async def cancel(self, build_id: int) -> bool:
+        self._alive()
+        return self.core.cancel(build_id)
+
+    async def kill(self) -> None:
+        self.dead = True
+        await self.core.close()
+
+
+class Directory:
+    def __init__(self) -> None:
+        self.clients: dict[str, LocalWorkerClient] = {}
+
+    async def connect(self, hostname: str, actor_name: str | None) -> LocalWorkerClient | None:
+        client = self.clients.get(hostname)
+        return client if client is not None and not client.dead else None
+
+
+@dataclass
+class DirectLink:
+    """The worker's ServerLink straight into the Scheduler (reports are checked there)."""
+
+    system: System
+
+    async def report(self, *, build_id: int, action: str, payload: dict[str, Any], token: str,
+                     proof: str) -> None:
+        self.system.tokens[build_id] = token  # what a thief on the wire would see
+        await self.system.scheduler.report(build_id=build_id, action=action, payload=payload,
+                                           token=token, proof=proof)
+
+
+@dataclass
+class System:
+    settings: Settings
+    ctx: ServerContext
+    tmp: Path
+    queue: Any
+    authority: Authority = None  # type: ignore[assignment]
+    scheduler: Scheduler = None  # type: ignore[assignment]
+    listener: Listener = None  # type: ignore[assignment]
+    directory: Directory = field(default_factory=Directory)
+    tokens: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def store(self) -> Store:
+        return self.ctx.store
+
+    async def start(self) -> None:
+        await self.ctx.bootstrap_keys()
+        self.authority = await self.ctx.authority()
+        self.scheduler = await self.ctx.scheduler(self.queue, authority=self.authority,
+                                                  directory=self.directory)
+        self.listener = await self.ctx.listener(self.queue, self.scheduler)
+        self.listener.idle_s = 0.01
+        self.listener.reserve_timeout_s = 0.05
+
+    async def restart_scheduler(self) -> None:
+        """A new Scheduler on the same DB and workers, as after a Ray restart."""
+        self.scheduler = await self.ctx.scheduler(self.queue, authority=self.authority,
+                                                  directory=self.directory)
+        self.listener.dispatcher = self.scheduler
+        await self.scheduler.recover()
+
+    def identity(self, hostname: str):
+        return load_or_create_identity(self.tmp / "workers" / hostname)
+
+    async def add_worker(self, hostname: str, *, routes: tuple[str, ...] = ("vela",),
+                         build_limit: int = 1) -> WorkerCore:
+        state_dir = self.tmp / "workers" / hostname
+        identity = self.identity(hostname)
+        runtime = choose_runtime(allow_unsandboxed=False, network=False)
+        core = WorkerCore(hostname=hostname, routes=list(routes), build_limit=build_limit,
+                          identity=identity, pinned_server_keys={}, runtime=runtime,
+                          server=DirectLink(self), workspace_root=state_dir / "ws",
+                          flush_s=0.05, report_retry_s=0.01, report_deadline_s=5.0)
+        self.directory.clients[hostname] = LocalWorkerClient(core)
+        token = await self.authority.registration_token(routes=list(routes), hostname=hostname)
+        reg = Registration(hostname=hostname, routes=list(routes), build_limit=build_limit,
+                           sign_public_key=identity.sign_public_key,
+                           seal_public_key=identity.seal_public_key,
+                           actor_name=f"vela-worker-{hostname}")
+        key_set = await self.scheduler.register(reg.model_dump(mode="json"), token=token)
+        core.pin(pin_key_set(key_set, pinned=None).keys)
+        return core
+
+    async def submit(self, text: str, *, repo: str = "acme/app", route: str = "vela",
+                     secrets: dict[str, str] | None = None, timeout_s: int | None = None) -> int:
+        org, name = repo.split("/")
+        for k, v in (secrets or {}).items():
+            await self.store.put_secret("repo", org, name, k, v)
+        build = await self.scheduler.builds.create(repo, text, route=route, timeout_s=timeout_s)
+        return build.id
+
+    async def pump(self, build_ids: list[int], *, timeout_s: float = 60.0,
+                   until: Any = None) -> dict[int, Any]:
+        """Run listener passes and worker checks until every build is terminal (or
+        ``until(builds)`` holds); returns the builds. Fails on the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            builds = {b: await self.store.get_build(b) for b in build_ids}
+            done = (until(builds) if until is not None
+                    else all(BuildStatus(b.status).terminal for b in builds.values()))
+            if done:
+                return builds
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out: { {k: v.status for k, v in builds.items()} }")
+            await self.listener.run_until_idle(max_passes=100)
+            await self.scheduler.check_workers()
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        for client in self.directory.clients.values():
+            await client.core.close()
+        await self.queue.close()
+
+
+@pytest.fixture
+async def system(engine, tmp_path, master_key):
+    """On SQLite: the embedded default (database queue); on PostgreSQL: production
+    (Redis queue)."""
+    settings = Settings.model_validate({
+        "server": {"data_dir": str(tmp_path)},
+        "scheduler": {"health_check_period_s": 0.05, "health_check_timeout_s": 2.0,
+                      "worker_lost_after_s": 1.0},
+        "queue": {"routes": ["vela", "gpu"], "lease_seconds": 30},
+    })
+    if engine.dialect.name == "sqlite":
+        queue: Any = DatabaseQueue(engine)
+    else:
+        queue = RedisQueue(Redis.from_url(REDIS_URL), prefix=f"vela:test:{uuid.uuid4().hex[:12]}")
+    ctx = ServerContext(settings=settings, engine=engine, store=Store(engine, master_key),
+                        master_key=master_key)
+    sys_ = System(settings=settings, ctx=ctx, tmp=tmp_path, queue=queue)
+    await sys_.start()
+    try:
+        yield sys_
+    finally:
+        await sys_.close()

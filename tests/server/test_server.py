@@ -1,0 +1,191 @@
+"""Builds end to end through the server's logic (no Ray): listener → scheduler →
+challenge → authority → sealed package → worker → reports → database."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.server.conftest import HELLO, pipeline
+from vela.domain import BuildStatus
+from vela.queue.item import QueueItem
+from vela.queue.listener import Outcome
+from vela.security import BuildAction, Reason, Rejected, make_proof
+from vela.server.scheduler import WORKER_LOST
+
+SECRET = "s3cr3t-Value-42"
+
+
+async def logs_of(system, build_id: int) -> str:
+    return "".join(text for _, _, text in await system.store.get_logs(build_id))
+
+
+async def test_build_runs_with_secret_masked(system):
+    await system.add_worker("w1")
+    build_id = await system.submit(HELLO, secrets={"api_token": SECRET})
+    build = (await system.pump([build_id]))[build_id]
+    assert build.status == "success", (build.reason, build.message)
+    assert build.worker == "w1" and build.attempts == 1
+    for t in ("enqueued_at", "dispatched_at", "started_at", "finished_at"):
+        assert getattr(build, t) is not None, t
+    assert build.enqueued_at <= build.dispatched_at <= build.started_at <= build.finished_at
+    steps = await system.store.get_steps(build_id)
+    assert [(s.name, s.status) for s in steps] == [("greet", "success"), ("check", "success")]
+    assert all(s.started_at and s.finished_at for s in steps)
+    text = await logs_of(system, build_id)
+    assert "token is ***" in text and "done" in text
+    assert SECRET not in text
+    assert base64.b64encode(SECRET.encode() + b"\n").decode().rstrip("=") not in text
+
+
+async def test_failing_step_fails_the_build(system):
+    await system.add_worker("w1")
+    build_id = await system.submit(pipeline("echo before", "exit 3"))
+    build = (await system.pump([build_id]))[build_id]
+    assert build.status == "failure"
+    (step,) = await system.store.get_steps(build_id)
+    assert step.status == "failure" and step.exit_code == 3
+
+
+async def test_routes_are_respected(system):
+    await system.add_worker("cpu", routes=("vela",))
+    await system.add_worker("gpu", routes=("gpu",))
+    ids = [await system.submit(pipeline("true"), route=r) for r in ("vela", "gpu") * 3]
+    builds = await system.pump(ids)
+    for b in builds.values():
+        assert b.status == "success"
+        assert b.worker == ("gpu" if b.route == "gpu" else "cpu")
+
+
+async def test_build_limit_never_exceeded_under_50_builds(system):
+    cores = [await system.add_worker(f"w{i}", build_limit=2) for i in range(3)]
+    peak = {c.hostname: 0 for c in cores}
+
+    def watch(builds):
+        for c in cores:
+            peak[c.hostname] = max(peak[c.hostname], len(c.running))
+            assert len(c.running) <= 2
+        for e in system.scheduler.registry.workers():
+            assert e.load <= e.build_limit
+        return all(BuildStatus(b.status).terminal for b in builds.values())
+
+    ids = [await system.submit(pipeline("sleep 0.3")) for _ in range(50)]
+    builds = await system.pump(ids, timeout_s=180, until=watch)
+    assert all(b.status == "success" for b in builds.values())
+    assert max(peak.values()) == 2
+    assert system.scheduler.registry.free_slots() == {"vela": 6}
+
+
+async def test_no_worker_leaves_the_item_queued(system):
+    build_id = await system.submit(pipeline("true"))
+    for _ in range(3):
+        await system.listener.run_once()
+    assert (await system.store.get_build(build_id)).status == "pending"
+    depth = await system.queue.depth()
+    assert depth["vela"].ready == 1
+    await system.add_worker("late")
+    assert (await system.pump([build_id]))[build_id].status == "success"
+
+
+async def test_redelivered_item_of_a_dispatched_build_is_not_run_twice(system):
+    core = await system.add_worker("w1")
+    build_id = await system.submit(pipeline("true"))
+    await system.pump([build_id])
+    again = await system.scheduler.submit(QueueItem.new(build_id, "vela"))
+    assert again is Outcome.NOT_PENDING
+    assert core.running == []
+
+
+async def test_worker_killed_mid_build_ends_worker_lost_and_token_dies(system):
+    await system.add_worker("w1")
+    await system.add_worker("w2")
+    slow = await system.submit(pipeline("echo started", "sleep 30"))
+    await system.pump([slow], until=lambda b: b[slow].started_at is not None)
+    victim = (await system.store.get_build(slow)).worker
+    token = system.tokens[slow]
+    await system.directory.clients[victim].kill()
+    builds = await system.pump([slow])
+    assert builds[slow].status == "error" and builds[slow].reason == WORKER_LOST
+    # The token of the ended build is dead, even with a valid fresh proof.
+    proof = make_proof(system.identity(victim), token=token, action=BuildAction.LOG_APPEND,
+                       build_id=slow, now=datetime.now(UTC))
+    with pytest.raises(Rejected) as e:
+        await system.scheduler.report(build_id=slow, action=BuildAction.LOG_APPEND,
+                                      payload={"number": 1, "lines": ["forged"]},
+                                      token=token, proof=proof)
+    assert e.value.reason is Reason.BUILD_ENDED
+    assert "forged" not in await logs_of(system, slow)
+    # Other builds still flow on the surviving worker.
+    nxt = await system.submit(pipeline("true"))
+    final = (await system.pump([nxt]))[nxt]
+    assert final.status == "success" and final.worker != victim
+
+
+async def test_dispatched_but_never_started_goes_back_to_the_queue(system):
+    await system.add_worker("w1")
+    build_id = await system.submit(pipeline("true"))
+    # Dispatch by hand up to the recorded state, then lose the worker before START.
+    build = await system.store.get_build(build_id)
+    issued = await system.authority.issue_package(build_id, "w1")
+    await system.store.transition_build(build_id, BuildStatus.PENDING, BuildStatus.RUNNING,
+                                        worker="w1", token_jti=issued.jti,
+                                        attempts=build.attempts + 1)
+    await system.listener.queue.reclaim_expired()
+    await system.directory.clients["w1"].kill()
+    await system.scheduler.worker_lost("w1", "test")
+    build = await system.store.get_build(build_id)
+    assert build.status == "pending" and build.worker is None and build.token_jti is None
+    await system.add_worker("w2")
+    final = (await system.pump([build_id]))[build_id]
+    assert final.status == "success" and final.worker == "w2"
+
+
+async def test_scheduler_restart_adopts_running_builds(system):
+    await system.add_worker("w1", build_limit=2)
+    ids = [await system.submit(pipeline("sleep 1")) for _ in range(2)]
+    await system.pump(ids, until=lambda b: all(x.started_at for x in b.values()))
+    await system.restart_scheduler()
+    entry = system.scheduler.registry.get("w1")
+    assert entry is not None and entry.running == set(ids)
+    builds = await system.pump(ids)
+    assert all(b.status == "success" and b.attempts == 1 for b in builds.values())
+    assert system.scheduler.registry.free_slots() == {"vela": 2}
+
+
+async def test_cancel_running_build(system):
+    core = await system.add_worker("w1")
+    build_id = await system.submit(pipeline("sleep 30"))
+    await system.pump([build_id], until=lambda b: b[build_id].started_at is not None)
+    assert await system.scheduler.cancel(build_id) is BuildStatus.CANCELED
+    await core.wait_idle(10)
+    build = await system.store.get_build(build_id)
+    assert build.status == "canceled"
+    assert system.scheduler.registry.free_slots() == {"vela": 1}
+
+
+@pytest.mark.parametrize("forgery", ["garbage", "other_build", "no_proof"])
+async def test_forged_reports_are_rejected(system, forgery):
+    await system.add_worker("w1")
+    a = await system.submit(pipeline("sleep 30"))
+    b = await system.submit(pipeline("sleep 30"), repo="acme/other")
+    await system.pump([a], until=lambda x: x[a].started_at is not None)
+    token = system.tokens[a]
+    identity = system.identity("w1")
+    now = datetime.now(UTC)
+    if forgery == "garbage":
+        tok, proof, target = "x.y.z", "a.b.c", a
+    elif forgery == "other_build":
+        tok, target = token, b
+        proof = make_proof(identity, token=token, action=BuildAction.FINISH, build_id=b,
+                           now=now)
+    else:
+        tok, proof, target = token, "", a
+    with pytest.raises(Rejected):
+        await system.scheduler.report(build_id=target, action=BuildAction.FINISH,
+                                      payload={"status": "success"}, token=tok, proof=proof)
+    assert (await system.store.get_build(b)).status == "pending"
+    assert (await system.store.get_build(a)).status == "running"
+    await system.scheduler.cancel(a)
+    await system.scheduler.cancel(b)

@@ -1,0 +1,348 @@
+"""`vela serve`, `vela stop`, `vela worker`, `vela build run`: the running system.
+
+Ray is imported only here and only when one of these runs, so `vela --help`
+stays fast. Without ``ray.address`` the embedded default applies: a local Ray
+head on ``ray.head_port`` (not 6379, which is Redis's), started by `vela serve`
+and reused by the other commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from vela.cli._app import app, command, console, err_console, fail, print_json, run, state
+from vela.config import Settings
+from vela.errors import VelaError
+
+build_app = typer.Typer(help="Run builds.", no_args_is_help=True)
+app.add_typer(build_app, name="build")
+
+HEAD_MARKER = "ray-head.started"
+TERMINAL = {"success", "failure", "error", "killed", "canceled"}
+
+
+def _address(s: Settings) -> str:
+    return s.ray.address or f"127.0.0.1:{s.ray.head_port}"
+
+
+def _connect(s: Settings, *, start_local: bool = False) -> bool:
+    """Attach this process to the cluster; returns True if we started a local head."""
+    import ray
+
+    started = False
+    if not s.ray.address and start_local and not _head_is_up(s):
+        _start_local_head(s)
+        started = True
+    # A driver given an address must be told the cluster wants Ray's auth token
+    # (~/.ray/auth_token); auth stays on.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        ray.init(address=_address(s), namespace=s.ray.namespace, logging_level="WARNING",
+                 log_to_driver=False)
+    except (ConnectionError, RuntimeError) as e:
+        hint = ("start it with `vela serve`" if not s.ray.address
+                else "check ray.address (VELA_RAY_ADDRESS) and that the cluster is up")
+        raise VelaError(f"cannot reach Ray at {_address(s)}: {str(e).splitlines()[0]}; "
+                        f"{hint}") from None
+    if started:
+        node = ray._private.worker._global_node  # the session dir names our processes
+        s.server.data_dir.mkdir(parents=True, exist_ok=True)
+        (s.server.data_dir / HEAD_MARKER).write_text(json.dumps(
+            {"address": node.address, "session": Path(node.get_session_dir_path()).name}))
+    return started
+
+
+def _head_is_up(s: Settings) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", s.ray.head_port)) == 0
+
+
+def _ray_cli() -> str:
+    exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if exe is None:
+        raise VelaError("the `ray` command is missing; reinstall with `pip install -e .`")
+    return exe
+
+
+def _start_local_head(s: Settings) -> None:
+    console.print(f"starting a local Ray head on port {s.ray.head_port} ...", highlight=False)
+    cmd = [_ray_cli(), "start", "--head", f"--port={s.ray.head_port}",
+           f"--dashboard-port={s.ray.dashboard_port}", "--include-dashboard=true",
+           "--disable-usage-stats"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if res.returncode != 0:
+        tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-5:])
+        raise VelaError(f"`ray start --head` failed:\n{tail}")
+
+
+
+def _stop_local_head(s: Settings) -> None:
+    """Stop the head `vela serve` started — only that one (`ray stop` would kill
+    every Ray on the machine): its processes name its session directory or its
+    address; their children (Ray's workers) go with them."""
+    import psutil
+
+    marker = s.server.data_dir / HEAD_MARKER
+    if not marker.exists():
+        return
+    info = json.loads(marker.read_text())
+    needles = [info["session"], f"{info['address']}"]
+    procs: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.pid != os.getpid() and any(n in cmd for n in needles):
+            procs[p.pid] = p
+            for child in p.children(recursive=True):
+                procs[child.pid] = child
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    marker.unlink(missing_ok=True)
+    console.print(f"stopped the local Ray head ({len(procs)} processes)")
+
+
+def _check_sandbox(s: Settings) -> None:
+    from vela.executor import SandboxUnavailable, choose_runtime
+
+    try:
+        runtime = choose_runtime(allow_unsandboxed=s.worker.allow_unsandboxed,
+                                 network=s.worker.network)
+    except SandboxUnavailable as e:
+        raise VelaError(f"workers cannot start: {e}") from None
+    if not runtime.sandboxed:
+        err_console.print("[bold red]WARNING: build steps will run WITHOUT a sandbox "
+                          "(worker.allow_unsandboxed = true).[/bold red]")
+
+
+def _local_worker(s: Settings, hostname: str, authority: Any) -> dict[str, Any]:
+    import ray
+
+    from actors.deploy import start_worker
+    from vela.security import load_pinned_server
+
+    state_dir = s.server.data_dir / "workers" / hostname
+    token = None
+    if load_pinned_server(state_dir) is None:
+        token = ray.get(authority.registration_token.remote(
+            routes=list(s.worker.routes), hostname=hostname, ttl_s=600))
+    _, status = start_worker(s, hostname=hostname, routes=list(s.worker.routes),
+                             build_limit=s.worker.build_limit, state_dir=state_dir,
+                             registration_token=token)
+    if not status.get("registered"):
+        raise VelaError(f"worker {hostname} did not register: {status.get('error')}")
+    return status
+
+
+@app.command("serve")
+@command
+def serve(
+    local_workers: int = typer.Option(
+        -1, "--local-workers", "-w",
+        help="WorkerActors to start on this machine (default: 2 on the embedded default, "
+             "0 with ray.address)."),
+    detach: bool = typer.Option(False, "--detach", "-d",
+                                help="Return once everything is up; stop with `vela stop`."),
+) -> None:
+    """Start the server (TokenAuthority, Scheduler, QueueListener) and local workers."""
+    from actors._ray import AUTHORITY
+    from actors.deploy import default_hostname, start_control_plane
+    from vela.server.context import ServerContext
+
+    s = state.settings
+    n_workers = local_workers if local_workers >= 0 else (0 if s.ray.address else 2)
+    if n_workers:
+        _check_sandbox(s)
+    t0 = time.monotonic()
+
+    async def boot() -> None:
+        ctx = ServerContext.open(s)
+        try:
+            await ctx.bootstrap()
+        finally:
+            await ctx.close()
+
+    run(boot())
+    console.print(f"database ready ({s.database_url().split(':', 1)[0]}), "
+                  f"queue: {s.queue.backend}", highlight=False)
+    started = _connect(s, start_local=True)
+    handles = start_control_plane(s)
+    console.print("actors up: TokenAuthority, Scheduler, QueueListener", highlight=False)
+    for i in range(1, n_workers + 1):
+        hostname = f"{default_hostname()}-{i}"
+        status = _local_worker(s, hostname, handles[AUTHORITY])
+        console.print(f"worker {hostname} registered (routes {', '.join(status['routes'])}, "
+                      f"{status['free_slots']} slot(s), {status['sandbox']})", highlight=False)
+    host = "127.0.0.1" if not s.ray.address else s.ray.address.split(":")[0]
+    console.print(f"[green]ready[/green] in {time.monotonic() - t0:.1f}s. Ray dashboard: "
+                  f"http://{host}:{s.ray.dashboard_port}  (address {_address(s)})")
+    console.print("try: vela build run examples/hello.yml --repo demo/hello "
+                  "--secret greeting_token=s3cr3t", highlight=False)
+    if detach:
+        console.print("detached; stop with `vela stop`")
+        return
+    console.print("serving; Ctrl-C stops everything")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    _teardown(s, stop_head=started)
+
+
+def _teardown(s: Settings, *, stop_head: bool) -> None:
+    from actors.deploy import stop_all
+
+    stopped = stop_all(s.ray.namespace)
+    console.print(f"stopped {len(stopped)} actor(s)")
+    if stop_head:
+        import ray
+
+        ray.shutdown()
+        _stop_local_head(s)
+
+
+@app.command("stop")
+@command
+def stop() -> None:
+    """Stop the actors (and the local Ray head `vela serve` started, if any)."""
+    s = state.settings
+    _connect(s)
+    _teardown(s, stop_head=True)
+
+
+@app.command("worker")
+@command
+def worker(
+    address: str = typer.Option("", "--address",
+                                help="Ray cluster address (default: ray.address)."),
+    routes: str = typer.Option("", "--routes", "-r", help="Comma-separated routes (default: "
+                               "worker.routes)."),
+    build_limit: int = typer.Option(0, "--build-limit", "-n", help="Concurrent builds "
+                                    "(default: worker.build_limit)."),
+    hostname: str = typer.Option("", "--hostname", help="Worker name (default: this host)."),
+) -> None:
+    """Start this node's WorkerActor on a running cluster (idempotent).
+
+    The first time it needs VELA_WORKER_REGISTRATION_TOKEN (`vela worker-token create`);
+    afterwards its key proves who it is.
+    """
+    from actors.deploy import default_hostname, start_worker
+
+    s = state.settings
+    if address:
+        s.ray.address = address
+    _check_sandbox(s)
+    _connect(s)
+    name = hostname or s.worker.hostname or default_hostname()
+    token = s.worker.registration_token.get_secret_value() if s.worker.registration_token \
+        else None
+    _, status = start_worker(
+        s, hostname=name,
+        routes=[r.strip() for r in routes.split(",") if r.strip()] or list(s.worker.routes),
+        build_limit=build_limit or s.worker.build_limit, state_dir=s.worker.state_dir,
+        registration_token=token)
+    if not status.get("registered"):
+        raise fail(f"worker {name} did not register: {status.get('error')}")
+    console.print(f"worker {name} registered: routes {', '.join(status['routes'])}, "
+                  f"{status['free_slots']} slot(s)", highlight=False)
+
+
+def _parse_secret(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise VelaError(f"--secret wants NAME=VALUE, got {name.strip() or '(empty)'}=...")
+    return name.strip(), value
+
+
+@build_app.command("run")
+@command
+def build_run(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True,
+                                help="Pipeline YAML."),
+    repo: str = typer.Option(..., "--repo", help="Repository, org/name."),
+    secret: list[str] = typer.Option([], "--secret", "-s",
+                                     help="NAME=VALUE, stored encrypted for the repo first."),
+    route: str = typer.Option("", "--route", help="Queue route (default: the first of "
+                              "queue.routes)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the finished build as JSON."),
+    wait_s: float = typer.Option(3600.0, "--wait", help="Give up waiting after this long."),
+) -> None:
+    """Create a build from FILE, wait for it, print steps and logs; exit 0 on success."""
+    import ray
+
+    from actors._ray import SCHEDULER, get_actor
+    from vela.db.store import split_repo
+
+    s = state.settings
+    split_repo(repo)
+    secrets = [_parse_secret(x) for x in secret]
+    _connect(s)
+    scheduler = get_actor(SCHEDULER, s.ray.namespace)
+    if scheduler is None:
+        raise VelaError("the server is not running; start it with `vela serve`")
+    for name, value in secrets:
+        ray.get(scheduler.put_secret.remote(repo, name, value))
+    build_id = ray.get(scheduler.create_build.remote(repo, file.read_text(),
+                                                     route=route or None))
+    if not as_json:
+        console.print(f"build {build_id} queued ({repo})", highlight=False)
+    view = _follow(scheduler, build_id, wait_s, quiet=as_json)
+    if as_json:
+        print_json(view)
+    if view["status"] != "success":
+        raise typer.Exit(1)
+
+
+def _follow(scheduler: Any, build_id: int, wait_s: float, *, quiet: bool) -> dict[str, Any]:
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    seen: dict[int, str] = {}
+    status = ""
+    while True:
+        view = ray.get(scheduler.build_view.remote(build_id))
+        if not quiet:
+            if view["status"] != status:
+                status = view["status"]
+                where = f" on {view['worker']}" if view["worker"] else ""
+                console.print(f"build {build_id}: {status}{where}", highlight=False)
+            for st in view["steps"]:
+                if seen.get(st["number"]) != st["status"]:
+                    seen[st["number"]] = st["status"]
+                    console.print(f"  step {st['number']} {st['name']}: {st['status']}",
+                                  highlight=False)
+        if view["status"] in TERMINAL:
+            break
+        if time.monotonic() > deadline:
+            raise VelaError(f"build {build_id} still {view['status']} after {wait_s:.0f}s")
+        time.sleep(0.25)
+    if not quiet:
+        for chunk in view["logs"]:
+            for line in chunk["text"].splitlines():
+                console.print(f"[{chunk['step']}] {line}", markup=False, highlight=False)
+        reason = f" ({view['reason']})" if view["reason"] else ""
+        color = "green" if view["status"] == "success" else "red"
+        console.print(f"[{color}]build {build_id} {view['status']}{reason}[/{color}]")
+    return view
+

@@ -1,0 +1,145 @@
+"""The TokenAuthority's logic: the only holder of the server's token signing keys.
+
+It mints a build token bound to one worker's key and seals the build's
+package (secrets encrypted to that worker, the whole signed), verifies every
+request made with a build token (token → proof → authorization against the
+build's row, through the one :class:`~vela.security.BuildRequestGuard`), and
+mints registration tokens. Revocation is the build row itself: a token acts
+only while its build is ``running`` on its worker with its ``jti`` recorded,
+so ending, re-queueing or re-dispatching a build kills its token at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from vela.config import Settings
+from vela.db.store import Store
+from vela.domain import BuildStatus
+from vela.errors import NotFound
+from vela.pipeline import Executable
+from vela.security import (
+    BuildRequestGuard,
+    KeyRing,
+    Reason,
+    Rejected,
+    create_registration_token,
+    load_or_create_keyring,
+    mint_build_token,
+    publish_key_set,
+    seal_package,
+)
+from vela.security.keys import PURPOSE_TOKEN
+
+log = logging.getLogger(__name__)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class IssuedPackage:
+    """A sealed package for one worker, and the token id to record on the build."""
+
+    package: dict[str, Any] = field(repr=False)
+    jti: str
+    worker: str
+    build_id: int
+
+
+@dataclass
+class AuthorityStats:
+    issued: int = 0
+    authorized: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class Authority:
+    def __init__(self, store: Store, ring: KeyRing, *, settings: Settings,
+                 clock: Callable[[], datetime] = _utcnow) -> None:
+        self.store = store
+        self.ring = ring
+        self.settings = settings
+        self.server_id = settings.server.id
+        self._clock = clock
+        self.guard = BuildRequestGuard(issuer=self.server_id,
+                                       proof_max_age_s=settings.tokens.proof_max_age_s,
+                                       started_at=clock())
+        self.stats = AuthorityStats()
+
+    @classmethod
+    async def load(cls, store: Store, settings: Settings, master_key: bytes, *,
+                   clock: Callable[[], datetime] = _utcnow) -> Authority:
+        ring = await load_or_create_keyring(store, purpose=PURPOSE_TOKEN, master_key=master_key,
+                                            now=clock())
+        return cls(store, ring, settings=settings, clock=clock)
+
+    def __repr__(self) -> str:
+        return f"Authority({self.server_id}, {self.ring!r})"
+
+    async def key_set(self) -> dict[str, Any]:
+        """The verifying keys, endorsed by each: what a worker pins at registration."""
+        return publish_key_set(self.ring, server_id=self.server_id,
+                               now=self._clock()).model_dump(mode="json")
+
+    async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage:
+        """Mint a token for ``build_id`` bound to ``hostname``'s registered key and seal
+        the package to it. Secrets are read here and leave only sealed."""
+        now = self._clock()
+        build = await self.store.get_build(build_id)
+        repo = await self.store.repo_of(build)
+        worker = await self.store.get_worker(hostname)
+        executable = Executable.from_json(build.executable)
+        secrets = await self.store.secrets_for_repo(repo.full_name, executable.secret_names())
+        token, claims = mint_build_token(
+            self.ring, issuer=self.server_id, build_id=build.id, worker=hostname,
+            jkt=worker.key_thumbprint, timeout_s=build.timeout_s,
+            grace_s=self.settings.tokens.build_token_grace_s, now=now)
+        meta = {"build_id": build.id, "repo": repo.full_name, "build_number": build.number,
+                "route": build.route, "timeout_s": build.timeout_s}
+        package = seal_package(ring=self.ring, server_id=self.server_id, build_id=build.id,
+                               worker=hostname, worker_seal_key=worker.seal_public_key,
+                               build=meta, executable=build.executable, secrets=secrets,
+                               build_token=token, now=now,
+                               ttl_s=self.settings.tokens.package_ttl_s)
+        self.stats.issued += 1
+        return IssuedPackage(package=package.to_wire(), jti=claims.jti, worker=hostname,
+                             build_id=build.id)
+
+    async def authorize(self, *, build_id: int, action: str, token: object,
+                        proof: object) -> str:
+        """Check a worker's request on ``build_id``; returns the worker's hostname.
+
+        Raises :class:`Rejected` with its reason code for anything else.
+        """
+        now = self._clock()
+        try:
+            if not isinstance(build_id, int) or isinstance(build_id, bool):
+                raise Rejected(Reason.MALFORMED, "build id")
+            try:
+                build = await self.store.get_build(build_id)
+            except NotFound:
+                raise Rejected(Reason.WRONG_BUILD, f"no build {build_id}") from None
+            worker = await self.store.find_worker(build.worker) if build.worker else None
+            claims = self.guard.check(
+                token=token, proof=proof, action=action,
+                keys=self.ring.verifying_keys(now), build_id=build_id,
+                build_status=BuildStatus(build.status), build_worker=build.worker,
+                build_token_jti=build.token_jti,
+                worker_sign_key=worker.sign_public_key if worker else None, now=now)
+        except Rejected as e:
+            self.stats.rejected[e.reason.value] = self.stats.rejected.get(e.reason.value, 0) + 1
+            raise
+        self.stats.authorized += 1
+        return claims.wkr
+
+    async def registration_token(self, *, routes: list[str], hostname: str | None,
+                                 ttl_s: int | None = None) -> str:
+        return await create_registration_token(
+            self.store, routes=routes, hostname=hostname,
+            ttl_s=ttl_s or self.settings.tokens.registration_ttl_s, now=self._clock())

@@ -1,0 +1,96 @@
+"""Creating builds and putting them on the queue.
+
+A build is stored ``pending`` with its compiled executable first, then a
+signed reference to it is pushed. ``enqueued_at`` is set only once the push
+succeeded, so a pending build without it is one whose push failed: the
+Scheduler's recovery pass pushes it again (:meth:`BuildQueue.enqueue_orphans`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from vela.db.models import Build
+from vela.db.store import StepSpec, Store
+from vela.domain import DEFAULT_ROUTE, BuildStatus
+from vela.errors import VelaError
+from vela.pipeline import compile_pipeline
+from vela.queue import Queue
+from vela.queue.item import ItemSigner, QueueItem
+
+log = logging.getLogger(__name__)
+
+
+class BuildQueue:
+    """The server's producer side of the queue: stores builds, pushes signed items."""
+
+    def __init__(self, store: Store, queue: Queue, signer: ItemSigner,
+                 routes: Iterable[str]) -> None:
+        self.store = store
+        self.queue = queue
+        self.signer = signer
+        self.routes = tuple(routes)
+
+    async def create(self, repo: str, pipeline: str, *, route: str = DEFAULT_ROUTE,
+                     timeout_s: int | None = None) -> Build:
+        """Compile ``pipeline`` (YAML), store the build and queue it.
+
+        Raises :class:`~vela.pipeline.PipelineError` (with lines) for a bad
+        pipeline and :class:`VelaError` for an unknown route.
+        """
+        if route not in self.routes:
+            raise VelaError(f"unknown route {route!r}; this server queues on: "
+                            f"{', '.join(self.routes)} (queue.routes)")
+        executable = compile_pipeline(pipeline)
+        steps = [StepSpec(number=i, name=s.name, image=s.image or "")
+                 for i, s in enumerate(executable.steps, start=1)]
+        build = await self.store.create_build(repo, executable=executable.to_json(), steps=steps,
+                                              route=route, timeout_s=timeout_s)
+        await self.enqueue(build)
+        return build
+
+    async def enqueue(self, build: Build) -> None:
+        """Push a signed item for ``build`` (again, after a requeue: attempt + 1)."""
+        item = QueueItem.new(build.id, build.route, attempt=build.attempts + 1)
+        await self.queue.push(build.route, self.signer.sign(item))
+        fields = {"enqueued_at": datetime.now(UTC)} if build.enqueued_at is None else {}
+        if fields:
+            await self.store.set_build_fields(build.id, **fields)
+
+    async def enqueue_orphans(self) -> int:
+        """Push pending builds whose first push never happened (a crash or outage)."""
+        pushed = 0
+        for build in await self.store.list_builds(status=[BuildStatus.PENDING], limit=10_000):
+            if build.enqueued_at is None:
+                await self.enqueue(build)
+                pushed += 1
+        if pushed:
+            log.warning("queued %d pending builds that had no queue item", pushed)
+        return pushed
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+async def build_view(store: Store, build_id: int, *, after_log_id: int = 0) -> dict[str, Any]:
+    """A build, its steps and its log chunks after ``after_log_id``, as plain data."""
+    build = await store.get_build(build_id)
+    repo = await store.repo_of(build)
+    steps = await store.get_steps(build_id)
+    logs = await store.get_logs(build_id, after_id=after_log_id)
+    return {
+        "id": build.id, "repo": repo.full_name, "number": build.number, "route": build.route,
+        "status": build.status, "reason": build.reason, "message": build.message,
+        "worker": build.worker, "attempts": build.attempts,
+        **{f"{k}_at": _iso(getattr(build, f"{k}_at"))
+           for k in ("created", "enqueued", "dispatched", "started", "finished")},
+        "steps": [{"number": s.number, "name": s.name, "status": s.status,
+                   "exit_code": s.exit_code, "reason": s.reason,
+                   "started_at": _iso(s.started_at), "finished_at": _iso(s.finished_at)}
+                  for s in steps],
+        "logs": [{"id": i, "step": n, "text": text} for i, n, text in logs],
+    }

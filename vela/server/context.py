@@ -1,0 +1,76 @@
+"""Wiring the server's parts from settings: one place, used by actors, CLI and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from vela.config import Settings
+from vela.db import migrate
+from vela.db.engine import create_engine
+from vela.db.store import Store
+from vela.queue import Queue, open_queue
+from vela.queue.item import ItemSigner, ItemVerifier
+from vela.queue.listener import Dispatcher, Listener
+from vela.security import KeyRing, load_or_create_keyring
+from vela.security.keys import PURPOSE_QUEUE, PURPOSE_TOKEN
+from vela.server.authority import Authority
+from vela.server.builds import BuildQueue
+from vela.server.scheduler import AuthorityClient, Scheduler, WorkerDirectory
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    engine: AsyncEngine
+    store: Store
+    master_key: bytes
+
+    @classmethod
+    def open(cls, settings: Settings) -> ServerContext:
+        engine = create_engine(settings.database_url(), echo=settings.database.echo)
+        master_key = settings.master_key()
+        return cls(settings=settings, engine=engine, store=Store(engine, master_key),
+                   master_key=master_key)
+
+    async def bootstrap(self) -> None:
+        """Migrations and first keys, done once before any actor starts (so no two
+        actors race to create a first key)."""
+        await migrate.upgrade(self.engine)
+        await self.bootstrap_keys()
+
+    async def bootstrap_keys(self) -> None:
+        for purpose in (PURPOSE_TOKEN, PURPOSE_QUEUE):
+            await self._ring(purpose)
+
+    async def _ring(self, purpose: str) -> KeyRing:
+        return await load_or_create_keyring(self.store, purpose=purpose,
+                                            master_key=self.master_key, now=datetime.now(UTC))
+
+    def queue(self) -> Queue:
+        return open_queue(self.settings, engine=self.engine)
+
+    async def authority(self) -> Authority:
+        return await Authority.load(self.store, self.settings, self.master_key)
+
+    async def build_queue(self, queue: Queue) -> BuildQueue:
+        ring = await self._ring(PURPOSE_QUEUE)
+        return BuildQueue(self.store, queue, ItemSigner.from_key(ring.active),
+                          self.settings.queue.routes)
+
+    async def scheduler(self, queue: Queue, *, authority: AuthorityClient,
+                        directory: WorkerDirectory) -> Scheduler:
+        return Scheduler(store=self.store, authority=authority, directory=directory,
+                         builds=await self.build_queue(queue), settings=self.settings)
+
+    async def listener(self, queue: Queue, dispatcher: Dispatcher) -> Listener:
+        ring = await self._ring(PURPOSE_QUEUE)
+        q = self.settings.queue
+        verifier = ItemVerifier.from_public_keys(ring.verifying_keys(datetime.now(UTC)),
+                                                 q.routes, q.max_item_bytes)
+        return Listener(queue, verifier, dispatcher, lease_s=q.lease_seconds)
+
+    async def close(self) -> None:
+        await self.engine.dispose()

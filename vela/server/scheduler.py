@@ -1,0 +1,580 @@
+"""The Scheduler's logic: place builds on workers that prove who they are.
+
+Per build (:meth:`Scheduler.submit`, called by the queue listener):
+choose a worker (:class:`~vela.scheduling.WorkerRegistry`) → challenge it →
+have the authority mint a token bound to its key and seal the package →
+record the build ``running`` on it (compare-and-set from ``pending``) →
+``execute_package``. A refusal or a dead worker puts the build back to
+``pending`` (the listener then releases the item, which comes back), and the
+recorded token dies with that change.
+
+Workers are watched without blocking (:meth:`Scheduler.check_workers`): one
+status call in flight per worker; :class:`WorkerGone` (Ray's actor-died
+error) means lost at once, silence means lost after
+``scheduler.worker_lost_after_s``. A lost worker's builds end ``error`` with
+reason ``worker_lost`` if they had started, else go back to the queue.
+
+Everything that matters is in the database, so a restarted Scheduler
+rebuilds itself with :meth:`Scheduler.recover`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vela.config import Settings
+from vela.db.models import Build
+from vela.db.store import Store
+from vela.domain import BuildStatus, StepStatus, WorkerStatus
+from vela.errors import Conflict, InvalidTransition, NotFound
+from vela.queue.item import QueueItem
+from vela.queue.listener import Outcome, SubmitResult
+from vela.queue.listener import Rejected as ItemRejected
+from vela.scheduling import WorkerRegistry
+from vela.security import (
+    Answer,
+    BuildAction,
+    ChallengeBook,
+    Purpose,
+    Reason,
+    Registration,
+    Rejected,
+    register_worker,
+    reregister_worker,
+)
+from vela.security.challenge import Challenge
+from vela.server.authority import IssuedPackage
+from vela.server.builds import BuildQueue
+
+log = logging.getLogger(__name__)
+
+WORKER_LOST = "worker_lost"
+CANCELED_BY_USER = "canceled"
+MAX_LOG_LINES = 5_000
+MAX_LOG_LINE_CHARS = 64_000
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class WorkerGone(Exception):
+    """The worker's actor (or its node) is dead: no point in retrying it."""
+
+
+class WorkerClient(Protocol):
+    """Calls on one worker; :class:`WorkerGone` when it is dead."""
+
+    async def availability(self, challenge: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def execute_package(self, package: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def cancel(self, build_id: int) -> bool: ...
+
+
+class WorkerDirectory(Protocol):
+    """Finds a worker by the actor name it registered with (None: not alive)."""
+
+    async def connect(self, hostname: str, actor_name: str | None) -> WorkerClient | None: ...
+
+
+class AuthorityClient(Protocol):
+    async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage: ...
+
+    async def authorize(self, *, build_id: int, action: str, token: object,
+                        proof: object) -> str: ...
+
+    async def key_set(self) -> dict[str, Any]: ...
+
+
+# -- what workers report -------------------------------------------------------
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class StepReport(_Report):
+    number: int = Field(ge=1, le=10_000)
+    status: StepStatus
+    exit_code: int | None = Field(default=None, ge=-1024, le=1024)
+    reason: str | None = Field(default=None, max_length=64)
+
+
+class LogReport(_Report):
+    number: int = Field(ge=1, le=10_000)
+    lines: list[str] = Field(max_length=MAX_LOG_LINES)
+
+
+class FinishReport(_Report):
+    status: BuildStatus
+    reason: str | None = Field(default=None, max_length=64)
+    message: str | None = Field(default=None, max_length=2_000)
+
+
+@dataclass
+class _Link:
+    client: WorkerClient
+    sign_public_key: str
+    actor_name: str | None
+    last_ok: float
+    check: asyncio.Task[dict[str, Any]] | None = None
+    check_started: float = 0.0
+    next_check: float = 0.0
+    failing_since: float | None = None
+    # Builds RUNNING here in the DB that the worker no longer runs, and since when.
+    missing_since: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerStats:
+    dispatched: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    requeued: int = 0
+    workers_lost: int = 0
+    reports: int = 0
+    report_rejections: dict[str, int] = field(default_factory=dict)
+
+    def count(self, table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+
+class Scheduler:
+    def __init__(self, *, store: Store, authority: AuthorityClient, directory: WorkerDirectory,
+                 builds: BuildQueue, settings: Settings,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 now: Callable[[], datetime] = _utcnow) -> None:
+        self.store = store
+        self.authority = authority
+        self.directory = directory
+        self.builds = builds
+        self.settings = settings
+        self.registry = WorkerRegistry()
+        self.book = ChallengeBook(server_id=settings.server.id,
+                                  ttl_s=settings.scheduler.challenge_ttl_s)
+        self.stats = SchedulerStats()
+        self._links: dict[str, _Link] = {}
+        self._dispatching: set[int] = set()
+        self._mono = monotonic
+        self._now = now
+        self._call_timeout = settings.scheduler.health_check_timeout_s
+
+    def __repr__(self) -> str:
+        return f"Scheduler({self.settings.server.id}, workers={len(self.registry)})"
+
+    # -- what the listener asks ------------------------------------------------
+
+    async def free_routes(self) -> set[str]:
+        return self.registry.free_routes()
+
+    async def submit(self, item: QueueItem) -> SubmitResult:
+        try:
+            build = await self.store.get_build(item.build_id)
+        except NotFound:
+            return ItemRejected("build_not_found", f"build {item.build_id}")
+        if BuildStatus(build.status) is not BuildStatus.PENDING:
+            return Outcome.NOT_PENDING
+        if build.route != item.route:
+            return ItemRejected("route_mismatch", f"build {build.id} is on {build.route}")
+        if build.id in self._dispatching:
+            return Outcome.RETRY
+        self._dispatching.add(build.id)
+        try:
+            tried: set[str] = set()
+            while (entry := self.registry.choose(build.route, exclude=tried)) is not None:
+                tried.add(entry.hostname)
+                outcome = await self._dispatch_to(build, entry.hostname)
+                if outcome is not None:
+                    return outcome
+            return Outcome.NO_CAPACITY if not tried else Outcome.RETRY
+        finally:
+            self._dispatching.discard(build.id)
+
+    async def _dispatch_to(self, build: Build, hostname: str) -> SubmitResult | None:
+        """One placement attempt; None means "try another worker"."""
+        link = self._links.get(hostname)
+        if link is None:
+            return None
+        self.registry.assign(hostname, build.id)
+        recorded: IssuedPackage | None = None
+        accepted = False
+        try:
+            challenge = self.book.issue(hostname=hostname, build_id=build.id, now=self._now())
+            answer = await self._call(link.client.availability(challenge.model_dump(mode="json")))
+            free = self.book.consume(challenge, Answer.model_validate_json(json.dumps(answer)),
+                                     sign_public_key=link.sign_public_key, now=self._now())
+            if free <= 0:
+                self._refused(hostname, "no_free_slot")
+                return None
+            issued = await self.authority.issue_package(build.id, hostname)
+            try:
+                await self.store.transition_build(
+                    build.id, BuildStatus.PENDING, BuildStatus.RUNNING, worker=hostname,
+                    token_jti=issued.jti, dispatched_at=self._now(),
+                    attempts=build.attempts + 1)
+            except Conflict:
+                return Outcome.NOT_PENDING
+            recorded = issued
+            receipt = await self._call(link.client.execute_package(issued.package))
+            if receipt.get("accepted") is True:
+                accepted = True
+                self.stats.dispatched += 1
+                await self._mirror(hostname, last_build_started=self._now())
+                return Outcome.DISPATCHED
+            self._refused(hostname, str(receipt.get("reason") or "refused"))
+            return None
+        except (Rejected, ValidationError) as e:
+            reason = e.reason.value if isinstance(e, Rejected) else "malformed_answer"
+            log.warning("worker %s failed its challenge (%s); marking it unhealthy",
+                        hostname, reason)
+            self._refused(hostname, reason)
+            self._set_health(hostname, False)
+            return None
+        except WorkerGone:
+            await self.worker_lost(hostname, "actor died")
+            return None
+        except (TimeoutError, OSError) as e:
+            self._refused(hostname, "unreachable")
+            log.warning("worker %s did not answer in time: %s", hostname, type(e).__name__)
+            return None
+        finally:
+            if not accepted:
+                if recorded is not None:
+                    # Its token dies with this change, should the worker have it after all.
+                    await self._undispatch(build.id, recorded.jti)
+                self.registry.release(hostname, build.id)
+
+    async def _undispatch(self, build_id: int, jti: str) -> None:
+        """Back to pending (the token recorded with ``jti`` dies with it)."""
+        try:
+            await self.store.transition_build(build_id, BuildStatus.RUNNING, BuildStatus.PENDING,
+                                              only_if={"token_jti": jti}, worker=None,
+                                              token_jti=None)
+        except Conflict:
+            pass
+
+    def _refused(self, hostname: str, reason: str) -> None:
+        self.stats.count(self.stats.refused, reason)
+        log.info("worker %s did not take a build: %s", hostname, reason)
+
+    async def _call(self, call: Any) -> Any:
+        return await asyncio.wait_for(call, self._call_timeout)
+
+    # -- registration ------------------------------------------------------------
+
+    async def register(self, registration: dict[str, Any], *, token: str,
+                       running: list[int] | None = None) -> dict[str, Any]:
+        """A new worker redeems a registration token; returns the key set to pin."""
+        reg = Registration.from_wire(registration)
+        worker = await register_worker(self.store, reg, token=token, now=self._now())
+        await self._attach(reg, worker.sign_public_key, running or [])
+        return await self.authority.key_set()
+
+    def reregister_challenge(self, hostname: str) -> dict[str, Any]:
+        return self.book.issue(hostname=hostname, build_id=None, now=self._now(),
+                               purpose=Purpose.REREGISTER).model_dump(mode="json")
+
+    async def reregister(self, registration: dict[str, Any], *, challenge: dict[str, Any],
+                         answer: dict[str, Any],
+                         running: list[int] | None = None) -> dict[str, Any]:
+        """A known worker proves itself by signature after a restart."""
+        reg = Registration.from_wire(registration)
+        try:
+            ch = Challenge.model_validate_json(json.dumps(challenge))
+            ans = Answer.model_validate_json(json.dumps(answer))
+        except ValidationError:
+            raise Rejected(Reason.MALFORMED, "challenge or answer") from None
+        worker = await reregister_worker(self.store, reg, book=self.book, challenge=ch,
+                                         answer=ans, now=self._now())
+        await self._attach(reg, worker.sign_public_key, running or [])
+        return await self.authority.key_set()
+
+    async def _attach(self, reg: Registration, sign_public_key: str, running: list[int]) -> None:
+        client = await self.directory.connect(reg.hostname, reg.actor_name)
+        if client is None:
+            raise NotFound(f"worker actor {reg.actor_name!r} not found")
+        self._links[reg.hostname] = _Link(client=client, sign_public_key=sign_public_key,
+                                          actor_name=reg.actor_name, last_ok=self._mono())
+        self.registry.upsert(reg.hostname, routes=reg.routes, build_limit=reg.build_limit)
+        self.registry.set_health(reg.hostname, True)
+        await self._adopt(reg.hostname, set(running))
+        await self._mirror(reg.hostname, last_checked_in=self._now())
+        log.info("worker %s attached (routes %s, limit %d)", reg.hostname,
+                 ",".join(reg.routes), reg.build_limit)
+
+    async def _adopt(self, hostname: str, running: set[int]) -> None:
+        """Take the DB's builds on ``hostname``: those it still runs hold slots; the
+        rest were lost with its previous incarnation."""
+        for build in await self.store.list_builds(status=[BuildStatus.RUNNING], worker=hostname,
+                                                  limit=10_000):
+            if build.id in running:
+                self.registry.assign(hostname, build.id)
+            elif build.id not in self._dispatching:
+                await self._end_lost_build(build)
+
+    # -- what workers report ---------------------------------------------------------
+
+    async def report(self, *, build_id: int, action: str, payload: dict[str, Any],
+                     token: str, proof: str) -> None:
+        """A worker's update on its build, authenticated by build token + proof."""
+        try:
+            hostname = await self.authority.authorize(build_id=build_id, action=action,
+                                                      token=token, proof=proof)
+        except Rejected as e:
+            self.stats.count(self.stats.report_rejections, e.reason.value)
+            raise
+        self.stats.reports += 1
+        try:
+            if action == BuildAction.START:
+                await self.store.set_build_fields(build_id, started_at=self._now())
+            elif action == BuildAction.STEP_UPDATE:
+                await self._step(build_id, StepReport.model_validate(payload))
+            elif action == BuildAction.LOG_APPEND:
+                logs = LogReport.model_validate(payload)
+                lines = [line[:MAX_LOG_LINE_CHARS] for line in logs.lines]
+                if lines:
+                    await self.store.append_log(build_id, logs.number, lines)
+            elif action == BuildAction.FINISH:
+                await self._finish(build_id, hostname, FinishReport.model_validate(payload))
+        except ValidationError as e:
+            where = ".".join(str(p) for p in e.errors()[0]["loc"])
+            raise Rejected(Reason.MALFORMED, f"{action} payload: {where}") from None
+        except NotFound as e:
+            raise Rejected(Reason.MALFORMED, str(e)) from None
+
+    async def _step(self, build_id: int, r: StepReport) -> None:
+        try:
+            await self.store.update_step(build_id, r.number, r.status, exit_code=r.exit_code,
+                                         reason=r.reason)
+        except (InvalidTransition, Conflict):
+            # A retried report that already took effect is fine; anything else is not.
+            steps = {s.number: s for s in await self.store.get_steps(build_id)}
+            current = steps.get(r.number)
+            if current is None or current.status != r.status.value:
+                raise Rejected(Reason.MALFORMED, f"step {r.number} cannot become "
+                               f"{r.status.value}") from None
+
+    async def _finish(self, build_id: int, hostname: str, r: FinishReport) -> None:
+        if not r.status.terminal:
+            raise Rejected(Reason.MALFORMED, f"{r.status.value} is not a final status")
+        try:
+            await self.store.transition_build(build_id, BuildStatus.RUNNING, r.status,
+                                              only_if={"worker": hostname}, reason=r.reason,
+                                              message=r.message)
+        except Conflict:
+            return  # ended meanwhile (canceled, lost): the first end stands
+        await self._free(hostname, build_id, last_build_finished=self._now())
+
+    async def _free(self, hostname: str, build_id: int, **fields: Any) -> None:
+        if self.registry.release(hostname, build_id):
+            await self._mirror(hostname, **fields)
+
+    # -- cancel -------------------------------------------------------------------------
+
+    async def cancel(self, build_id: int) -> BuildStatus:
+        """Cancel a pending or running build; returns its status afterwards."""
+        build = await self.store.get_build(build_id)
+        status = BuildStatus(build.status)
+        if status.terminal:
+            return status
+        try:
+            await self.store.transition_build(build_id, status, BuildStatus.CANCELED,
+                                              reason=CANCELED_BY_USER)
+        except Conflict:
+            return BuildStatus((await self.store.get_build(build_id)).status)
+        if status is BuildStatus.RUNNING and build.worker:
+            link = self._links.get(build.worker)
+            if link is not None:
+                try:
+                    await self._call(link.client.cancel(build_id))
+                except Exception as e:  # noqa: BLE001 - its token is dead anyway
+                    log.info("could not tell %s to cancel build %d: %s", build.worker,
+                             build_id, type(e).__name__)
+            await self._free(build.worker, build_id)
+        return BuildStatus.CANCELED
+
+    # -- watching workers ------------------------------------------------------------------
+
+    async def check_workers(self) -> None:
+        """One non-blocking pass: harvest finished checks, start due ones, declare losses.
+
+        A worker is lost when its checks have failed, or one has gone unanswered,
+        for ``scheduler.worker_lost_after_s``; at once when its actor is dead."""
+        now = self._mono()
+        period = self.settings.scheduler.health_check_period_s
+        lost_after = self.settings.scheduler.worker_lost_after_s
+        for hostname, link in list(self._links.items()):
+            if link.check is not None and link.check.done():
+                task, link.check = link.check, None
+                try:
+                    status = task.result()
+                except WorkerGone:
+                    await self.worker_lost(hostname, "actor died")
+                    continue
+                except Exception as e:  # noqa: BLE001 - timeouts and transient trouble
+                    log.info("health check of %s failed: %s", hostname, type(e).__name__)
+                    link.failing_since = link.failing_since or link.check_started
+                    self._set_health(hostname, False)
+                else:
+                    link.last_ok, link.failing_since = now, None
+                    self._set_health(hostname, True)
+                    await self._reconcile(hostname, link, status)
+            if hostname not in self._links:
+                continue
+            silent_since = link.failing_since
+            if link.check is not None:
+                silent_since = min(silent_since or link.check_started, link.check_started)
+            if silent_since is not None and now - silent_since > lost_after:
+                await self.worker_lost(hostname, "no answer")
+                continue
+            if link.check is None and now >= link.next_check:
+                link.next_check = now + period
+                link.check_started = now
+                link.check = asyncio.ensure_future(self._call(link.client.status()))
+
+    async def _reconcile(self, hostname: str, link: _Link, status: dict[str, Any]) -> None:
+        """Builds the DB has running here that the worker no longer runs: their final
+        report was lost. After a grace they end as ``worker_lost``."""
+        entry = self.registry.get(hostname)
+        if entry is None:
+            return
+        alive = {int(b) for b in status.get("running", [])}
+        now = self._mono()
+        grace = self.settings.scheduler.worker_lost_after_s
+        for build_id in list(entry.running):
+            if build_id in alive or build_id in self._dispatching:
+                link.missing_since.pop(build_id, None)
+                continue
+            since = link.missing_since.setdefault(build_id, now)
+            if now - since >= grace:
+                link.missing_since.pop(build_id, None)
+                try:
+                    build = await self.store.get_build(build_id)
+                except NotFound:
+                    self.registry.release(hostname, build_id)
+                    continue
+                await self._end_lost_build(build)
+
+    def _set_health(self, hostname: str, healthy: bool) -> None:
+        entry = self.registry.get(hostname)
+        if entry is not None and entry.healthy != healthy:
+            self.registry.set_health(hostname, healthy)
+
+    async def checkin(self, hostname: str) -> bool:
+        """A worker's periodic check-in; False tells it to register again."""
+        link = self._links.get(hostname)
+        if link is None:
+            return False
+        link.last_ok = self._mono()
+        await self._mirror(hostname, last_checked_in=self._now())
+        return True
+
+    async def worker_left(self, hostname: str) -> None:
+        """A drained worker leaves on purpose."""
+        await self.worker_lost(hostname, "drained", final=WorkerStatus.IDLE)
+
+    async def worker_lost(self, hostname: str, why: str,
+                          final: WorkerStatus = WorkerStatus.ERROR) -> None:
+        """Forget a dead worker: free its slots, end or requeue its builds."""
+        link = self._links.pop(hostname, None)
+        if link is not None and link.check is not None:
+            link.check.cancel()
+        self.registry.remove(hostname)
+        self.stats.workers_lost += 1
+        log.warning("worker %s lost (%s)", hostname, why)
+        for build in await self.store.list_builds(status=[BuildStatus.RUNNING], worker=hostname,
+                                                  limit=10_000):
+            if build.id not in self._dispatching:
+                await self._end_lost_build(build)
+        try:
+            await self.store.update_worker(hostname, status=final, running_builds=[])
+        except NotFound:
+            pass
+
+    async def _end_lost_build(self, build: Build) -> None:
+        """A build whose worker died: error if it had started, else back to the queue."""
+        assert build.worker is not None
+        self.registry.release(build.worker, build.id)
+        try:
+            if build.started_at is None:
+                moved = await self.store.transition_build(
+                    build.id, BuildStatus.RUNNING, BuildStatus.PENDING,
+                    only_if={"worker": build.worker}, worker=None, token_jti=None)
+                await self.builds.enqueue(moved)
+                self.stats.requeued += 1
+            else:
+                await self.store.transition_build(
+                    build.id, BuildStatus.RUNNING, BuildStatus.ERROR,
+                    only_if={"worker": build.worker}, reason=WORKER_LOST,
+                    message=f"worker {build.worker} was lost while running the build")
+        except Conflict:
+            pass
+
+    async def _mirror(self, hostname: str, **fields: Any) -> None:
+        entry = self.registry.get(hostname)
+        if entry is None:
+            return
+        try:
+            await self.store.update_worker(
+                hostname, status=WorkerStatus.for_load(entry.load, entry.build_limit),
+                running_builds=sorted(entry.running), **fields)
+        except NotFound:
+            pass
+
+    # -- restart -------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Rebuild the registry from the DB and live actors after a (re)start."""
+        for worker in await self.store.list_workers():
+            if not worker.active or not worker.actor_name:
+                continue
+            client = await self.directory.connect(worker.hostname, worker.actor_name)
+            status: dict[str, Any] | None = None
+            if client is not None:
+                try:
+                    status = await self._call(client.status())
+                except Exception as e:  # noqa: BLE001 - dead or unreachable: lost
+                    log.info("worker %s did not answer after restart: %s", worker.hostname,
+                             type(e).__name__)
+            if client is None or status is None:
+                self.registry.upsert(worker.hostname, routes=worker.routes,
+                                     build_limit=worker.build_limit)
+                await self.worker_lost(worker.hostname, "gone while the scheduler was down")
+                continue
+            self._links[worker.hostname] = _Link(
+                client=client, sign_public_key=worker.sign_public_key,
+                actor_name=worker.actor_name, last_ok=self._mono())
+            self.registry.upsert(worker.hostname, routes=worker.routes,
+                                 build_limit=worker.build_limit,
+                                 active=not status.get("draining", False))
+            await self._adopt(worker.hostname, {int(b) for b in status.get("running", [])})
+            await self._mirror(worker.hostname, last_checked_in=self._now())
+        # Running builds on workers we no longer know.
+        for build in await self.store.list_builds(status=[BuildStatus.RUNNING], limit=10_000):
+            if build.worker and build.worker not in self.registry:
+                await self._end_lost_build(build)
+        await self.builds.enqueue_orphans()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "workers": {
+                e.hostname: {"routes": sorted(e.routes), "build_limit": e.build_limit,
+                             "running": sorted(e.running), "healthy": e.healthy,
+                             "active": e.active}
+                for e in self.registry.workers()},
+            "free_slots": self.registry.free_slots(),
+            "stats": {"dispatched": self.stats.dispatched, "requeued": self.stats.requeued,
+                      "workers_lost": self.stats.workers_lost, "reports": self.stats.reports,
+                      "refused": dict(self.stats.refused),
+                      "report_rejections": dict(self.stats.report_rejections)},
+        }

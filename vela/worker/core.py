@@ -1,0 +1,406 @@
+"""The worker's plain-code heart: accept sealed packages, run them, report back.
+
+:class:`WorkerCore` is what the WorkerActor wraps. It opens a package only if
+the server signed it for this worker, keeps at most ``build_limit`` builds
+running, and reports each build's progress to the server through a
+:class:`ServerLink` with the build's token and a fresh proof of possession
+per report. It never raises to the server over a refusal: it answers with a
+:class:`Receipt` whose ``reason`` is a stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from vela.domain import BuildStatus, StepStatus
+from vela.executor import BuildResult, Runtime, run_build
+from vela.pipeline import Executable, PipelineError
+from vela.security import (
+    BuildAction,
+    Challenge,
+    OpenedPackage,
+    Reason,
+    Rejected,
+    WorkerIdentity,
+    answer_challenge,
+    make_proof,
+    open_package,
+)
+from vela.security._codec import timestamp
+
+log = logging.getLogger("vela.worker")
+
+# Refusal codes of our own, beside the security Reason values.
+NO_FREE_SLOT = "no_free_slot"
+DRAINING = "draining"
+DUPLICATE_PACKAGE = "duplicate_package"
+ALREADY_RUNNING = "already_running"
+# FINISH reasons the worker adds to the executor's.
+INVALID_EXECUTABLE = "invalid_executable"
+WORKER_ERROR = "worker_error"
+
+# Why a build's reports were cut off, beside a security Reason value.
+UNREACHABLE = "unreachable"
+CLOSED = "closed"
+# How long close() lets builds stop by themselves before cancelling their tasks.
+CLOSE_GRACE_S = 10.0
+# Package ids remembered until their package expires; far above what a worker
+# can receive within one package lifetime.
+MAX_SEEN_PACKAGES = 10_000
+_META_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Not passed on as VELA_* variables: the worker sets the first itself, the
+# second is a limit, not a fact about the build.
+_META_SKIP = frozenset({"build_id", "timeout_s"})
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ServerLink(Protocol):
+    async def report(self, *, build_id: int, action: str, payload: dict[str, Any], token: str,
+                     proof: str) -> None:
+        """Raises vela.security.Rejected when the server refuses (token revoked, build
+        ended...); any other exception means transient trouble (retry)."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The answer to ``execute_package``; crosses Ray as :meth:`as_dict`."""
+
+    accepted: bool
+    build_id: int | None
+    # A stable code when refused: a security Reason value, or one of
+    # "no_free_slot", "draining", "duplicate_package", "already_running".
+    reason: str | None = None
+    message: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(eq=False)
+class _Run:
+    """One build on this worker, from the reserved slot to the end of its task."""
+
+    build_id: int
+    token: str = field(repr=False)
+    cancel: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # Keeps the reports of one build in the order they were made.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Why reports stopped (a Reason value, UNREACHABLE or CLOSED); None while they flow.
+    cut_off: str | None = None
+
+
+class _BuildReporter:
+    """The executor's Reporter for one build: every call becomes a server report."""
+
+    def __init__(self, core: WorkerCore, run: _Run) -> None:
+        self._core = core
+        self._run = run
+
+    async def step_started(self, number: int, name: str) -> None:
+        await self._core._report(self._run, BuildAction.STEP_UPDATE, {
+            "number": number, "status": StepStatus.RUNNING.value,
+            "started_at": self._core._iso_now()})
+
+    async def step_finished(self, number: int, status: StepStatus, exit_code: int | None,
+                            reason: str | None) -> None:
+        await self._core._report(self._run, BuildAction.STEP_UPDATE, {
+            "number": number, "status": StepStatus(status).value, "exit_code": exit_code,
+            "reason": None if reason is None else str(reason),
+            "finished_at": self._core._iso_now()})
+
+    async def log(self, number: int, lines: list[str]) -> None:
+        await self._core._report(self._run, BuildAction.LOG_APPEND,
+                                 {"number": number, "lines": list(lines)})
+
+
+class WorkerCore:
+    """Accepts packages, runs builds, reports; the WorkerActor is a shell around it."""
+
+    def __init__(self, *, hostname: str, routes: list[str], build_limit: int,
+                 identity: WorkerIdentity, pinned_server_keys: Mapping[str, str],
+                 runtime: Runtime, server: ServerLink, workspace_root: Path,
+                 clock: Callable[[], datetime] = _utcnow, batch_lines: int = 100,
+                 flush_s: float = 0.5, report_retry_s: float = 0.2,
+                 report_deadline_s: float = 300.0) -> None:
+        if build_limit < 1:
+            raise ValueError("build_limit must be at least 1")
+        if report_retry_s <= 0 or report_deadline_s <= 0:
+            raise ValueError("report_retry_s and report_deadline_s must be positive")
+        self.hostname = hostname
+        self.routes = list(routes)
+        self.build_limit = build_limit
+        self.runtime = runtime
+        self.workspace_root = Path(workspace_root)
+        self._identity = identity
+        self._pinned: dict[str, str] = dict(pinned_server_keys)
+        self._server = server
+        self._clock = clock
+        self._batch_lines = batch_lines
+        self._flush_s = flush_s
+        self._retry_s = report_retry_s
+        self._deadline_s = report_deadline_s
+        self._runs: dict[int, _Run] = {}
+        self._seen: dict[str, float] = {}  # package_id -> its expiry (epoch seconds)
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __repr__(self) -> str:
+        return (f"WorkerCore(hostname={self.hostname!r}, running={self.running}, "
+                f"free_slots={self.free_slots}, draining={self._draining})")
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return 0 if self._draining else max(self.build_limit - len(self._runs), 0)
+
+    @property
+    def running(self) -> list[int]:
+        return sorted(self._runs)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def pin(self, keys: Mapping[str, str]) -> None:
+        """Trust these server keys (kid -> public key) from now on, and only these."""
+        self._pinned = dict(keys)
+
+    def status(self) -> dict[str, Any]:
+        return {"hostname": self.hostname, "routes": list(self.routes),
+                "build_limit": self.build_limit, "running": self.running,
+                "free_slots": self.free_slots, "draining": self._draining}
+
+    # -- the protocol ----------------------------------------------------------------
+
+    def availability(self, challenge: dict[str, Any] | Challenge) -> dict[str, Any]:
+        """The signed answer to a server challenge, carrying the free slots."""
+        if not isinstance(challenge, Challenge):
+            try:
+                # Through JSON: the wire form holds enum values as strings, which the
+                # strict model takes from JSON only.
+                challenge = Challenge.model_validate_json(json.dumps(challenge))
+            except (TypeError, ValueError, ValidationError):
+                raise Rejected(Reason.MALFORMED, "not a challenge") from None
+        answer = answer_challenge(challenge, identity=self._identity, hostname=self.hostname,
+                                  free_slots=self.free_slots)
+        return answer.model_dump(mode="json")
+
+    async def execute_package(self, package: dict[str, Any]) -> Receipt:
+        """Open ``package`` and start its build in the background; never raises.
+
+        Everything up to reserving the slot happens without an await, so calls
+        made concurrently cannot take more than ``build_limit`` slots.
+        """
+        claimed = package.get("build_id") if isinstance(package, dict) else None
+        claimed_id = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) \
+            else None
+        if self._draining:
+            return Receipt(False, claimed_id, DRAINING,
+                           f"worker {self.hostname} is draining and takes no new builds")
+        now = self._clock()
+        try:
+            opened = open_package(package, identity=self._identity,
+                                  pinned_server_keys=self._pinned, hostname=self.hostname,
+                                  now=now)
+        except Rejected as e:
+            log.info("package refused: %s", e.reason.value)
+            return Receipt(False, claimed_id, e.reason.value, str(e))
+        except Exception as e:  # noqa: BLE001 - a refusal, whatever broke
+            log.warning("package refused: cannot open it (%s)", type(e).__name__)
+            return Receipt(False, claimed_id, Reason.MALFORMED.value,
+                           "the package could not be opened")
+        build_id = opened.build_id
+        if not self._remember(opened.package_id, timestamp(opened.expires_at), now):
+            log.info("package refused: %s (build %s)", DUPLICATE_PACKAGE, build_id)
+            return Receipt(False, build_id, DUPLICATE_PACKAGE,
+                           "this package was already received; packages are single use")
+        if build_id in self._runs:
+            return Receipt(False, build_id, ALREADY_RUNNING,
+                           f"build {build_id} is already running on {self.hostname}")
+        if self.free_slots <= 0:
+            return Receipt(False, build_id, NO_FREE_SLOT,
+                           f"all {self.build_limit} build slots of {self.hostname} are in use")
+        run = _Run(build_id=build_id, token=opened.build_token)
+        self._runs[build_id] = run
+        self._idle.clear()
+        run.task = asyncio.create_task(self._drive(run, opened), name=f"vela-build-{build_id}")
+        run.task.add_done_callback(lambda task: self._ended(run, task))
+        log.info("build %s accepted", build_id)
+        return Receipt(True, build_id)
+
+    def cancel(self, build_id: int) -> bool:
+        """Ask a running build to stop (it ends ``canceled``); False if not running here."""
+        run = self._runs.get(build_id)
+        if run is None:
+            return False
+        run.cancel.set()
+        return True
+
+    async def wait_idle(self, timeout_s: float | None = None) -> None:
+        """Return once no build runs here; TimeoutError after ``timeout_s``."""
+        await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Take no new builds and wait for the running ones to end (TimeoutError
+        after ``timeout_s``; they keep running)."""
+        self._draining = True
+        await self.wait_idle(timeout_s)
+
+    async def close(self) -> None:
+        """Stop now: take nothing new, stop every running build without reporting
+        further (the server notices the worker is gone) and wait for their tasks."""
+        self._draining = True
+        runs = list(self._runs.values())
+        for run in runs:
+            run.cut_off = run.cut_off or CLOSED
+            run.cancel.set()
+        tasks = [run.task for run in runs if run.task is not None]
+        if not tasks:
+            return
+        # The executor stops the steps and removes the workspace on its own; cutting a
+        # build's task short is for a report still hanging on the server link.
+        _, stuck = await asyncio.wait(tasks, timeout=CLOSE_GRACE_S)
+        for task in stuck:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- one build ---------------------------------------------------------------------
+
+    async def _drive(self, run: _Run, opened: OpenedPackage) -> None:
+        try:
+            if not await self._report(run, BuildAction.START, {"started_at": self._iso_now()}):
+                log.info("build %s not started: the server did not take its start", run.build_id)
+                return
+            status, reason, message = await self._execute(run, opened)
+            await self._report(run, BuildAction.FINISH, {
+                "status": status.value, "reason": reason, "message": message,
+                "finished_at": self._iso_now()})
+            log.info("build %s ended %s%s", run.build_id, status.value,
+                     f" ({reason})" if reason else "")
+        finally:
+            self._release(run)
+
+    async def _execute(self, run: _Run,
+                       opened: OpenedPackage) -> tuple[BuildStatus, str | None, str | None]:
+        try:
+            executable = Executable.from_json(opened.executable)
+        except PipelineError:
+            return (BuildStatus.ERROR, INVALID_EXECUTABLE,
+                    "the build's executable does not parse on this worker")
+        try:
+            result: BuildResult = await run_build(
+                executable, meta=_meta(opened), secrets=opened.secrets, runtime=self.runtime,
+                reporter=_BuildReporter(self, run), workspace_root=self.workspace_root,
+                build_timeout_s=self._build_timeout_s(opened), cancel=run.cancel,
+                batch_lines=self._batch_lines, flush_s=self._flush_s)
+        except Exception as e:
+            log.error("build %s: the worker failed running it (%s)", run.build_id,
+                      type(e).__name__, exc_info=True)
+            return (BuildStatus.ERROR, WORKER_ERROR,
+                    f"the worker failed running the build ({type(e).__name__})")
+        return (result.status, None if result.reason is None else result.reason.value,
+                result.message)
+
+    def _build_timeout_s(self, opened: OpenedPackage) -> float:
+        limit = opened.build.get("timeout_s")
+        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
+            return float(limit)
+        # No limit given: the token's lifetime is the most the server will listen.
+        return max(opened.claims.exp - timestamp(self._clock()), 1.0)
+
+    async def _report(self, run: _Run, action: BuildAction, payload: dict[str, Any]) -> bool:
+        """Send one report, retrying transient trouble; False if it did not get through.
+
+        A refusal means the server no longer wants this build here (canceled, ended,
+        dispatched again): the build is stopped and reports no more. So is a server
+        unreachable for ``report_deadline_s``.
+        """
+        async with run.lock:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._deadline_s
+            delay = self._retry_s
+            while run.cut_off is None:
+                # A fresh proof per attempt: the server refuses a proof it has seen.
+                proof = make_proof(self._identity, token=run.token, action=action.value,
+                                   build_id=run.build_id, now=self._clock())
+                try:
+                    await self._server.report(build_id=run.build_id, action=action.value,
+                                              payload=payload, token=run.token, proof=proof)
+                    return True
+                except Rejected as e:
+                    log.info("build %s: server refused %s (%s); stopping the build",
+                             run.build_id, action.value, e.reason.value)
+                    self._cut_off(run, e.reason.value)
+                except Exception as e:  # noqa: BLE001 - transient by the link's contract
+                    if loop.time() + delay > deadline:
+                        log.warning("build %s: server unreachable for %.0fs (%s); "
+                                    "stopping the build", run.build_id, self._deadline_s,
+                                    type(e).__name__)
+                        self._cut_off(run, UNREACHABLE)
+                        break
+                    log.debug("build %s: %s report failed (%s); retrying", run.build_id,
+                              action.value, type(e).__name__)
+                    await asyncio.sleep(delay)  # backoff, not synchronisation
+                    delay = min(delay * 2, max(self._retry_s, 5.0))
+            return False
+
+    @staticmethod
+    def _cut_off(run: _Run, why: str) -> None:
+        run.cut_off = why
+        run.cancel.set()
+
+    def _ended(self, run: _Run, task: asyncio.Task[None]) -> None:
+        # Also frees the slot of a task cancelled before it ever ran.
+        self._release(run)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("build %s: its task failed (%s)", run.build_id, type(error).__name__,
+                      exc_info=error)
+
+    def _release(self, run: _Run) -> None:
+        if self._runs.get(run.build_id) is run:
+            del self._runs[run.build_id]
+        if not self._runs:
+            self._idle.set()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _remember(self, package_id: str, expires_at: float, now: datetime) -> bool:
+        """Record a package id; False if it was seen before (a replay)."""
+        t = timestamp(now)
+        for pid in [p for p, exp in self._seen.items() if exp <= t]:
+            del self._seen[pid]  # expired packages are refused as such anyway
+        if package_id in self._seen:
+            return False
+        if len(self._seen) >= MAX_SEEN_PACKAGES:
+            del self._seen[min(self._seen, key=self._seen.__getitem__)]
+        self._seen[package_id] = expires_at
+        return True
+
+    def _iso_now(self) -> str:
+        return self._clock().isoformat()
+
+
+def _meta(opened: OpenedPackage) -> dict[str, str]:
+    """The build's metadata as the executor's ``meta`` (→ ``VELA_*`` variables)."""
+    meta = {key: str(value) for key, value in opened.build.items()
+            if key not in _META_SKIP and _META_KEY.fullmatch(key)
+            and isinstance(value, str | int) and not isinstance(value, bool)}
+    meta["build_id"] = str(opened.build_id)
+    return meta
