@@ -30,6 +30,9 @@ build_app = typer.Typer(help="Run builds.", no_args_is_help=True)
 app.add_typer(build_app, name="build")
 
 HEAD_MARKER = "ray-head.started"
+# A driver given an address must be told the cluster wants Ray's auth token
+# (~/.ray/auth_token) before Ray is first imported; auth stays on.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 TERMINAL = {"success", "failure", "error", "killed", "canceled"}
 
 
@@ -42,12 +45,12 @@ def _connect(s: Settings, *, start_local: bool = False) -> bool:
     import ray
 
     started = False
-    if not s.ray.address and start_local and not _head_is_up(s):
+    if not s.ray.address and not _head_is_up(s):
+        if not start_local:
+            raise VelaError(f"no local Ray head on port {s.ray.head_port}: the server is not "
+                            "running; start it with `vela serve`")
         _start_local_head(s)
         started = True
-    # A driver given an address must be told the cluster wants Ray's auth token
-    # (~/.ray/auth_token); auth stays on.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         ray.init(address=_address(s), namespace=s.ray.namespace, logging_level="WARNING",
                  log_to_driver=False)
@@ -60,7 +63,8 @@ def _connect(s: Settings, *, start_local: bool = False) -> bool:
         node = ray._private.worker._global_node  # the session dir names our processes
         s.server.data_dir.mkdir(parents=True, exist_ok=True)
         (s.server.data_dir / HEAD_MARKER).write_text(json.dumps(
-            {"address": node.address, "session": Path(node.get_session_dir_path()).name}))
+            {"port": s.ray.head_port, "address": node.address,
+             "session": Path(node.get_session_dir_path()).name}))
     return started
 
 
@@ -88,6 +92,9 @@ def _start_local_head(s: Settings) -> None:
     if res.returncode != 0:
         tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-5:])
         raise VelaError(f"`ray start --head` failed:\n{tail}")
+    # Recorded at once, so `vela stop` finds this head even if connecting fails.
+    s.server.data_dir.mkdir(parents=True, exist_ok=True)
+    (s.server.data_dir / HEAD_MARKER).write_text(json.dumps({"port": s.ray.head_port}))
 
 
 
@@ -101,7 +108,8 @@ def _stop_local_head(s: Settings) -> None:
     if not marker.exists():
         return
     info = json.loads(marker.read_text())
-    needles = [info["session"], f"{info['address']}"]
+    needles = ([info["session"], info["address"]] if "session" in info
+               else [f":{info['port']} ", f":{info['port']}\n", f"port={info['port']}"])
     procs: dict[int, psutil.Process] = {}
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
@@ -118,6 +126,13 @@ def _stop_local_head(s: Settings) -> None:
             p.kill()
     marker.unlink(missing_ok=True)
     console.print(f"stopped the local Ray head ({len(procs)} processes)")
+
+
+def _check_modes(s: Settings) -> None:
+    if s.queue.mode != "server" or s.worker.mode != "queueless":
+        raise VelaError("legacy queue mode (queue.mode = \"legacy\" / worker.mode = "
+                        "\"legacy\") is not available yet; use the defaults "
+                        "queue.mode = \"server\" and worker.mode = \"queueless\"")
 
 
 def _check_sandbox(s: Settings) -> None:
@@ -168,6 +183,7 @@ def serve(
     from vela.server.context import ServerContext
 
     s = state.settings
+    _check_modes(s)
     n_workers = local_workers if local_workers >= 0 else (0 if s.ray.address else 2)
     if n_workers:
         _check_sandbox(s)
@@ -195,7 +211,7 @@ def serve(
     console.print(f"[green]ready[/green] in {time.monotonic() - t0:.1f}s. Ray dashboard: "
                   f"http://{host}:{s.ray.dashboard_port}  (address {_address(s)})")
     console.print("try: vela build run examples/hello.yml --repo demo/hello "
-                  "--secret greeting_token=s3cr3t", highlight=False)
+                  "--secret greeting_token=s3cr3t", highlight=False, soft_wrap=True)
     if detach:
         console.print("detached; stop with `vela stop`")
         return
@@ -252,6 +268,7 @@ def worker(
     s = state.settings
     if address:
         s.ray.address = address
+    _check_modes(s)
     _check_sandbox(s)
     _connect(s)
     name = hostname or s.worker.hostname or default_hostname()

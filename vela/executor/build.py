@@ -184,8 +184,15 @@ class _BuildRun:
                 started, BuildStatus.ERROR, Reason.MISSING_SECRET,
                 f"secrets not provided: {', '.join(missing)}",
             )
+        making = asyncio.ensure_future(asyncio.to_thread(_make_dirs, workspace_root))
         try:
-            dirs = await asyncio.to_thread(_make_dirs, workspace_root)
+            # Shielded: cancelled mid-creation, the thread still finishes, and what it
+            # made is removed below rather than leaked.
+            dirs = await asyncio.shield(making)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(_remove_tree, (await making).root)
+            raise
         except OSError as e:
             return await self._finish(
                 started, BuildStatus.ERROR, Reason.WORKSPACE_FAILED,

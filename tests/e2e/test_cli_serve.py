@@ -1,0 +1,63 @@
+"""The README's path, as a user runs it: `vela serve --detach`, `vela build run`,
+`vela stop`, in subprocesses on the embedded default (own data dir and ports)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vela.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+VELA = str(Path(sys.executable).parent / "vela")
+SECRET = "e2e-Gr33ting"
+
+
+def vela(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([VELA, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("VELA_", "RAY_"))}
+    e.update(VELA_SERVER_DATA_DIR=str(tmp_path / "data"), VELA_RAY_HEAD_PORT="6391",
+             VELA_RAY_DASHBOARD_PORT="8266")
+    return e
+
+
+def test_serve_build_run_stop(env):
+    up = vela("serve", "--detach", env=env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "ready" in up.stdout and "worker" in up.stdout
+        ok = vela("build", "run", "examples/hello.yml", "--repo", "demo/hello",
+                  "--secret", f"greeting_token={SECRET}", env=env)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "the greeting token is ***" in ok.stdout
+        assert SECRET not in ok.stdout + ok.stderr
+        assert "build 1 success" in ok.stdout
+        bad = vela("build", "run", "examples/failing.yml", "--repo", "demo/hello", env=env)
+        assert bad.returncode == 1 and "failure" in bad.stdout
+        again = vela("serve", "--detach", env=env)  # idempotent
+        assert again.returncode == 0, again.stderr
+    finally:
+        down = vela("stop", env=env)
+    assert down.returncode == 0, down.stderr
+    assert "stopped the local Ray head" in down.stdout
+    after = vela("build", "run", "examples/hello.yml", "--repo", "demo/hello", env=env,
+                 timeout=120)
+    assert after.returncode == 1 and "vela serve" in after.stderr
+
+
+def test_serve_refuses_without_a_sandbox(env, tmp_path):
+    empty = str(tmp_path / "empty")
+    r = CliRunner().invoke(app, ["serve", "--detach"],
+                           env={**env, "VELA_CONFIG": "", "PATH": empty})
+    assert r.exit_code == 1
+    assert "bubblewrap" in r.output and "allow_unsandboxed" in r.output
