@@ -13,12 +13,14 @@ from typing import Any
 
 import ray
 
+from actors._metrics import RayMetrics
 from actors._ray import SCHEDULER, RayDispatcher, get_actor
 from vela.config import Settings
 from vela.queue.listener import Listener
 from vela.server.context import ServerContext
 
 log = logging.getLogger(__name__)
+DEPTH_PERIOD_S = 5.0
 
 
 @ray.remote
@@ -46,7 +48,22 @@ class QueueListenerActor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if self._listener is not None:
-            await self._listener.run_forever(self._stop)
+            gauges = asyncio.get_running_loop().create_task(self._depth_loop(self._listener))
+            try:
+                await self._listener.run_forever(self._stop)
+            finally:
+                gauges.cancel()
+
+    async def _depth_loop(self, listener: Listener) -> None:
+        """Queue depth per route for the dashboard."""
+        metrics = RayMetrics()
+        while True:
+            try:
+                depth = await listener.queue.depth()
+                metrics.queue_depth({route: d.ready for route, d in depth.items()})
+            except Exception as e:  # noqa: BLE001 - the listener reports back-end health
+                log.debug("queue depth unavailable: %s", e)
+            await asyncio.sleep(DEPTH_PERIOD_S)
 
     async def status(self) -> dict[str, Any]:
         if self._listener is None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from actors._metrics import RayMetrics
 from actors._ray import AUTHORITY, RayAuthority, RayWorkerDirectory, get_actor
 from vela.config import Settings
 from vela.domain import BuildStatus
@@ -47,7 +48,8 @@ class SchedulerActor:
                     raise VelaError("the TokenAuthority actor is not running")
                 core = await ctx.scheduler(ctx.queue(), authority=RayAuthority(handle),
                                            directory=RayWorkerDirectory(
-                                               self._settings.ray.namespace))
+                                               self._settings.ray.namespace),
+                                           metrics=RayMetrics())
                 await core.recover()
                 self._ctx, self._core = ctx, core
             return self._core
@@ -56,7 +58,9 @@ class SchedulerActor:
         period = self._settings.scheduler.health_check_period_s / 2
         while True:
             try:
-                await (await self._get()).check_workers()
+                core = await self._get()
+                await core.check_workers()
+                await core.resync_queue()
             except Exception:  # noqa: BLE001 - the loop never dies; the next pass retries
                 log.exception("scheduler watch pass failed")
             await asyncio.sleep(period)

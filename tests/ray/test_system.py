@@ -69,3 +69,26 @@ def test_node_removed_mid_build_ends_worker_lost(settings, server, cluster):
     cluster.remove_node(node)
     v = wait_terminal(server, slow, timeout_s=60)
     assert (v["status"], v["reason"]) == ("error", "worker_lost")
+
+
+def test_metrics_reach_the_dashboard_exporter(settings, server):
+    import urllib.request
+
+    import ray
+
+    add_worker(settings, server, "m1")
+    build_id = run_build(server, pipeline("true"))
+    assert wait_terminal(server, build_id)["status"] == "success"
+
+    def exported() -> str:
+        text = ""
+        for node in ray.nodes():
+            if node["Alive"] and node.get("MetricsExportPort"):
+                url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+                with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - local
+                    text += r.read().decode()
+        return text if "vela_builds_finished_total" in text else ""
+
+    text = wait_until(exported, 60, "vela metrics in the Prometheus export")
+    for name in ("vela_dispatch_latency_seconds", "vela_free_slots", "vela_workers"):
+        assert name in text, name

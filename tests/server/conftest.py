@@ -19,6 +19,7 @@ from vela.config import Settings
 from vela.db.store import Store
 from vela.domain import BuildStatus
 from vela.executor import choose_runtime
+from vela.metrics import RecordingMetrics
 from vela.queue.db_queue import DatabaseQueue
 from vela.queue.listener import Listener
 from vela.queue.redis_queue import RedisQueue
@@ -116,6 +117,7 @@ class System:
     listener: Listener = None  # type: ignore[assignment]
     directory: Directory = field(default_factory=Directory)
     tokens: dict[int, str] = field(default_factory=dict)
+    metrics: RecordingMetrics = field(default_factory=RecordingMetrics)
 
     @property
     def store(self) -> Store:
@@ -125,7 +127,8 @@ class System:
         await self.ctx.bootstrap_keys()
         self.authority = await self.ctx.authority()
         self.scheduler = await self.ctx.scheduler(self.queue, authority=self.authority,
-                                                  directory=self.directory)
+                                                  directory=self.directory,
+                                                  metrics=self.metrics)
         self.listener = await self.ctx.listener(self.queue, self.scheduler)
         self.listener.idle_s = 0.01
         self.listener.reserve_timeout_s = 0.05

@@ -189,3 +189,44 @@ async def test_forged_reports_are_rejected(system, forgery):
     assert (await system.store.get_build(a)).status == "running"
     await system.scheduler.cancel(a)
     await system.scheduler.cancel(b)
+
+
+async def test_metrics_follow_the_builds(system):
+    await system.add_worker("w1", build_limit=2)
+    ok = await system.submit(pipeline("true"))
+    bad = await system.submit(pipeline("exit 1"))
+    await system.pump([ok, bad])
+    await system.scheduler.check_workers()
+    m = system.metrics
+    assert m.finished == {"success": 1, "failure": 1}
+    assert len(m.latencies) == 2 and all(0 <= x < 60 for x in m.latencies)
+    assert m.gauges["free_slots"] == {"vela": 2}
+    assert m.gauges["workers"] == {"idle": 1}
+    assert m.gauges["running_builds"] == {"": 0}
+    with pytest.raises(Rejected):
+        await system.scheduler.report(build_id=ok, action=BuildAction.FINISH,
+                                      payload={"status": "success"}, token="x.y.z", proof="")
+    assert sum(m.rejections.values()) == 1
+
+
+async def test_queue_that_lost_its_contents_is_refilled(system):
+    build_id = await system.submit(pipeline("echo again"))
+    assert await system.scheduler.resync_queue() == 0  # first look: the baseline
+    if not hasattr(system.queue, "prefix"):
+        # The database queue is durable: it has no epoch and never needs refilling.
+        assert await system.queue.epoch() is None
+        assert await system.scheduler.resync_queue() == 0
+        return
+    # Redis restarted without persistence: our keys are gone and its run id changed.
+    real = await system.queue.epoch()
+    keys = [k async for k in system.queue._r.scan_iter(match=f"{system.queue.prefix}:*")]
+    await system.queue._r.delete(*keys)
+
+    async def restarted() -> str:
+        return real + "-restarted"
+
+    system.queue.epoch = restarted
+    assert await system.scheduler.resync_queue() == 1
+    assert await system.scheduler.resync_queue() == 0  # once per restart
+    await system.add_worker("w1")
+    assert (await system.pump([build_id]))[build_id].status == "success"

@@ -158,6 +158,11 @@ class Queue(ABC):
         ``dead_id`` is not a dead letter.
         """
 
+    async def epoch(self) -> str | None:
+        """An id that changes when the back end has lost its contents (e.g. a Redis
+        restart without persistence); None where contents are durable."""
+        return None
+
     @abstractmethod
     async def close(self) -> None:
         """Release connections this queue owns (not ones it was given)."""

@@ -300,6 +300,10 @@ class RedisQueue(Queue):
 
         return await self._watched([key], body)
 
+    async def epoch(self) -> str | None:
+        info = await self._r.info("server")
+        return str(info.get("run_id", "")) or None
+
     async def close(self) -> None:
         if self._owns:
             await self._r.aclose()

@@ -11,6 +11,7 @@ from vela.config import Settings
 from vela.db import migrate
 from vela.db.engine import create_engine
 from vela.db.store import Store
+from vela.metrics import Metrics
 from vela.queue import Queue, open_queue
 from vela.queue.item import ItemSigner, ItemVerifier
 from vela.queue.listener import Dispatcher, Listener
@@ -61,9 +62,11 @@ class ServerContext:
                           self.settings.queue.routes)
 
     async def scheduler(self, queue: Queue, *, authority: AuthorityClient,
-                        directory: WorkerDirectory) -> Scheduler:
+                        directory: WorkerDirectory, metrics: Metrics | None = None
+                        ) -> Scheduler:
         return Scheduler(store=self.store, authority=authority, directory=directory,
-                         builds=await self.build_queue(queue), settings=self.settings)
+                         builds=await self.build_queue(queue), settings=self.settings,
+                         metrics=metrics)
 
     async def listener(self, queue: Queue, dispatcher: Dispatcher) -> Listener:
         ring = await self._ring(PURPOSE_QUEUE)

@@ -36,6 +36,7 @@ from vela.db.models import Build
 from vela.db.store import Store
 from vela.domain import BuildStatus, StepStatus, WorkerStatus
 from vela.errors import Conflict, InvalidTransition, NotFound
+from vela.metrics import Metrics
 from vela.queue.item import QueueItem
 from vela.queue.listener import Outcome, SubmitResult
 from vela.queue.listener import Rejected as ItemRejected
@@ -151,7 +152,7 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, *, store: Store, authority: AuthorityClient, directory: WorkerDirectory,
-                 builds: BuildQueue, settings: Settings,
+                 builds: BuildQueue, settings: Settings, metrics: Metrics | None = None,
                  monotonic: Callable[[], float] = time.monotonic,
                  now: Callable[[], datetime] = _utcnow) -> None:
         self.store = store
@@ -163,8 +164,10 @@ class Scheduler:
         self.book = ChallengeBook(server_id=settings.server.id,
                                   ttl_s=settings.scheduler.challenge_ttl_s)
         self.stats = SchedulerStats()
+        self.metrics = metrics or Metrics()
         self._links: dict[str, _Link] = {}
         self._dispatching: set[int] = set()
+        self._queue_epoch: str | None = None
         self._mono = monotonic
         self._now = now
         self._call_timeout = settings.scheduler.health_check_timeout_s
@@ -229,12 +232,15 @@ class Scheduler:
             if receipt.get("accepted") is True:
                 accepted = True
                 self.stats.dispatched += 1
+                if build.enqueued_at is not None:
+                    self.metrics.dispatched((self._now() - build.enqueued_at).total_seconds())
                 await self._mirror(hostname, last_build_started=self._now())
                 return Outcome.DISPATCHED
             self._refused(hostname, str(receipt.get("reason") or "refused"))
             return None
         except (Rejected, ValidationError) as e:
             reason = e.reason.value if isinstance(e, Rejected) else "malformed_answer"
+            self.metrics.rejected(reason)
             log.warning("worker %s failed its challenge (%s); marking it unhealthy",
                         hostname, reason)
             self._refused(hostname, reason)
@@ -332,6 +338,7 @@ class Scheduler:
                                                       token=token, proof=proof)
         except Rejected as e:
             self.stats.count(self.stats.report_rejections, e.reason.value)
+            self.metrics.rejected(e.reason.value)
             raise
         self.stats.reports += 1
         try:
@@ -373,6 +380,7 @@ class Scheduler:
                                               message=r.message)
         except Conflict:
             return  # ended meanwhile (canceled, lost): the first end stands
+        self.metrics.build_finished(r.status.value)
         await self._free(hostname, build_id, last_build_finished=self._now())
 
     async def _free(self, hostname: str, build_id: int, **fields: Any) -> None:
@@ -392,6 +400,7 @@ class Scheduler:
                                               reason=CANCELED_BY_USER)
         except Conflict:
             return BuildStatus((await self.store.get_build(build_id)).status)
+        self.metrics.build_finished(BuildStatus.CANCELED.value)
         if status is BuildStatus.RUNNING and build.worker:
             link = self._links.get(build.worker)
             if link is not None:
@@ -441,6 +450,19 @@ class Scheduler:
                 link.next_check = now + period
                 link.check_started = now
                 link.check = asyncio.ensure_future(self._call(link.client.status()))
+        self._publish_gauges()
+
+    def _publish_gauges(self) -> None:
+        by_status: dict[str, int] = {}
+        running = 0
+        for e in self.registry.workers():
+            status = (WorkerStatus.for_load(e.load, e.build_limit) if e.healthy
+                      else WorkerStatus.ERROR)
+            by_status[status.value] = by_status.get(status.value, 0) + 1
+            running += e.load
+        self.metrics.workers(by_status)
+        self.metrics.free_slots(self.registry.free_slots())
+        self.metrics.running_builds(running)
 
     async def _reconcile(self, hostname: str, link: _Link, status: dict[str, Any]) -> None:
         """Builds the DB has running here that the worker no longer runs: their final
@@ -517,6 +539,7 @@ class Scheduler:
                     build.id, BuildStatus.RUNNING, BuildStatus.ERROR,
                     only_if={"worker": build.worker}, reason=WORKER_LOST,
                     message=f"worker {build.worker} was lost while running the build")
+                self.metrics.build_finished(BuildStatus.ERROR.value)
         except Conflict:
             pass
 
@@ -530,6 +553,28 @@ class Scheduler:
                 running_builds=sorted(entry.running), **fields)
         except NotFound:
             pass
+
+    # -- the queue's own losses -----------------------------------------------------------
+
+    async def resync_queue(self) -> int:
+        """If the queue back end lost its contents (Redis restarted empty), push every
+        pending build again. A duplicate item is harmless: dispatch is a compare-and-set
+        from ``pending``, so the second copy is acked as not pending."""
+        try:
+            epoch = await self.builds.queue.epoch()
+        except Exception as e:  # noqa: BLE001 - unreachable now; the listener reports it
+            log.debug("queue epoch unavailable: %s", e)
+            return 0
+        previous, self._queue_epoch = self._queue_epoch, epoch
+        if previous is None or epoch is None or epoch == previous:
+            return 0
+        pushed = 0
+        for build in await self.store.list_builds(status=[BuildStatus.PENDING], limit=100_000):
+            if build.id not in self._dispatching:
+                await self.builds.enqueue(build)
+                pushed += 1
+        log.warning("the queue back end restarted empty; re-queued %d pending builds", pushed)
+        return pushed
 
     # -- restart -------------------------------------------------------------------------
 
@@ -564,6 +609,7 @@ class Scheduler:
             if build.worker and build.worker not in self.registry:
                 await self._end_lost_build(build)
         await self.builds.enqueue_orphans()
+        await self.resync_queue()
 
     def status(self) -> dict[str, Any]:
         return {
