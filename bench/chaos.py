@@ -2,7 +2,9 @@
 random, then every invariant checked and printed with its count.
 
     python bench/chaos.py --seed 7 --builds 500          # the long run
-    python bench/chaos.py --seed 7 --builds 500 --redis  # queue on Redis (db 14)
+    python bench/chaos.py --seed 7 --builds 500 --redis --postgres
+        # queue on Redis (db 14) and the DB on PostgreSQL (database vela_chaos), both
+        # restarted mid-run; this stops and starts the machine's Redis and PostgreSQL
 
 The CI-sized run is ``tests/chaos/test_chaos.py`` (same code, fewer builds).
 A failing seed reruns the same kill schedule: ``--seed N``.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +28,8 @@ from typing import Any
 SECRET = "chaos-S3cret-0xC0FFEE"
 TERMINAL = {"success", "failure", "error", "killed", "canceled"}
 KINDS = ("listener", "scheduler", "authority", "worker_restart", "worker_kill", "node")
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_CHAOS = "postgresql+asyncpg://postgres@127.0.0.1:5432/vela_chaos"
 
 PIPELINE = """
 version: "1"
@@ -66,7 +71,7 @@ class Chaos:
     """Drives one run on a ``ray.cluster_utils.Cluster`` the caller owns."""
 
     def __init__(self, cluster: Any, data_dir: Path, *, seed: int, builds: int,
-                 kills: int, redis_url: str | None = None) -> None:
+                 kills: int, redis_url: str | None = None, postgres: bool = False) -> None:
         from vela.config import Settings
 
         self.cluster = cluster
@@ -77,8 +82,11 @@ class Chaos:
         queue: dict[str, Any] = {"lease_seconds": 5}
         if redis_url:
             queue.update(backend="redis", redis_url=redis_url)
+        self.kinds = KINDS + (("redis",) if redis_url else ()) + (
+            ("postgres",) if postgres else ())
         self.settings = Settings.model_validate({
             "server": {"data_dir": str(data_dir)},
+            "database": {"url": PG_CHAOS} if postgres else {},
             "ray": {"namespace": f"vela-chaos-{uuid.uuid4().hex[:8]}"},
             "queue": queue,
             "scheduler": {"health_check_period_s": 0.3, "health_check_timeout_s": 5.0,
@@ -102,6 +110,8 @@ class Chaos:
             finally:
                 await ctx.close()
 
+        if "postgres" in self.kinds:
+            _pg_admin("DROP DATABASE IF EXISTS vela_chaos", "CREATE DATABASE vela_chaos")
         asyncio.run(boot())
         if self.settings.queue.backend == "redis":
             self._clear_redis()
@@ -189,6 +199,11 @@ class Chaos:
             victim = self.rng.choice(victims)
             ray.kill(self.workers.pop(victim), no_restart=True)
             self.add_worker()
+        elif kind == "redis":
+            _restart_redis()
+        elif kind == "postgres":
+            subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", _pg_version(), "main",
+                            "restart"], check=True, capture_output=True, timeout=120)
         elif kind == "node":
             if not self.nodes:
                 return
@@ -203,7 +218,7 @@ class Chaos:
         self.start()
         self.scheduler("put_secret", "chaos/app", "chaos_token", SECRET)
         kill_at = sorted(self.rng.sample(range(self.n_builds), min(self.n_kills, self.n_builds)))
-        kinds = [KINDS[i % len(KINDS)] for i in range(len(kill_at))]
+        kinds = [self.kinds[i % len(self.kinds)] for i in range(len(kill_at))]
         self.rng.shuffle(kinds)
         ids = []
         for i in range(self.n_builds):
@@ -318,13 +333,49 @@ class Chaos:
         stop_all(self.settings.ray.namespace)
 
 
+def _pg_version() -> str:
+    return sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
+
+
+def _pg_admin(*sql: str) -> None:
+    import asyncpg
+
+    async def go() -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            for stmt in sql:
+                await conn.execute(stmt)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def _restart_redis() -> None:
+    """Stop Redis without saving (it keeps nothing on disk here) and start it again."""
+    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True,
+                   timeout=30)
+    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port",
+                    "6379", "--save", "", "--appendonly", "no"], check=True,
+                   capture_output=True, timeout=30)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["redis-cli", "-p", "6379", "ping"], capture_output=True,
+                         timeout=10).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("redis did not come back")
+        time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--builds", type=int, default=500)
     p.add_argument("--kills", type=int, default=30)
-    p.add_argument("--redis", action="store_true", help="queue on Redis 127.0.0.1:6379/14")
+    p.add_argument("--redis", action="store_true",
+                   help="queue on Redis 127.0.0.1:6379/14, restarted mid-run")
+    p.add_argument("--postgres", action="store_true",
+                   help="database on PostgreSQL (vela_chaos), restarted mid-run")
     args = p.parse_args(argv)
 
     import ray
@@ -337,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             chaos = Chaos(cluster, Path(tmp), seed=args.seed, builds=args.builds,
                           kills=args.kills,
-                          redis_url="redis://127.0.0.1:6379/14" if args.redis else None)
+                          redis_url="redis://127.0.0.1:6379/14" if args.redis else None,
+                          postgres=args.postgres)
             try:
                 report = chaos.run()
             finally:

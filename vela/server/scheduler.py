@@ -128,7 +128,6 @@ class _Link:
     client: WorkerClient
     sign_public_key: str
     actor_name: str | None
-    last_ok: float
     check: asyncio.Task[dict[str, Any]] | None = None
     check_started: float = 0.0
     next_check: float = 0.0
@@ -310,7 +309,7 @@ class Scheduler:
         if client is None:
             raise NotFound(f"worker actor {reg.actor_name!r} not found")
         self._links[reg.hostname] = _Link(client=client, sign_public_key=sign_public_key,
-                                          actor_name=reg.actor_name, last_ok=self._mono())
+                                          actor_name=reg.actor_name)
         self.registry.upsert(reg.hostname, routes=reg.routes, build_limit=reg.build_limit)
         self.registry.set_health(reg.hostname, True)
         await self._adopt(reg.hostname, set(running))
@@ -435,7 +434,7 @@ class Scheduler:
                     link.failing_since = link.failing_since or link.check_started
                     self._set_health(hostname, False)
                 else:
-                    link.last_ok, link.failing_since = now, None
+                    link.failing_since = None
                     self._set_health(hostname, True)
                     await self._reconcile(hostname, link, status)
             if hostname not in self._links:
@@ -494,10 +493,8 @@ class Scheduler:
 
     async def checkin(self, hostname: str) -> bool:
         """A worker's periodic check-in; False tells it to register again."""
-        link = self._links.get(hostname)
-        if link is None:
+        if hostname not in self._links:
             return False
-        link.last_ok = self._mono()
         await self._mirror(hostname, last_checked_in=self._now())
         return True
 
@@ -598,7 +595,7 @@ class Scheduler:
                 continue
             self._links[worker.hostname] = _Link(
                 client=client, sign_public_key=worker.sign_public_key,
-                actor_name=worker.actor_name, last_ok=self._mono())
+                actor_name=worker.actor_name)
             self.registry.upsert(worker.hostname, routes=worker.routes,
                                  build_limit=worker.build_limit,
                                  active=not status.get("draining", False))

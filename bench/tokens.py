@@ -1,0 +1,76 @@
+"""Build-token throughput on one core: mint, verify, and the full request check
+(token + proof of possession + authorization) per second.
+
+    python bench/tokens.py [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from vela.domain import BuildStatus
+from vela.security import (
+    BuildAction,
+    BuildRequestGuard,
+    KeyRing,
+    WorkerIdentity,
+    make_proof,
+    mint_build_token,
+    verify_build_token,
+)
+
+
+def rate(fn: Callable[[int], object], seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        for _ in range(100):
+            fn(n)
+            n += 1
+    return n / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=3.0)
+    args = p.parse_args(argv)
+    now = datetime.now(UTC)
+    ring = KeyRing.generate(now)
+    worker = WorkerIdentity.generate()
+    keys = ring.verifying_keys(now)
+
+    def mint(i: int) -> tuple[str, object]:
+        return mint_build_token(ring, issuer="bench", build_id=i + 1, worker="w1",
+                                jkt=worker.thumbprint, timeout_s=3600, grace_s=300, now=now)
+
+    token, claims = mint(0)
+    guard = BuildRequestGuard(issuer="bench", proof_max_age_s=30,
+                              started_at=datetime.fromtimestamp(now.timestamp() - 60, UTC))
+
+    def check(i: int) -> None:
+        t = datetime.now(UTC)
+        proof = make_proof(worker, token=token, action=BuildAction.LOG_APPEND, build_id=1,
+                           now=t)
+        guard.check(token=token, proof=proof, action=BuildAction.LOG_APPEND, keys=keys,
+                    build_id=1, build_status=BuildStatus.RUNNING, build_worker="w1",
+                    build_token_jti=claims.jti, worker_sign_key=worker.sign_public_key,
+                    now=t)
+
+    rows = [
+        ("mint build token", rate(mint, args.seconds)),
+        ("verify build token", rate(lambda i: verify_build_token(
+            token, keys=keys, issuer="bench", now=now), args.seconds)),
+        ("worker: make proof + server: full check", rate(check, args.seconds)),
+    ]
+    print(f"{'operation (one core)':<42} {'per second':>12}")
+    for name, r in rows:
+        print(f"{name:<42} {r:>12,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
