@@ -28,10 +28,17 @@ AUTHORITY = "vela-token-authority"
 SCHEDULER = "vela-scheduler"
 LISTENER = "vela-queue-listener"
 WORKER_PREFIX = "vela-worker-"
+# Legacy queue mode only (vela/legacy): classic Vela's worker API and pull workers.
+LEGACY_GATEWAY = "vela-legacy-gateway"
+LEGACY_WORKER_PREFIX = "vela-legacy-worker-"
 
 
 def worker_actor_name(hostname: str) -> str:
     return WORKER_PREFIX + hostname
+
+
+def legacy_worker_actor_name(hostname: str) -> str:
+    return LEGACY_WORKER_PREFIX + hostname
 
 
 def get_actor(name: str, namespace: str = NAMESPACE) -> Any | None:
@@ -95,6 +102,16 @@ class RayAuthority:
     async def key_set(self) -> dict[str, Any]:
         return await _await(self._h.key_set.remote())
 
+    async def registration_token(self, *, routes: list[str], hostname: str | None,
+                                 ttl_s: int | None = None) -> str:
+        return await _await(self._h.registration_token.remote(routes=routes,
+                                                              hostname=hostname, ttl_s=ttl_s))
+
+    async def mint_api_token(self, *, subject: str, scopes: list[str],
+                             ttl_s: int) -> dict[str, Any]:
+        return await _await(self._h.mint_api_token.remote(subject=subject, scopes=scopes,
+                                                          ttl_s=ttl_s))
+
 
 class RayDispatcher:
     """The listener's view of the Scheduler actor."""
@@ -132,3 +149,41 @@ class RayServerLink:
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Registration and check-in calls on the Scheduler."""
         return await _await(getattr(self.scheduler(), method).remote(*args, **kwargs))
+
+
+class RayLegacyServer:
+    """A legacy worker's line to the LegacyGatewayActor (every call carries the shared
+    worker secret); transient trouble is a TimeoutError, a refusal a Rejected."""
+
+    def __init__(self, namespace: str = NAMESPACE) -> None:
+        self.namespace = namespace
+        self._gateway: Any | None = None
+
+    def gateway(self) -> Any:
+        if self._gateway is None:
+            self._gateway = get_actor(LEGACY_GATEWAY, self.namespace)
+            if self._gateway is None:
+                raise TimeoutError("the legacy gateway is not running (no legacy route on "
+                                   "this server, or it is starting)")
+        return self._gateway
+
+    async def hello(self, *, worker_secret: str, hostname: str,
+                    routes: list[str]) -> dict[str, Any]:
+        return await _await(self.gateway().hello.remote(
+            worker_secret=worker_secret, hostname=hostname, routes=routes))
+
+    async def claim(self, *, worker_secret: str, hostname: str,
+                    build_id: int) -> dict[str, Any] | None:
+        return await _await(self.gateway().claim.remote(
+            worker_secret=worker_secret, hostname=hostname, build_id=build_id))
+
+    async def secrets(self, *, worker_secret: str, repo: str,
+                      names: list[str]) -> dict[str, str]:
+        return await _await(self.gateway().secrets.remote(
+            worker_secret=worker_secret, repo=repo, names=names))
+
+    async def report(self, *, worker_secret: str, hostname: str, build_id: int, action: str,
+                     payload: dict[str, Any]) -> None:
+        await _await(self.gateway().report.remote(
+            worker_secret=worker_secret, hostname=hostname, build_id=build_id, action=action,
+            payload=payload))

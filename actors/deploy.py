@@ -11,7 +11,18 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors._ray import AUTHORITY, LISTENER, NAMESPACE, SCHEDULER, get_actor, worker_actor_name
+from actors._ray import (
+    AUTHORITY,
+    LEGACY_GATEWAY,
+    LISTENER,
+    NAMESPACE,
+    SCHEDULER,
+    get_actor,
+    legacy_worker_actor_name,
+    worker_actor_name,
+)
+from actors.legacy_gateway import LegacyGatewayActor
+from actors.legacy_worker import LegacyWorkerActor
 from actors.queue_listener import QueueListenerActor
 from actors.scheduler import SchedulerActor
 from actors.token_authority import TokenAuthorityActor
@@ -28,19 +39,34 @@ def _options(name: str, namespace: str) -> dict[str, Any]:
 
 
 def start_control_plane(settings: Settings, *, timeout_s: float = 120.0) -> dict[str, Any]:
-    """TokenAuthority, Scheduler, QueueListener — in that order, each confirmed ready."""
+    """TokenAuthority, Scheduler, QueueListener — in that order, each confirmed ready —
+    and the LegacyGateway only if some route is in legacy queue mode."""
     ns = settings.ray.namespace
     handles: dict[str, Any] = {}
-    for name, cls in CONTROL:
+    control: list[tuple[str, Any]] = list(CONTROL)
+    if settings.queue.legacy_route_names():
+        control.append((LEGACY_GATEWAY, LegacyGatewayActor))
+    for name, cls in control:
         handle = cls.options(**_options(name, ns)).remote(settings)
         ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
         handles[name] = handle
     ray.get(handles[SCHEDULER].ready.remote(), timeout=timeout_s)
+    if LEGACY_GATEWAY in handles:
+        ray.get(handles[LEGACY_GATEWAY].ready.remote(), timeout=timeout_s)
     return handles
 
 
 def default_hostname() -> str:
     return socket.gethostname().split(".")[0] or "worker"
+
+
+def _pinned(cls: Any, name: str, settings: Settings, node_id: str | None,
+            max_restarts: int) -> Any:
+    """``cls`` with our options, pinned to ``node_id`` (default: this driver's node)."""
+    node = node_id or ray.get_runtime_context().get_node_id()
+    return cls.options(
+        **{**_options(name, settings.ray.namespace), "max_restarts": max_restarts},
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False))
 
 
 def start_worker(settings: Settings, *, hostname: str, routes: list[str], build_limit: int,
@@ -49,14 +75,26 @@ def start_worker(settings: Settings, *, hostname: str, routes: list[str], build_
                  timeout_s: float = 120.0) -> tuple[Any, dict[str, Any]]:
     """Start (or find) the WorkerActor for ``hostname`` pinned to ``node_id`` (default:
     this driver's node); wait until it registered. Returns the handle and its status."""
-    node = node_id or ray.get_runtime_context().get_node_id()
-    handle = WorkerActor.options(
-        **{**_options(worker_actor_name(hostname), settings.ray.namespace),
-           "max_restarts": max_restarts},
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-    ).remote(settings, hostname=hostname, routes=routes, build_limit=build_limit,
-             state_dir=str(state_dir.resolve()), registration_token=registration_token)
+    handle = _pinned(WorkerActor, worker_actor_name(hostname), settings, node_id,
+                     max_restarts).remote(
+        settings, hostname=hostname, routes=routes, build_limit=build_limit,
+        state_dir=str(state_dir.resolve()), registration_token=registration_token)
     status = ray.get(handle.wait_registered.remote(timeout_s), timeout=timeout_s + 30)
+    return handle, status
+
+
+def start_legacy_worker(settings: Settings, *, hostname: str, routes: list[str],
+                        build_limit: int, state_dir: Path, worker_secret: str,
+                        node_id: str | None = None, max_restarts: int = -1,
+                        timeout_s: float = 120.0) -> tuple[Any, dict[str, Any]]:
+    """Start (or find) the LegacyWorkerActor for ``hostname`` pinned to ``node_id``
+    (default: this driver's node); wait until the legacy gateway accepted it (its
+    status says ``registered``; else ``error`` says why)."""
+    handle = _pinned(LegacyWorkerActor, legacy_worker_actor_name(hostname), settings,
+                     node_id, max_restarts).remote(
+        settings, hostname=hostname, routes=routes, build_limit=build_limit,
+        state_dir=str(state_dir.resolve()), worker_secret=worker_secret)
+    status = ray.get(handle.wait_connected.remote(timeout_s), timeout=timeout_s + 30)
     return handle, status
 
 
@@ -69,7 +107,7 @@ def vela_actors(namespace: str = NAMESPACE) -> list[str]:
 def stop_all(namespace: str = NAMESPACE) -> list[str]:
     """Kill every named actor of ours: the listener first, so nothing new is popped."""
     names = vela_actors(namespace)
-    order = {LISTENER: 0, SCHEDULER: 2, AUTHORITY: 3}
+    order = {LISTENER: 0, SCHEDULER: 2, LEGACY_GATEWAY: 2, AUTHORITY: 3}
     stopped = []
     for name in sorted(names, key=lambda n: order.get(n, 1)):
         handle = get_actor(name, namespace)

@@ -14,6 +14,8 @@ import ray
 
 from actors._metrics import RayMetrics
 from actors._ray import AUTHORITY, RayAuthority, RayWorkerDirectory, get_actor
+from vela.api.backend import ServerBackend, TokenIssuer, dispatch
+from vela.api.errors import to_api_error
 from vela.config import Settings
 from vela.domain import BuildStatus
 from vela.errors import VelaError
@@ -33,6 +35,7 @@ class SchedulerActor:
         self._core: Scheduler | None = None
         self._lock = asyncio.Lock()
         self._ctx: ServerContext | None = None
+        self._api: ServerBackend | None = None
         # Start recovering at once: a restarted Scheduler must re-adopt its workers.
         self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
 
@@ -120,6 +123,18 @@ class SchedulerActor:
 
     async def status(self) -> dict[str, Any]:
         return (await self._get()).status()
+
+    async def api(self, op: str, kwargs: dict[str, Any]) -> Any:
+        """One HTTP API operation (``vela.api.backend.OPS``) for the API's Serve
+        replicas; failures come back as :class:`~vela.api.errors.ApiError`."""
+        try:
+            core = await self._get()
+        except Exception as e:  # noqa: BLE001 - e.g. the TokenAuthority is not up yet
+            raise to_api_error(e) from None
+        if self._api is None:
+            issuer: TokenIssuer = core.authority  # type: ignore[assignment] # RayAuthority
+            self._api = ServerBackend(scheduler=core, issuer=issuer, settings=self._settings)
+        return await dispatch(self._api, op, kwargs)
 
     async def build_view(self, build_id: int, after_log_id: int = 0) -> dict[str, Any]:
         return await build_view((await self._get()).store, build_id, after_log_id=after_log_id)

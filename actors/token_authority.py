@@ -47,3 +47,8 @@ class TokenAuthorityActor:
     async def stats(self) -> dict[str, Any]:
         s = (await self._get()).stats
         return {"issued": s.issued, "authorized": s.authorized, "rejected": dict(s.rejected)}
+
+    async def mint_api_token(self, *, subject: str, scopes: list[str],
+                             ttl_s: int) -> dict[str, Any]:
+        return await (await self._get()).mint_api_token(subject=subject, scopes=scopes,
+                                                        ttl_s=ttl_s)

@@ -78,3 +78,20 @@ def engine(request):
 @pytest.fixture
 def master_key() -> bytes:
     return bytes(range(32))
+
+
+# One Ray for the whole session: a real ray.cluster_utils.Cluster (head node, token
+# authentication on), so tests that lose a node can add and remove worker nodes.
+@pytest.fixture(scope="session")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True,
+                head_node_args={"num_cpus": 2, "include_dashboard": False})
+    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()

@@ -14,7 +14,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vela.domain import DEFAULT_ROUTE
 from vela.errors import ConfigError
@@ -33,6 +41,9 @@ class ServerSettings(_Section):
     # Encrypts the server's signing keys and secrets at rest. When unset, a
     # random key is created once in ``data_dir/master.key`` (mode 0600).
     master_key: SecretStr | None = None
+    # Classic Vela's shared WORKER_SECRET, accepted from legacy workers on legacy routes
+    # only (queue.mode / queue.legacy_routes); it can read every secret. Unused otherwise.
+    worker_secret: SecretStr | None = None
 
 
 class DatabaseSettings(_Section):
@@ -46,6 +57,9 @@ class QueueSettings(_Section):
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     mode: Literal["server", "legacy"] = "server"
     routes: list[str] = Field(default_factory=lambda: [DEFAULT_ROUTE])
+    # In server mode, routes still served by legacy (worker-pull) workers during a
+    # migration; "legacy" mode means every route. See docs/migration.md.
+    legacy_routes: list[str] = Field(default_factory=list)
     lease_seconds: float = Field(default=60.0, gt=0)
     max_item_bytes: int = Field(default=4096, gt=0)
 
@@ -56,6 +70,29 @@ class QueueSettings(_Section):
             raise ValueError("routes must be a non-empty list of non-empty names")
         return v
 
+    @model_validator(mode="after")
+    def _legacy_routes_known(self) -> QueueSettings:
+        unknown = [r for r in self.legacy_routes if r not in self.routes]
+        if unknown:
+            raise ValueError(f"legacy_routes names {', '.join(unknown)}, not in queue.routes")
+        if self.mode == "legacy" and self.legacy_routes \
+                and set(self.legacy_routes) != set(self.routes):
+            raise ValueError('mode = "legacy" serves every route in legacy mode; for a mixed '
+                             'fleet set mode = "server" and list the legacy routes in '
+                             "legacy_routes")
+        return self
+
+    def legacy_route_names(self) -> tuple[str, ...]:
+        """Routes whose workers pop the queue themselves (classic Vela)."""
+        if self.mode == "legacy":
+            return tuple(self.routes)
+        return tuple(r for r in self.routes if r in self.legacy_routes)
+
+    def server_route_names(self) -> tuple[str, ...]:
+        """Routes the server's QueueListener pops and pushes to queueless workers."""
+        legacy = self.legacy_route_names()
+        return tuple(r for r in self.routes if r not in legacy)
+
 
 class RaySettings(_Section):
     # Empty starts a local Ray; otherwise "auto" or "host:port" of a cluster head.
@@ -64,6 +101,27 @@ class RaySettings(_Section):
     # Redis owns 6379 on our machines, which is also Ray's default head port.
     head_port: int = Field(default=6390, gt=0, lt=65536)
     dashboard_port: int = Field(default=8265, gt=0, lt=65536)
+
+
+class ApiSettings(_Section):
+    # The HTTP API (Ray Serve's proxy) listens here; 0.0.0.0 to serve other hosts.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, gt=0, lt=65536)
+    # What clients call; empty means http://<host>:<port> (127.0.0.1 for a wildcard host).
+    url: str = ""
+    # Default lifetime of API tokens (`vela login`, and the local admin login of `vela serve`).
+    token_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
+    # The CLI's credentials (API URL and token, mode 0600); empty: data_dir/credentials.json.
+    credentials_file: Path | None = None
+
+    def listen_url(self) -> str:
+        """Where the API answers as seen from its own host (the Ray head)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host  # noqa: S104
+        return f"http://{host}:{self.port}"
+
+    def base_url(self) -> str:
+        """What clients call."""
+        return self.url.rstrip("/") if self.url else self.listen_url()
 
 
 class SchedulerSettings(_Section):
@@ -88,6 +146,8 @@ class WorkerSettings(_Section):
     build_limit: int = Field(default=1, gt=0)
     mode: Literal["queueless", "legacy"] = "queueless"
     registration_token: SecretStr | None = None
+    # Legacy mode only: the shared WORKER_SECRET this worker presents to the server.
+    worker_secret: SecretStr | None = None
     allow_unsandboxed: bool = False
     network: bool = True
     checkin_period_s: float = Field(default=15.0, gt=0)
@@ -100,6 +160,7 @@ class Settings(_Section):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     tokens: TokenSettings = Field(default_factory=TokenSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
@@ -108,6 +169,9 @@ class Settings(_Section):
         if self.database.url is not None and self.database.url.get_secret_value():
             return self.database.url.get_secret_value()
         return f"sqlite+aiosqlite:///{(self.server.data_dir / 'vela.db').resolve()}"
+
+    def credentials_path(self) -> Path:
+        return self.api.credentials_file or self.server.data_dir / "credentials.json"
 
     def master_key(self) -> bytes:
         """The 32-byte master key; created once in the data directory if unset."""
@@ -160,7 +224,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def _describe(err: ValidationError, origin: dict[str, str]) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
-    source = origin.get(key) or origin.get(key.split(".")[0], "defaults")
+    # A whole-section check (e.g. queue.legacy_routes vs queue.routes) names its section.
+    source = (origin.get(key) or origin.get(key.split(".")[0])
+              or next((v for k, v in origin.items() if k.startswith(f"{key}.")), "defaults"))
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"

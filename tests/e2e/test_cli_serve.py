@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def vela(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.Co
 def env(tmp_path):
     e = {k: v for k, v in os.environ.items() if not k.startswith(("VELA_", "RAY_"))}
     e.update(VELA_SERVER_DATA_DIR=str(tmp_path / "data"), VELA_RAY_HEAD_PORT="6391",
-             VELA_RAY_DASHBOARD_PORT="8266")
+             VELA_RAY_DASHBOARD_PORT="8266", VELA_API_PORT="8091")
     return e
 
 
@@ -44,12 +45,30 @@ def test_serve_build_run_stop(env):
         assert "build 1 success" in ok.stdout
         bad = vela("build", "run", "examples/failing.yml", "--repo", "demo/hello", env=env)
         assert bad.returncode == 1 and "failure" in bad.stdout
+        # Through the HTTP API, as the admin `vela serve` logged the local CLI in as.
+        assert "API up at http://127.0.0.1:8091" in up.stdout
+        assert "admin credential" in up.stdout and "logged in as admin" in up.stdout
+        creds = Path(env["VELA_SERVER_DATA_DIR"]) / "credentials.json"
+        assert creds.stat().st_mode & 0o777 == 0o600
+        api = vela("build", "submit", "examples/hello.yml", "--repo", "demo/hello",
+                   "--follow", env=env)
+        assert api.returncode == 0, api.stdout + api.stderr
+        assert "step 1" in api.stdout and "build 3 success" in api.stdout
+        assert SECRET not in api.stdout and "the greeting token is ***" in api.stdout
+        bad = vela("build", "submit", "examples/failing.yml", "--repo", "demo/hello",
+                   "--follow", env=env)
+        assert bad.returncode == 1 and "failure" in bad.stdout
+        workers = vela("workers", "--json", env=env)
+        assert workers.returncode == 0 and len(json.loads(workers.stdout)) == 2
+        status = vela("status", env=env)
+        assert status.returncode == 0 and "vela-scheduler" in status.stdout
         again = vela("serve", "--detach", env=env)  # idempotent
         assert again.returncode == 0, again.stderr
     finally:
         down = vela("stop", env=env)
     assert down.returncode == 0, down.stderr
     assert "stopped the local Ray head" in down.stdout
+    assert "stopped the API" in down.stdout
     after = vela("build", "run", "examples/hello.yml", "--repo", "demo/hello", env=env,
                  timeout=120)
     assert after.returncode == 1 and "vela serve" in after.stderr

@@ -15,21 +15,6 @@ import pytest
 from vela.config import Settings
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True,
-                head_node_args={"num_cpus": 2, "include_dashboard": False})
-    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
-    try:
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-
-
 def ray_settings(tmp_path, **sections: dict[str, Any]) -> Settings:
     base: dict[str, Any] = {
         "server": {"data_dir": str(tmp_path)},

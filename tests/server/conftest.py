@@ -118,6 +118,8 @@ class System:
     directory: Directory = field(default_factory=Directory)
     tokens: dict[int, str] = field(default_factory=dict)
     metrics: RecordingMetrics = field(default_factory=RecordingMetrics)
+    # More work for each pump pass (e.g. legacy workers' pull loops, tests/legacy).
+    extra_passes: list[Any] = field(default_factory=list)
 
     @property
     def store(self) -> Store:
@@ -186,6 +188,8 @@ class System:
                 raise AssertionError(f"timed out: { {k: v.status for k, v in builds.items()} }")
             await self.listener.run_until_idle(max_passes=100)
             await self.scheduler.check_workers()
+            for extra in self.extra_passes:
+                await extra()
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:

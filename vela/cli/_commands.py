@@ -7,7 +7,12 @@ import json
 import typer
 from rich.table import Table
 
-from vela.cli import queue_cmd, serve_cmd, worker_token_cmd  # noqa: F401 - registers commands
+from vela.cli import (  # noqa: F401 - registers commands
+    client_cmd,
+    queue_cmd,
+    serve_cmd,
+    worker_token_cmd,
+)
 from vela.cli._app import app, command, console, print_json, run, state
 from vela.config import redacted
 from vela.db import migrate

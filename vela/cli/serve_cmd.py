@@ -128,11 +128,19 @@ def _stop_local_head(s: Settings) -> None:
     console.print(f"stopped the local Ray head ({len(procs)} processes)")
 
 
-def _check_modes(s: Settings) -> None:
-    if s.queue.mode != "server" or s.worker.mode != "queueless":
-        raise VelaError("legacy queue mode (queue.mode = \"legacy\" / worker.mode = "
-                        "\"legacy\") is not available yet; use the defaults "
-                        "queue.mode = \"server\" and worker.mode = \"queueless\"")
+def _check_modes(s: Settings, *, serve: bool, routes: list[str]) -> None:
+    """Refuse a queue-mode split that cannot work before anything starts
+    (:mod:`vela.legacy.modes`). `vela serve` checks the server's split and its local
+    workers (``routes``); a `vela worker` elsewhere is checked by the server when it
+    starts (registration, or the legacy gateway's hello), here only for its secret."""
+    from vela.legacy.modes import check_server_modes, check_worker_modes, worker_secret
+
+    if serve:
+        check_server_modes(s)
+        if routes:
+            check_worker_modes(s, routes)
+    elif s.worker.mode == "legacy":
+        worker_secret(s)
 
 
 def _check_sandbox(s: Settings) -> None:
@@ -155,6 +163,9 @@ def _local_worker(s: Settings, hostname: str, authority: Any) -> dict[str, Any]:
     from vela.security import load_pinned_server
 
     state_dir = s.server.data_dir / "workers" / hostname
+    if s.worker.mode == "legacy":
+        return _start_legacy(s, hostname=hostname, routes=list(s.worker.routes),
+                             build_limit=s.worker.build_limit, state_dir=state_dir)
     token = None
     if load_pinned_server(state_dir) is None:
         token = ray.get(authority.registration_token.remote(
@@ -164,6 +175,23 @@ def _local_worker(s: Settings, hostname: str, authority: Any) -> dict[str, Any]:
                              registration_token=token)
     if not status.get("registered"):
         raise VelaError(f"worker {hostname} did not register: {status.get('error')}")
+    return status
+
+
+def _start_legacy(s: Settings, *, hostname: str, routes: list[str], build_limit: int,
+                  state_dir: Path) -> dict[str, Any]:
+    """A legacy (worker-pull) worker: classic Vela, kept for migration."""
+    from actors.deploy import start_legacy_worker
+    from vela.legacy.modes import worker_secret
+
+    _, status = start_legacy_worker(s, hostname=hostname, routes=routes,
+                                    build_limit=build_limit, state_dir=state_dir,
+                                    worker_secret=worker_secret(s))
+    if not status.get("registered"):
+        raise VelaError(f"legacy worker {hostname} was not accepted: {status.get('error')}")
+    err_console.print(f"[yellow]worker {hostname} runs in legacy queue mode: it pops the "
+                      "queue and reads secrets with the shared worker secret "
+                      "(docs/migration.md)[/yellow]", highlight=False)
     return status
 
 
@@ -177,26 +205,30 @@ def serve(
     detach: bool = typer.Option(False, "--detach", "-d",
                                 help="Return once everything is up; stop with `vela stop`."),
 ) -> None:
-    """Start the server (TokenAuthority, Scheduler, QueueListener) and local workers."""
+    """Start the server (TokenAuthority, Scheduler, QueueListener), local workers and the
+    HTTP API (Ray Serve)."""
     from actors._ray import AUTHORITY
     from actors.deploy import default_hostname, start_control_plane
     from vela.server.context import ServerContext
 
     s = state.settings
-    _check_modes(s)
     n_workers = local_workers if local_workers >= 0 else (0 if s.ray.address else 2)
+    _check_modes(s, serve=True, routes=list(s.worker.routes) if n_workers else [])
     if n_workers:
         _check_sandbox(s)
     t0 = time.monotonic()
 
-    async def boot() -> None:
+    async def boot() -> str | None:
+        from vela.api.auth import ensure_admin_credential
+
         ctx = ServerContext.open(s)
         try:
             await ctx.bootstrap()
+            return await ensure_admin_credential(ctx.store)
         finally:
             await ctx.close()
 
-    run(boot())
+    credential = run(boot())
     console.print(f"database ready ({s.database_url().split(':', 1)[0]}), "
                   f"queue: {s.queue.backend}", highlight=False)
     started = _connect(s, start_local=True)
@@ -207,11 +239,13 @@ def serve(
         status = _local_worker(s, hostname, handles[AUTHORITY])
         console.print(f"worker {hostname} registered (routes {', '.join(status['routes'])}, "
                       f"{status['free_slots']} slot(s), {status['sandbox']})", highlight=False)
+    api_url = _start_api(s, handles[AUTHORITY], credential)
     host = "127.0.0.1" if not s.ray.address else s.ray.address.split(":")[0]
-    console.print(f"[green]ready[/green] in {time.monotonic() - t0:.1f}s. Ray dashboard: "
-                  f"http://{host}:{s.ray.dashboard_port}  (address {_address(s)})")
-    console.print("try: vela build run examples/hello.yml --repo demo/hello "
-                  "--secret greeting_token=s3cr3t", highlight=False, soft_wrap=True)
+    console.print(f"[green]ready[/green] in {time.monotonic() - t0:.1f}s. API: {api_url}  "
+                  f"Ray dashboard: http://{host}:{s.ray.dashboard_port}  "
+                  f"(address {_address(s)})", highlight=False)
+    console.print("try: vela build submit examples/hello.yml --repo demo/hello --follow",
+                  highlight=False, soft_wrap=True)
     if detach:
         console.print("detached; stop with `vela stop`")
         return
@@ -226,9 +260,36 @@ def serve(
     _teardown(s, stop_head=started)
 
 
+def _start_api(s: Settings, authority: Any, credential: str | None) -> str:
+    """Deploy the HTTP API on Ray Serve. On the embedded default, log the local CLI in
+    as admin (a credentials file only this user can read)."""
+    import ray
+
+    from actors.api import deploy_api
+    from vela.api.client import Credentials, save_credentials
+
+    url = deploy_api(s)
+    console.print(f"API up at {url} (Ray Serve)", highlight=False)
+    if credential:
+        console.print(f"admin credential, shown this once (`vela login` exchanges it for an "
+                      f"API token): {credential}", highlight=False, soft_wrap=True)
+    if not s.ray.address:
+        out = ray.get(authority.mint_api_token.remote(subject="admin", scopes=["admin"],
+                                                      ttl_s=s.api.token_ttl_s))
+        path = s.credentials_path()
+        save_credentials(path, Credentials(url=url, token=out["token"], subject="admin",
+                                           scopes=tuple(out["scopes"]),
+                                           expires_at=out["expires_at"]))
+        console.print(f"the local CLI is logged in as admin ({path})", highlight=False)
+    return url
+
+
 def _teardown(s: Settings, *, stop_head: bool) -> None:
+    from actors.api import stop_api
     from actors.deploy import stop_all
 
+    if stop_api(s.ray.namespace):
+        console.print("stopped the API (Ray Serve)")
     stopped = stop_all(s.ray.namespace)
     console.print(f"stopped {len(stopped)} actor(s)")
     if stop_head:
@@ -261,17 +322,26 @@ def worker(
     """Start this node's WorkerActor on a running cluster (idempotent).
 
     The first time it needs VELA_WORKER_REGISTRATION_TOKEN (`vela worker-token create`);
-    afterwards its key proves who it is.
+    afterwards its key proves who it is. With worker.mode = "legacy" it starts a legacy
+    (worker-pull) worker instead, which needs VELA_WORKER_WORKER_SECRET.
     """
     from actors.deploy import default_hostname, start_worker
 
     s = state.settings
     if address:
         s.ray.address = address
-    _check_modes(s)
+    _check_modes(s, serve=False, routes=[])
     _check_sandbox(s)
     _connect(s)
     name = hostname or s.worker.hostname or default_hostname()
+    if s.worker.mode == "legacy":
+        status = _start_legacy(
+            s, hostname=name,
+            routes=[r.strip() for r in routes.split(",") if r.strip()] or list(s.worker.routes),
+            build_limit=build_limit or s.worker.build_limit, state_dir=s.worker.state_dir)
+        console.print(f"legacy worker {name} started: routes {', '.join(status['routes'])}, "
+                      f"{status['free_slots']} slot(s)", highlight=False)
+        return
     token = s.worker.registration_token.get_secret_value() if s.worker.registration_token \
         else None
     _, status = start_worker(

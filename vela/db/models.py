@@ -165,6 +165,20 @@ class RegistrationToken(Base):
     used_by: Mapped[str | None] = mapped_column(String(250), nullable=True)
 
 
+class ApiCredential(Base):
+    """A long-lived credential for people and tools (the admin credential of the first
+    `vela serve`); it is exchanged for short-lived API tokens at ``/api/v1/login``."""
+
+    __tablename__ = "api_credentials"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(250), unique=True)
+    # SHA-256 of the credential; the credential itself is shown once and never stored.
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 class ServerKey(Base):
     __tablename__ = "server_keys"
     kid: Mapped[str] = mapped_column(String(64), primary_key=True)

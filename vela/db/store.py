@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from vela.db.models import (
+    ApiCredential,
     Build,
     Log,
     RegistrationToken,
@@ -144,6 +145,15 @@ class Store:
             build = await s.get(Build, build_id)
         if build is None:
             raise NotFound(f"build {build_id} not found")
+        return build
+
+    async def get_build_by_number(self, repo_full_name: str, number: int) -> Build:
+        async with self.session() as s:
+            build = await s.scalar(
+                select(Build).join(Repo, Repo.id == Build.repo_id)
+                .where(Repo.full_name == repo_full_name, Build.number == number))
+        if build is None:
+            raise NotFound(f"build {repo_full_name}#{number} not found")
         return build
 
     async def repo_of(self, build: Build) -> Repo:
@@ -417,6 +427,28 @@ class Store:
                        RegistrationToken.expires_at > now)
                 .values(used_at=now, used_by=used_by))
             return res.rowcount == 1  # type: ignore[attr-defined]
+
+    # -------------------------------------------------------- api credentials
+    async def add_api_credential(self, *, name: str, secret_hash: str,
+                                 scopes: Sequence[str]) -> bool:
+        """Store a credential's hash; False if ``name`` exists already (first one wins)."""
+        try:
+            async with self.session() as s, s.begin():
+                s.add(ApiCredential(name=name, secret_hash=secret_hash, scopes=list(scopes),
+                                    created_at=utcnow()))
+        except IntegrityError:
+            return False
+        return True
+
+    async def find_api_credential(self, secret_hash: str) -> ApiCredential | None:
+        async with self.session() as s:
+            return await s.scalar(
+                select(ApiCredential).where(ApiCredential.secret_hash == secret_hash))
+
+    async def touch_api_credential(self, credential_id: int) -> None:
+        async with self.session() as s, s.begin():
+            await s.execute(update(ApiCredential).where(ApiCredential.id == credential_id)
+                            .values(last_used_at=utcnow()))
 
     # ------------------------------------------------------------ server keys
     async def save_server_key(self, *, kid: str, purpose: str, private_enc: bytes,

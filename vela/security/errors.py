@@ -58,6 +58,10 @@ class Reason(StrEnum):
     PACKAGE_EXPIRED = "package_expired"
     SEALED_SECRET_INVALID = "sealed_secret_invalid"  # noqa: S105 - a reason code
     KEY_SET_UNTRUSTED = "key_set_untrusted"
+    # Queue modes (vela/legacy): the classic shared WORKER_SECRET, and routes
+    # served by the other kind of worker.
+    WORKER_SECRET_INVALID = "worker_secret_invalid"  # noqa: S105 - a reason code
+    ROUTE_MODE_MISMATCH = "route_mode_mismatch"
 
 
 _HINTS: dict[Reason, str] = {
@@ -99,6 +103,11 @@ _HINTS: dict[Reason, str] = {
     Reason.PACKAGE_EXPIRED: "the package has expired",
     Reason.SEALED_SECRET_INVALID: "the sealed secrets do not decrypt for this worker",
     Reason.KEY_SET_UNTRUSTED: "the server key set is not endorsed by a pinned key",
+    Reason.WORKER_SECRET_INVALID: "not the server's legacy worker secret "
+                                  "(server.worker_secret / worker.worker_secret)",
+    Reason.ROUTE_MODE_MISMATCH: "the route is served in the other queue mode on this server: "
+                                "legacy workers serve queue.legacy_routes (every route with "
+                                "queue.mode = \"legacy\"), queueless workers the others",
 }
 
 

@@ -29,11 +29,13 @@ from vela.security import (
     Rejected,
     create_registration_token,
     load_or_create_keyring,
+    mint_api_token,
     mint_build_token,
     publish_key_set,
     seal_package,
 )
 from vela.security.keys import PURPOSE_TOKEN
+from vela.server.builds import build_meta
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,7 @@ class Authority:
             self.ring, issuer=self.server_id, build_id=build.id, worker=hostname,
             jkt=worker.key_thumbprint, timeout_s=build.timeout_s,
             grace_s=self.settings.tokens.build_token_grace_s, now=now)
-        meta = {"build_id": build.id, "repo": repo.full_name, "build_number": build.number,
-                "route": build.route, "timeout_s": build.timeout_s}
+        meta = build_meta(build, repo.full_name)
         package = seal_package(ring=self.ring, server_id=self.server_id, build_id=build.id,
                                worker=hostname, worker_seal_key=worker.seal_public_key,
                                build=meta, executable=build.executable, secrets=secrets,
@@ -143,3 +144,12 @@ class Authority:
         return await create_registration_token(
             self.store, routes=routes, hostname=hostname,
             ttl_s=ttl_s or self.settings.tokens.registration_ttl_s, now=self._clock())
+
+    async def mint_api_token(self, *, subject: str, scopes: list[str],
+                             ttl_s: int) -> dict[str, Any]:
+        """An API token for people and tools; the HTTP API checks it against
+        :meth:`key_set`'s keys (a build token never passes: other ``typ`` and ``aud``)."""
+        token, claims = mint_api_token(self.ring, issuer=self.server_id, subject=subject,
+                                       scopes=scopes, ttl_s=ttl_s, now=self._clock())
+        return {"token": token, "subject": claims.sub, "scopes": claims.scp,
+                "expires_at": claims.exp}

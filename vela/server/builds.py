@@ -52,6 +52,19 @@ class BuildQueue:
         await self.enqueue(build)
         return build
 
+    async def restart(self, build_id: int) -> Build:
+        """A new build of the same repo with ``build_id``'s executable (Vela's restart);
+        the original stays as it is and becomes the new build's parent."""
+        old = await self.store.get_build(build_id)
+        repo = await self.store.repo_of(old)
+        steps = [StepSpec(number=s.number, name=s.name, image=s.image)
+                 for s in await self.store.get_steps(build_id)]
+        build = await self.store.create_build(repo.full_name, executable=old.executable,
+                                              steps=steps, route=old.route,
+                                              timeout_s=old.timeout_s, parent_id=old.id)
+        await self.enqueue(build)
+        return build
+
     async def enqueue(self, build: Build) -> None:
         """Push a signed item for ``build`` (again, after a requeue: attempt + 1)."""
         item = QueueItem.new(build.id, build.route, attempt=build.attempts + 1)
@@ -94,3 +107,10 @@ async def build_view(store: Store, build_id: int, *, after_log_id: int = 0) -> d
                   for s in steps],
         "logs": [{"id": i, "step": n, "text": text} for i, n, text in logs],
     }
+
+
+def build_meta(build: Build, repo_full_name: str) -> dict[str, Any]:
+    """What a worker is told about the build it runs (its ``VELA_*`` variables), in
+    either queue mode."""
+    return {"build_id": build.id, "repo": repo_full_name, "build_number": build.number,
+            "route": build.route, "timeout_s": build.timeout_s}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,6 +21,9 @@ from vela.security.keys import PURPOSE_QUEUE, PURPOSE_TOKEN
 from vela.server.authority import Authority
 from vela.server.builds import BuildQueue
 from vela.server.scheduler import AuthorityClient, Scheduler, WorkerDirectory
+
+if TYPE_CHECKING:
+    from vela.legacy.gateway import LegacyGateway
 
 
 @dataclass
@@ -71,9 +75,19 @@ class ServerContext:
     async def listener(self, queue: Queue, dispatcher: Dispatcher) -> Listener:
         ring = await self._ring(PURPOSE_QUEUE)
         q = self.settings.queue
+        # Only server-mode routes: the listener never pops a route of legacy workers.
         verifier = ItemVerifier.from_public_keys(ring.verifying_keys(datetime.now(UTC)),
-                                                 q.routes, q.max_item_bytes)
+                                                 q.server_route_names(), q.max_item_bytes)
         return Listener(queue, verifier, dispatcher, lease_s=q.lease_seconds)
+
+    async def legacy_gateway(self, *, metrics: Metrics | None = None) -> LegacyGateway:
+        """Classic Vela's worker entry point; ConfigError unless some route is legacy."""
+        from vela.legacy.gateway import LegacyGateway
+
+        ring = await self._ring(PURPOSE_QUEUE)
+        return LegacyGateway(store=self.store, settings=self.settings,
+                             queue_keys=lambda: ring.verifying_keys(datetime.now(UTC)),
+                             metrics=metrics)
 
     async def close(self) -> None:
         await self.engine.dispose()

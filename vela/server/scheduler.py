@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from vela.config import Settings
 from vela.db.models import Build
 from vela.db.store import Store
-from vela.domain import BuildStatus, StepStatus, WorkerStatus
-from vela.errors import Conflict, InvalidTransition, NotFound
+from vela.domain import BuildStatus, WorkerStatus
+from vela.errors import Conflict, NotFound
+from vela.legacy.modes import check_queueless_routes
 from vela.metrics import Metrics
 from vela.queue.item import QueueItem
 from vela.queue.listener import Outcome, SubmitResult
@@ -43,7 +44,6 @@ from vela.queue.listener import Rejected as ItemRejected
 from vela.scheduling import WorkerRegistry
 from vela.security import (
     Answer,
-    BuildAction,
     ChallengeBook,
     Purpose,
     Reason,
@@ -55,13 +55,12 @@ from vela.security import (
 from vela.security.challenge import Challenge
 from vela.server.authority import IssuedPackage
 from vela.server.builds import BuildQueue
+from vela.server.reports import ReportWriter
 
 log = logging.getLogger(__name__)
 
 WORKER_LOST = "worker_lost"
 CANCELED_BY_USER = "canceled"
-MAX_LOG_LINES = 5_000
-MAX_LOG_LINE_CHARS = 64_000
 
 
 def _utcnow() -> datetime:
@@ -97,30 +96,6 @@ class AuthorityClient(Protocol):
                         proof: object) -> str: ...
 
     async def key_set(self) -> dict[str, Any]: ...
-
-
-# -- what workers report -------------------------------------------------------
-
-class _Report(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class StepReport(_Report):
-    number: int = Field(ge=1, le=10_000)
-    status: StepStatus
-    exit_code: int | None = Field(default=None, ge=-1024, le=1024)
-    reason: str | None = Field(default=None, max_length=64)
-
-
-class LogReport(_Report):
-    number: int = Field(ge=1, le=10_000)
-    lines: list[str] = Field(max_length=MAX_LOG_LINES)
-
-
-class FinishReport(_Report):
-    status: BuildStatus
-    reason: str | None = Field(default=None, max_length=64)
-    message: str | None = Field(default=None, max_length=2_000)
 
 
 @dataclass
@@ -164,6 +139,10 @@ class Scheduler:
                                   ttl_s=settings.scheduler.challenge_ttl_s)
         self.stats = SchedulerStats()
         self.metrics = metrics or Metrics()
+        self.writer = ReportWriter(store, metrics=self.metrics, now=now)
+        # Builds on these routes belong to legacy workers (vela.legacy): never
+        # dispatched, adopted or ended as lost here.
+        self._legacy_routes = frozenset(settings.queue.legacy_route_names())
         self._links: dict[str, _Link] = {}
         self._dispatching: set[int] = set()
         self._queue_epoch: str | None = None
@@ -281,6 +260,8 @@ class Scheduler:
                        running: list[int] | None = None) -> dict[str, Any]:
         """A new worker redeems a registration token; returns the key set to pin."""
         reg = Registration.from_wire(registration)
+        # Refused before the token is spent, so the admin can fix the routes and retry.
+        check_queueless_routes(reg.routes, self._legacy_routes)
         worker = await register_worker(self.store, reg, token=token, now=self._now())
         await self._attach(reg, worker.sign_public_key, running or [])
         return await self.authority.key_set()
@@ -294,6 +275,7 @@ class Scheduler:
                          running: list[int] | None = None) -> dict[str, Any]:
         """A known worker proves itself by signature after a restart."""
         reg = Registration.from_wire(registration)
+        check_queueless_routes(reg.routes, self._legacy_routes)
         try:
             ch = Challenge.model_validate_json(json.dumps(challenge))
             ans = Answer.model_validate_json(json.dumps(answer))
@@ -340,47 +322,9 @@ class Scheduler:
             self.metrics.rejected(e.reason.value)
             raise
         self.stats.reports += 1
-        try:
-            if action == BuildAction.START:
-                await self.store.set_build_fields(build_id, started_at=self._now())
-            elif action == BuildAction.STEP_UPDATE:
-                await self._step(build_id, StepReport.model_validate(payload))
-            elif action == BuildAction.LOG_APPEND:
-                logs = LogReport.model_validate(payload)
-                lines = [line[:MAX_LOG_LINE_CHARS] for line in logs.lines]
-                if lines:
-                    await self.store.append_log(build_id, logs.number, lines)
-            elif action == BuildAction.FINISH:
-                await self._finish(build_id, hostname, FinishReport.model_validate(payload))
-        except ValidationError as e:
-            where = ".".join(str(p) for p in e.errors()[0]["loc"])
-            raise Rejected(Reason.MALFORMED, f"{action} payload: {where}") from None
-        except NotFound as e:
-            raise Rejected(Reason.MALFORMED, str(e)) from None
-
-    async def _step(self, build_id: int, r: StepReport) -> None:
-        try:
-            await self.store.update_step(build_id, r.number, r.status, exit_code=r.exit_code,
-                                         reason=r.reason)
-        except (InvalidTransition, Conflict):
-            # A retried report that already took effect is fine; anything else is not.
-            steps = {s.number: s for s in await self.store.get_steps(build_id)}
-            current = steps.get(r.number)
-            if current is None or current.status != r.status.value:
-                raise Rejected(Reason.MALFORMED, f"step {r.number} cannot become "
-                               f"{r.status.value}") from None
-
-    async def _finish(self, build_id: int, hostname: str, r: FinishReport) -> None:
-        if not r.status.terminal:
-            raise Rejected(Reason.MALFORMED, f"{r.status.value} is not a final status")
-        try:
-            await self.store.transition_build(build_id, BuildStatus.RUNNING, r.status,
-                                              only_if={"worker": hostname}, reason=r.reason,
-                                              message=r.message)
-        except Conflict:
-            return  # ended meanwhile (canceled, lost): the first end stands
-        self.metrics.build_finished(r.status.value)
-        await self._free(hostname, build_id, last_build_finished=self._now())
+        if await self.writer.apply(build_id=build_id, hostname=hostname, action=action,
+                                   payload=payload):
+            await self._free(hostname, build_id, last_build_finished=self._now())
 
     async def _free(self, hostname: str, build_id: int, **fields: Any) -> None:
         if self.registry.release(hostname, build_id):
@@ -390,15 +334,17 @@ class Scheduler:
 
     async def cancel(self, build_id: int) -> BuildStatus:
         """Cancel a pending or running build; returns its status afterwards."""
-        build = await self.store.get_build(build_id)
-        status = BuildStatus(build.status)
-        if status.terminal:
-            return status
-        try:
-            await self.store.transition_build(build_id, status, BuildStatus.CANCELED,
-                                              reason=CANCELED_BY_USER)
-        except Conflict:
-            return BuildStatus((await self.store.get_build(build_id)).status)
+        while True:
+            build = await self.store.get_build(build_id)
+            status = BuildStatus(build.status)
+            if status.terminal:
+                return status
+            try:
+                await self.store.transition_build(build_id, status, BuildStatus.CANCELED,
+                                                  reason=CANCELED_BY_USER)
+                break
+            except Conflict:
+                continue  # dispatched (or requeued) meanwhile: cancel from its new state
         self.metrics.build_finished(BuildStatus.CANCELED.value)
         if status is BuildStatus.RUNNING and build.worker:
             link = self._links.get(build.worker)
@@ -491,6 +437,13 @@ class Scheduler:
         if entry is not None and entry.healthy != healthy:
             self.registry.set_health(hostname, healthy)
 
+    async def set_worker_active(self, hostname: str, active: bool) -> None:
+        """An admin (de)activates a worker: an inactive one gets no new builds (its
+        running builds go on) and cannot register again until activated."""
+        await self.store.update_worker(hostname, active=active)
+        if hostname in self.registry:
+            self.registry.set_active(hostname, active)
+
     async def checkin(self, hostname: str) -> bool:
         """A worker's periodic check-in; False tells it to register again."""
         if hostname not in self._links:
@@ -523,6 +476,8 @@ class Scheduler:
     async def _end_lost_build(self, build: Build) -> None:
         """A build whose worker died: error if it had started, else back to the queue."""
         assert build.worker is not None
+        if build.route in self._legacy_routes:
+            return  # a legacy worker's build: the Scheduler never watched that worker
         self.registry.release(build.worker, build.id)
         try:
             if build.started_at is None:

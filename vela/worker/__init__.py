@@ -3,6 +3,6 @@
 Plain asyncio, no Ray; ``actors/worker.py`` is the Ray shell around it.
 """
 
-from vela.worker.core import Receipt, ServerLink, WorkerCore
+from vela.worker.core import BuildRunner, Job, Receipt, ServerLink, WorkerCore
 
-__all__ = ["Receipt", "ServerLink", "WorkerCore"]
+__all__ = ["BuildRunner", "Job", "Receipt", "ServerLink", "WorkerCore"]

@@ -6,6 +6,11 @@ running, and reports each build's progress to the server through a
 :class:`ServerLink` with the build's token and a fresh proof of possession
 per report. It never raises to the server over a refusal: it answers with a
 :class:`Receipt` whose ``reason`` is a stable code.
+
+What happens once a build is here (slots, the build task, ordered reports
+with retries) is :class:`BuildRunner`, shared with the legacy worker
+(:mod:`vela.legacy.worker`), which differs only in how a build arrives and
+how a report is authenticated.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ CLOSE_GRACE_S = 10.0
 # Package ids remembered until their package expires; far above what a worker
 # can receive within one package lifetime.
 MAX_SEEN_PACKAGES = 10_000
+# A job that names no timeout and has no token deadline (not sent by our servers).
+DEFAULT_BUILD_TIMEOUT_S = 3600.0
 _META_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Not passed on as VELA_* variables: the worker sets the first itself, the
 # second is a limit, not a fact about the build.
@@ -90,6 +97,25 @@ class Receipt:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Job:
+    """A build ready to run here, however it arrived: opened from a sealed package,
+    or (legacy mode) claimed from the queue and fetched with the worker secret."""
+
+    build_id: int
+    build: dict[str, Any]  # metadata: repo, number, route, timeout_s (→ VELA_* variables)
+    executable: str
+    secrets: dict[str, str] = field(repr=False)
+    # Epoch seconds: the most the server will listen (the build token's expiry).
+    deadline: float | None = None
+
+    @classmethod
+    def from_package(cls, opened: OpenedPackage) -> Job:
+        return cls(build_id=opened.build_id, build=opened.build,
+                   executable=opened.executable, secrets=opened.secrets,
+                   deadline=opened.claims.exp)
+
+
 @dataclass(eq=False)
 class _Run:
     """One build on this worker, from the reserved slot to the end of its task."""
@@ -107,7 +133,7 @@ class _Run:
 class _BuildReporter:
     """The executor's Reporter for one build: every call becomes a server report."""
 
-    def __init__(self, core: WorkerCore, run: _Run) -> None:
+    def __init__(self, core: BuildRunner, run: _Run) -> None:
         self._core = core
         self._run = run
 
@@ -128,12 +154,13 @@ class _BuildReporter:
                                  {"number": number, "lines": list(lines)})
 
 
-class WorkerCore:
-    """Accepts packages, runs builds, reports; the WorkerActor is a shell around it."""
+class BuildRunner:
+    """Slots, build tasks and ordered, retried reports: what a worker does with a
+    build once it has one, in either queue mode. A subclass says how a report is
+    authenticated (:meth:`_send`)."""
 
     def __init__(self, *, hostname: str, routes: list[str], build_limit: int,
-                 identity: WorkerIdentity, pinned_server_keys: Mapping[str, str],
-                 runtime: Runtime, server: ServerLink, workspace_root: Path,
+                 runtime: Runtime, workspace_root: Path,
                  clock: Callable[[], datetime] = _utcnow, batch_lines: int = 100,
                  flush_s: float = 0.5, report_retry_s: float = 0.2,
                  report_deadline_s: float = 300.0) -> None:
@@ -146,22 +173,18 @@ class WorkerCore:
         self.build_limit = build_limit
         self.runtime = runtime
         self.workspace_root = Path(workspace_root)
-        self._identity = identity
-        self._pinned: dict[str, str] = dict(pinned_server_keys)
-        self._server = server
         self._clock = clock
         self._batch_lines = batch_lines
         self._flush_s = flush_s
         self._retry_s = report_retry_s
         self._deadline_s = report_deadline_s
         self._runs: dict[int, _Run] = {}
-        self._seen: dict[str, float] = {}  # package_id -> its expiry (epoch seconds)
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
 
     def __repr__(self) -> str:
-        return (f"WorkerCore(hostname={self.hostname!r}, running={self.running}, "
+        return (f"{type(self).__name__}(hostname={self.hostname!r}, running={self.running}, "
                 f"free_slots={self.free_slots}, draining={self._draining})")
 
     # -- state ---------------------------------------------------------------------
@@ -178,14 +201,187 @@ class WorkerCore:
     def draining(self) -> bool:
         return self._draining
 
-    def pin(self, keys: Mapping[str, str]) -> None:
-        """Trust these server keys (kid -> public key) from now on, and only these."""
-        self._pinned = dict(keys)
-
     def status(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "routes": list(self.routes),
                 "build_limit": self.build_limit, "running": self.running,
                 "free_slots": self.free_slots, "draining": self._draining}
+
+    # -- builds ------------------------------------------------------------------------
+
+    def _start(self, job: Job, token: str = "") -> _Run:
+        """Take a slot and run ``job`` in the background; the caller checked that a slot
+        is free and the build is not running here, with no await since."""
+        run = _Run(build_id=job.build_id, token=token)
+        self._runs[job.build_id] = run
+        self._idle.clear()
+        run.task = asyncio.create_task(self._drive(run, job), name=f"vela-build-{job.build_id}")
+        run.task.add_done_callback(lambda task: self._ended(run, task))
+        log.info("build %s accepted", job.build_id)
+        return run
+
+    def cancel(self, build_id: int) -> bool:
+        """Ask a running build to stop (it ends ``canceled``); False if not running here."""
+        run = self._runs.get(build_id)
+        if run is None:
+            return False
+        run.cancel.set()
+        return True
+
+    async def wait_idle(self, timeout_s: float | None = None) -> None:
+        """Return once no build runs here; TimeoutError after ``timeout_s``."""
+        await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Take no new builds and wait for the running ones to end (TimeoutError
+        after ``timeout_s``; they keep running)."""
+        self._draining = True
+        await self.wait_idle(timeout_s)
+
+    async def close(self) -> None:
+        """Stop now: take nothing new, stop every running build without reporting
+        further (the server notices the worker is gone) and wait for their tasks."""
+        self._draining = True
+        runs = list(self._runs.values())
+        for run in runs:
+            run.cut_off = run.cut_off or CLOSED
+            run.cancel.set()
+        tasks = [run.task for run in runs if run.task is not None]
+        if not tasks:
+            return
+        # The executor stops the steps and removes the workspace on its own; cutting a
+        # build's task short is for a report still hanging on the server link.
+        _, stuck = await asyncio.wait(tasks, timeout=CLOSE_GRACE_S)
+        for task in stuck:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- one build ---------------------------------------------------------------------
+
+    async def _drive(self, run: _Run, job: Job) -> None:
+        try:
+            if not await self._report(run, BuildAction.START, {"started_at": self._iso_now()}):
+                log.info("build %s not started: the server did not take its start", run.build_id)
+                return
+            status, reason, message = await self._execute(run, job)
+            await self._report(run, BuildAction.FINISH, {
+                "status": status.value, "reason": reason, "message": message,
+                "finished_at": self._iso_now()})
+            log.info("build %s ended %s%s", run.build_id, status.value,
+                     f" ({reason})" if reason else "")
+        finally:
+            self._release(run)
+
+    async def _execute(self, run: _Run,
+                       job: Job) -> tuple[BuildStatus, str | None, str | None]:
+        try:
+            executable = Executable.from_json(job.executable)
+        except PipelineError:
+            return (BuildStatus.ERROR, INVALID_EXECUTABLE,
+                    "the build's executable does not parse on this worker")
+        try:
+            result: BuildResult = await run_build(
+                executable, meta=_meta(job), secrets=job.secrets, runtime=self.runtime,
+                reporter=_BuildReporter(self, run), workspace_root=self.workspace_root,
+                build_timeout_s=self._build_timeout_s(job), cancel=run.cancel,
+                batch_lines=self._batch_lines, flush_s=self._flush_s)
+        except Exception as e:
+            log.error("build %s: the worker failed running it (%s)", run.build_id,
+                      type(e).__name__, exc_info=True)
+            return (BuildStatus.ERROR, WORKER_ERROR,
+                    f"the worker failed running the build ({type(e).__name__})")
+        return (result.status, None if result.reason is None else result.reason.value,
+                result.message)
+
+    def _build_timeout_s(self, job: Job) -> float:
+        limit = job.build.get("timeout_s")
+        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
+            return float(limit)
+        if job.deadline is None:
+            return DEFAULT_BUILD_TIMEOUT_S
+        # No limit given: the token's lifetime is the most the server will listen.
+        return max(job.deadline - timestamp(self._clock()), 1.0)
+
+    async def _report(self, run: _Run, action: BuildAction, payload: dict[str, Any]) -> bool:
+        """Send one report, retrying transient trouble; False if it did not get through.
+
+        A refusal means the server no longer wants this build here (canceled, ended,
+        dispatched again): the build is stopped and reports no more. So is a server
+        unreachable for ``report_deadline_s``.
+        """
+        async with run.lock:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._deadline_s
+            delay = self._retry_s
+            while run.cut_off is None:
+                try:
+                    await self._send(run, action, payload)
+                    return True
+                except Rejected as e:
+                    log.info("build %s: server refused %s (%s); stopping the build",
+                             run.build_id, action.value, e.reason.value)
+                    self._cut_off(run, e.reason.value)
+                except Exception as e:  # noqa: BLE001 - transient by the link's contract
+                    if loop.time() + delay > deadline:
+                        log.warning("build %s: server unreachable for %.0fs (%s); "
+                                    "stopping the build", run.build_id, self._deadline_s,
+                                    type(e).__name__)
+                        self._cut_off(run, UNREACHABLE)
+                        break
+                    log.debug("build %s: %s report failed (%s); retrying", run.build_id,
+                              action.value, type(e).__name__)
+                    await asyncio.sleep(delay)  # backoff, not synchronisation
+                    delay = min(delay * 2, max(self._retry_s, 5.0))
+            return False
+
+    async def _send(self, run: _Run, action: BuildAction, payload: dict[str, Any]) -> None:
+        """One attempt at one report; raises like :meth:`ServerLink.report`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _cut_off(run: _Run, why: str) -> None:
+        run.cut_off = why
+        run.cancel.set()
+
+    def _ended(self, run: _Run, task: asyncio.Task[None]) -> None:
+        # Also frees the slot of a task cancelled before it ever ran.
+        self._release(run)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("build %s: its task failed (%s)", run.build_id, type(error).__name__,
+                      exc_info=error)
+
+    def _release(self, run: _Run) -> None:
+        if self._runs.get(run.build_id) is run:
+            del self._runs[run.build_id]
+        if not self._runs:
+            self._idle.set()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _iso_now(self) -> str:
+        return self._clock().isoformat()
+
+
+class WorkerCore(BuildRunner):
+    """Accepts packages, runs builds, reports; the WorkerActor is a shell around it."""
+
+    def __init__(self, *, hostname: str, routes: list[str], build_limit: int,
+                 identity: WorkerIdentity, pinned_server_keys: Mapping[str, str],
+                 runtime: Runtime, server: ServerLink, workspace_root: Path,
+                 clock: Callable[[], datetime] = _utcnow, batch_lines: int = 100,
+                 flush_s: float = 0.5, report_retry_s: float = 0.2,
+                 report_deadline_s: float = 300.0) -> None:
+        super().__init__(hostname=hostname, routes=routes, build_limit=build_limit,
+                         runtime=runtime, workspace_root=workspace_root, clock=clock,
+                         batch_lines=batch_lines, flush_s=flush_s,
+                         report_retry_s=report_retry_s, report_deadline_s=report_deadline_s)
+        self._identity = identity
+        self._pinned: dict[str, str] = dict(pinned_server_keys)
+        self._server = server
+        self._seen: dict[str, float] = {}  # package_id -> its expiry (epoch seconds)
+
+    def pin(self, keys: Mapping[str, str]) -> None:
+        """Trust these server keys (kid -> public key) from now on, and only these."""
+        self._pinned = dict(keys)
 
     # -- the protocol ----------------------------------------------------------------
 
@@ -237,149 +433,15 @@ class WorkerCore:
         if self.free_slots <= 0:
             return Receipt(False, build_id, NO_FREE_SLOT,
                            f"all {self.build_limit} build slots of {self.hostname} are in use")
-        run = _Run(build_id=build_id, token=opened.build_token)
-        self._runs[build_id] = run
-        self._idle.clear()
-        run.task = asyncio.create_task(self._drive(run, opened), name=f"vela-build-{build_id}")
-        run.task.add_done_callback(lambda task: self._ended(run, task))
-        log.info("build %s accepted", build_id)
+        self._start(Job.from_package(opened), token=opened.build_token)
         return Receipt(True, build_id)
 
-    def cancel(self, build_id: int) -> bool:
-        """Ask a running build to stop (it ends ``canceled``); False if not running here."""
-        run = self._runs.get(build_id)
-        if run is None:
-            return False
-        run.cancel.set()
-        return True
-
-    async def wait_idle(self, timeout_s: float | None = None) -> None:
-        """Return once no build runs here; TimeoutError after ``timeout_s``."""
-        await asyncio.wait_for(self._idle.wait(), timeout_s)
-
-    async def drain(self, timeout_s: float | None = None) -> None:
-        """Take no new builds and wait for the running ones to end (TimeoutError
-        after ``timeout_s``; they keep running)."""
-        self._draining = True
-        await self.wait_idle(timeout_s)
-
-    async def close(self) -> None:
-        """Stop now: take nothing new, stop every running build without reporting
-        further (the server notices the worker is gone) and wait for their tasks."""
-        self._draining = True
-        runs = list(self._runs.values())
-        for run in runs:
-            run.cut_off = run.cut_off or CLOSED
-            run.cancel.set()
-        tasks = [run.task for run in runs if run.task is not None]
-        if not tasks:
-            return
-        # The executor stops the steps and removes the workspace on its own; cutting a
-        # build's task short is for a report still hanging on the server link.
-        _, stuck = await asyncio.wait(tasks, timeout=CLOSE_GRACE_S)
-        for task in stuck:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    # -- one build ---------------------------------------------------------------------
-
-    async def _drive(self, run: _Run, opened: OpenedPackage) -> None:
-        try:
-            if not await self._report(run, BuildAction.START, {"started_at": self._iso_now()}):
-                log.info("build %s not started: the server did not take its start", run.build_id)
-                return
-            status, reason, message = await self._execute(run, opened)
-            await self._report(run, BuildAction.FINISH, {
-                "status": status.value, "reason": reason, "message": message,
-                "finished_at": self._iso_now()})
-            log.info("build %s ended %s%s", run.build_id, status.value,
-                     f" ({reason})" if reason else "")
-        finally:
-            self._release(run)
-
-    async def _execute(self, run: _Run,
-                       opened: OpenedPackage) -> tuple[BuildStatus, str | None, str | None]:
-        try:
-            executable = Executable.from_json(opened.executable)
-        except PipelineError:
-            return (BuildStatus.ERROR, INVALID_EXECUTABLE,
-                    "the build's executable does not parse on this worker")
-        try:
-            result: BuildResult = await run_build(
-                executable, meta=_meta(opened), secrets=opened.secrets, runtime=self.runtime,
-                reporter=_BuildReporter(self, run), workspace_root=self.workspace_root,
-                build_timeout_s=self._build_timeout_s(opened), cancel=run.cancel,
-                batch_lines=self._batch_lines, flush_s=self._flush_s)
-        except Exception as e:
-            log.error("build %s: the worker failed running it (%s)", run.build_id,
-                      type(e).__name__, exc_info=True)
-            return (BuildStatus.ERROR, WORKER_ERROR,
-                    f"the worker failed running the build ({type(e).__name__})")
-        return (result.status, None if result.reason is None else result.reason.value,
-                result.message)
-
-    def _build_timeout_s(self, opened: OpenedPackage) -> float:
-        limit = opened.build.get("timeout_s")
-        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
-            return float(limit)
-        # No limit given: the token's lifetime is the most the server will listen.
-        return max(opened.claims.exp - timestamp(self._clock()), 1.0)
-
-    async def _report(self, run: _Run, action: BuildAction, payload: dict[str, Any]) -> bool:
-        """Send one report, retrying transient trouble; False if it did not get through.
-
-        A refusal means the server no longer wants this build here (canceled, ended,
-        dispatched again): the build is stopped and reports no more. So is a server
-        unreachable for ``report_deadline_s``.
-        """
-        async with run.lock:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._deadline_s
-            delay = self._retry_s
-            while run.cut_off is None:
-                # A fresh proof per attempt: the server refuses a proof it has seen.
-                proof = make_proof(self._identity, token=run.token, action=action.value,
-                                   build_id=run.build_id, now=self._clock())
-                try:
-                    await self._server.report(build_id=run.build_id, action=action.value,
-                                              payload=payload, token=run.token, proof=proof)
-                    return True
-                except Rejected as e:
-                    log.info("build %s: server refused %s (%s); stopping the build",
-                             run.build_id, action.value, e.reason.value)
-                    self._cut_off(run, e.reason.value)
-                except Exception as e:  # noqa: BLE001 - transient by the link's contract
-                    if loop.time() + delay > deadline:
-                        log.warning("build %s: server unreachable for %.0fs (%s); "
-                                    "stopping the build", run.build_id, self._deadline_s,
-                                    type(e).__name__)
-                        self._cut_off(run, UNREACHABLE)
-                        break
-                    log.debug("build %s: %s report failed (%s); retrying", run.build_id,
-                              action.value, type(e).__name__)
-                    await asyncio.sleep(delay)  # backoff, not synchronisation
-                    delay = min(delay * 2, max(self._retry_s, 5.0))
-            return False
-
-    @staticmethod
-    def _cut_off(run: _Run, why: str) -> None:
-        run.cut_off = why
-        run.cancel.set()
-
-    def _ended(self, run: _Run, task: asyncio.Task[None]) -> None:
-        # Also frees the slot of a task cancelled before it ever ran.
-        self._release(run)
-        if not task.cancelled() and (error := task.exception()) is not None:
-            log.error("build %s: its task failed (%s)", run.build_id, type(error).__name__,
-                      exc_info=error)
-
-    def _release(self, run: _Run) -> None:
-        if self._runs.get(run.build_id) is run:
-            del self._runs[run.build_id]
-        if not self._runs:
-            self._idle.set()
-
-    # -- helpers ---------------------------------------------------------------------
+    async def _send(self, run: _Run, action: BuildAction, payload: dict[str, Any]) -> None:
+        # A fresh proof per attempt: the server refuses a proof it has seen.
+        proof = make_proof(self._identity, token=run.token, action=action.value,
+                           build_id=run.build_id, now=self._clock())
+        await self._server.report(build_id=run.build_id, action=action.value,
+                                  payload=payload, token=run.token, proof=proof)
 
     def _remember(self, package_id: str, expires_at: float, now: datetime) -> bool:
         """Record a package id; False if it was seen before (a replay)."""
@@ -393,14 +455,11 @@ class WorkerCore:
         self._seen[package_id] = expires_at
         return True
 
-    def _iso_now(self) -> str:
-        return self._clock().isoformat()
 
-
-def _meta(opened: OpenedPackage) -> dict[str, str]:
+def _meta(job: Job) -> dict[str, str]:
     """The build's metadata as the executor's ``meta`` (→ ``VELA_*`` variables)."""
-    meta = {key: str(value) for key, value in opened.build.items()
+    meta = {key: str(value) for key, value in job.build.items()
             if key not in _META_SKIP and _META_KEY.fullmatch(key)
             and isinstance(value, str | int) and not isinstance(value, bool)}
-    meta["build_id"] = str(opened.build_id)
+    meta["build_id"] = str(job.build_id)
     return meta

@@ -1,0 +1,181 @@
+"""Who may call the API: missing, forged, expired and wrong-type tokens are 401;
+a valid token without the scope is 403; the admin credential logs in."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.api.conftest import bearer
+from vela.security import KeyRing, jwk_thumbprint, mint_api_token, mint_build_token
+
+PROTECTED = [
+    ("GET", "/api/v1/repos"), ("GET", "/api/v1/builds"), ("GET", "/api/v1/builds/1"),
+    ("GET", "/api/v1/builds/1/logs"), ("DELETE", "/api/v1/builds/1/cancel"),
+    ("POST", "/api/v1/repos/acme/app/builds"), ("GET", "/api/v1/workers"),
+    ("PUT", "/api/v1/workers/api-w1"), ("GET", "/api/v1/secrets/native/repo/acme/app"),
+    ("POST", "/api/v1/admin/registration-tokens"), ("GET", "/api/v1/queue/stats"),
+    ("GET", "/api/v1/status"), ("GET", "/api/v1/user"), ("POST", "/api/v1/tokens"),
+]
+
+
+def _code(r) -> str:
+    return r.json()["code"]
+
+
+@pytest.mark.parametrize(("method", "path"), PROTECTED)
+def test_every_endpoint_needs_a_token(client, method, path):
+    r = client.request(method, path, json={})
+    assert r.status_code == 401, r.text
+    assert _code(r) == "unauthenticated"
+    assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_health_and_ready_need_no_token(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    r = client.get("/ready")
+    assert r.status_code == 200 and r.json()["ready"] is True
+    assert set(r.json()["checks"]) == {"database", "queue", "scheduler"}
+
+
+def test_openapi_is_served(client):
+    spec = client.get("/api/v1/openapi.json").json()
+    assert "/api/v1/repos/{org}/{repo}/builds" in spec["paths"]
+    assert "apiToken" in spec["components"]["securitySchemes"]
+
+
+def _tamper(token: str) -> str:
+    head, payload, sig = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["scp"] = ["admin"]
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{head}.{forged}.{sig}"
+
+
+def test_bad_tokens_are_401_with_their_reason(client, harness):
+    now = datetime.now(UTC)
+    other_ring = KeyRing.generate(now)
+    forged_key, _ = mint_api_token(other_ring, issuer=harness.settings.server.id,
+                                   subject="mallory", scopes=["admin"], ttl_s=600, now=now)
+    build_token, _ = mint_build_token(
+        harness.system.authority.ring, issuer=harness.settings.server.id, build_id=1,
+        worker="api-w1", jkt=jwk_thumbprint(harness.system.identity("api-w1").sign_public_key),
+        timeout_s=600, grace_s=0, now=now)
+    cases = {
+        "malformed": "not-a-token",
+        "unknown_kid": forged_key,
+        "bad_signature": _tamper(harness.token("builds:read")),
+        "expired": harness.token("admin", ttl_s=60, now=now - timedelta(hours=1)),
+        "not_yet_valid": harness.token("admin", now=now + timedelta(hours=1)),
+        "wrong_type": build_token,
+        "wrong_issuer": mint_api_token(harness.system.authority.ring, issuer="elsewhere",
+                                       subject="x", scopes=["admin"], ttl_s=600,
+                                       now=now)[0],
+    }
+    for reason, token in cases.items():
+        r = client.get("/api/v1/workers", headers=bearer(token))
+        assert r.status_code == 401, (reason, r.text)
+        assert (_code(r), r.json()["reason"]) == ("unauthenticated", reason), r.json()
+    # The admin credential and a registration token are not bearer tokens either.
+    for token in (harness.credential, "vrt_" + "a" * 40):
+        r = client.get("/api/v1/workers", headers=bearer(token))
+        assert r.status_code == 401
+
+
+def test_build_token_never_works_anywhere(client, harness):
+    now = datetime.now(UTC)
+    build_token, _ = mint_build_token(
+        harness.system.authority.ring, issuer=harness.settings.server.id, build_id=1,
+        worker="api-w1", jkt=jwk_thumbprint(harness.system.identity("api-w1").sign_public_key),
+        timeout_s=600, grace_s=0, now=now)
+    for method, path in PROTECTED:
+        r = client.request(method, path, json={}, headers=bearer(build_token))
+        assert r.status_code == 401, (method, path, r.text)
+
+
+def test_wrong_scope_is_403(client, harness):
+    reader = bearer(harness.token("builds:read"))
+    assert client.get("/api/v1/builds", headers=reader).status_code == 200
+    for method, path, body in [
+        ("POST", "/api/v1/repos/acme/app/builds", {"pipeline": "x"}),
+        ("GET", "/api/v1/workers", None),
+        ("GET", "/api/v1/secrets/native/repo/acme/app", None),
+        ("POST", "/api/v1/secrets/native/repo/acme/app", {"name": "a", "value": "b"}),
+        ("POST", "/api/v1/admin/registration-tokens", {}),
+        ("POST", "/api/v1/tokens", {"subject": "ci", "scopes": ["admin"]}),
+        ("PUT", "/api/v1/workers/api-w1", {"active": False}),
+    ]:
+        r = client.request(method, path, json=body, headers=reader)
+        assert r.status_code == 403, (path, r.text)
+        assert _code(r) == "forbidden"
+        assert "scope" in r.json()["message"]
+
+
+def test_login_with_the_admin_credential(client, harness):
+    r = client.post("/api/v1/login", json={"credential": harness.credential})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["subject"] == "admin" and out["scopes"] == ["admin"]
+    me = client.get("/api/v1/user", headers=bearer(out["token"])).json()
+    assert me["subject"] == "admin" and me["scopes"] == ["admin"]
+    # A narrower token for a tool.
+    r = client.post("/api/v1/login", json={"credential": harness.credential,
+                                           "scopes": ["builds:read"], "ttl_s": 120})
+    narrow = r.json()
+    assert narrow["scopes"] == ["builds:read"]
+    assert client.get("/api/v1/workers", headers=bearer(narrow["token"])).status_code == 403
+
+
+def test_login_refuses_a_wrong_credential(client, harness):
+    for credential in ("vac_wrong", harness.credential + "x", "admin"):
+        r = client.post("/api/v1/login", json={"credential": credential})
+        assert r.status_code == 401 and _code(r) == "bad_credential"
+    r = client.post("/api/v1/login", json={"credential": harness.credential,
+                                           "scopes": ["root"]})
+    assert r.status_code == 422 and r.json()["field"] == "scopes[0]"
+
+
+def test_admin_mints_scoped_tokens(client, harness, admin):
+    r = client.post("/api/v1/tokens", headers=admin,
+                    json={"subject": "ci-job", "scopes": ["builds:read", "builds:write"],
+                          "ttl_s": 300})
+    assert r.status_code == 201, r.text
+    tok = r.json()
+    assert tok["subject"] == "ci-job" and tok["scopes"] == ["builds:read", "builds:write"]
+    assert client.get("/api/v1/builds", headers=bearer(tok["token"])).status_code == 200
+    assert client.get("/api/v1/workers", headers=bearer(tok["token"])).status_code == 403
+
+
+async def test_authenticator_refetches_keys_after_a_rotation():
+    from vela.api.auth import Authenticator
+    from vela.api.errors import ApiError
+
+    now = datetime.now(UTC)
+    old = KeyRing.generate(now)
+    new = old.rotated(now=now, verify_until=now + timedelta(hours=1))
+    current = {"ring": old}
+    loads: list[int] = []
+    clock = [0.0]
+
+    async def load_keys():
+        loads.append(1)
+        return {"issuer": "s", "keys": current["ring"].verifying_keys(now)}
+
+    auth = Authenticator(load_keys, monotonic=lambda: clock[0], min_refresh_s=5)
+
+    def token(ring):
+        return mint_api_token(ring, issuer="s", subject="a", scopes=["admin"], ttl_s=600,
+                              now=now)[0]
+
+    assert (await auth.authenticate(token(old))).sub == "a"
+    current["ring"] = new
+    with pytest.raises(ApiError) as e:  # an unknown kid right after a fetch: no refetch yet
+        await auth.authenticate(token(new))
+    assert e.value.reason == "unknown_kid"
+    clock[0] = 10.0
+    assert (await auth.authenticate(token(new))).sub == "a"
+    assert (await auth.authenticate(token(old))).sub == "a"  # verifies until verify_until
+    assert len(loads) == 2

@@ -1,0 +1,85 @@
+"""The HTTP API on Ray Serve, on the shared cluster: log in with the admin credential,
+store a secret, run a build through HTTP and follow it to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx
+import pytest
+
+from tests.ray.conftest import add_worker
+from tests.server.conftest import HELLO
+
+pytestmark = pytest.mark.ray
+
+SECRET = "serve-S3cret-Value"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _admin_credential(settings) -> str:
+    from vela.api.auth import ensure_admin_credential
+    from vela.server.context import ServerContext
+
+    async def go() -> str | None:
+        ctx = ServerContext.open(settings)
+        try:
+            return await ensure_admin_credential(ctx.store)
+        finally:
+            await ctx.close()
+
+    credential = asyncio.run(go())
+    assert credential is not None
+    return credential
+
+
+def test_build_end_to_end_through_the_serve_api(settings, server):
+    from actors.api import deploy_api, stop_api
+
+    settings.api.port = _free_port()
+    credential = _admin_credential(settings)
+    add_worker(settings, server, "serve-w1")
+    url = deploy_api(settings)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/health").json() == {"status": "ok"}
+            assert http.get("/ready").json()["ready"] is True
+            assert http.get("/api/v1/workers").status_code == 401
+            r = http.post("/api/v1/login", json={"credential": "vac_nope"})
+            assert r.status_code == 401 and r.json()["code"] == "bad_credential"
+            login = http.post("/api/v1/login", json={"credential": credential})
+            assert login.status_code == 200, login.text
+            http.headers["Authorization"] = f"Bearer {login.json()['token']}"
+
+            r = http.post("/api/v1/secrets/native/repo/acme/serve",
+                          json={"name": "api_token", "value": SECRET})
+            assert r.status_code == 201, r.text
+            bad = http.post("/api/v1/repos/acme/serve/builds", json={"pipeline": "steps: 3"})
+            assert bad.status_code == 422 and bad.json()["code"] == "invalid_pipeline"
+            b = http.post("/api/v1/repos/acme/serve/builds", json={"pipeline": HELLO})
+            assert b.status_code == 201, b.text
+            with http.stream("GET", f"/api/v1/builds/{b.json()['id']}/logs",
+                             params={"follow": "true"}) as r:
+                assert r.status_code == 200
+                events = [json.loads(line) for line in r.iter_lines() if line]
+            assert events[-1] == {"event": "end", "status": "success", "reason": None}
+            text = "".join(e["text"] for e in events if e["event"] == "log")
+            assert "token is ***" in text and SECRET not in text
+
+            build = http.get(f"/api/v1/repos/acme/serve/builds/{b.json()['number']}").json()
+            assert build["status"] == "success" and build["worker"] == "serve-w1"
+            workers = http.get("/api/v1/workers").json()
+            assert [w["hostname"] for w in workers] == ["serve-w1"] and workers[0]["connected"]
+            status = http.get("/api/v1/status").json()
+            assert "vela-scheduler" in status["actors"]
+            listed = http.get("/api/v1/secrets/native/repo/acme/serve")
+            assert SECRET not in listed.text and listed.json()[0]["name"] == "api_token"
+    finally:
+        assert stop_api(settings.ray.namespace)

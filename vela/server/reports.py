@@ -1,0 +1,112 @@
+"""Writing a worker's reports on its build: the one write path for status, steps and logs.
+
+Who may report is decided before this runs, elsewhere: the Scheduler asks
+:meth:`~vela.server.authority.Authority.authorize` (build token + proof), the
+legacy gateway checks the shared worker secret (:mod:`vela.legacy`). Both
+then hand the checked report to :class:`ReportWriter`, so a build's record
+looks the same whichever queue mode ran it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vela.db.store import Store
+from vela.domain import BuildStatus, StepStatus
+from vela.errors import Conflict, InvalidTransition, NotFound
+from vela.metrics import Metrics
+from vela.security import BuildAction, Reason, Rejected
+
+MAX_LOG_LINES = 5_000
+MAX_LOG_LINE_CHARS = 64_000
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class StepReport(_Report):
+    number: int = Field(ge=1, le=10_000)
+    status: StepStatus
+    exit_code: int | None = Field(default=None, ge=-1024, le=1024)
+    reason: str | None = Field(default=None, max_length=64)
+
+
+class LogReport(_Report):
+    number: int = Field(ge=1, le=10_000)
+    lines: list[str] = Field(max_length=MAX_LOG_LINES)
+
+
+class FinishReport(_Report):
+    status: BuildStatus
+    reason: str | None = Field(default=None, max_length=64)
+    message: str | None = Field(default=None, max_length=2_000)
+
+
+class ReportWriter:
+    def __init__(self, store: Store, *, metrics: Metrics | None = None,
+                 now: Callable[[], datetime] = _utcnow) -> None:
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self._now = now
+
+    async def apply(self, *, build_id: int, hostname: str, action: str,
+                    payload: dict[str, Any]) -> bool:
+        """Record an already authorized report; True if it ended the build.
+
+        A payload that does not parse, or a step or status change that cannot
+        happen, is refused as ``malformed``.
+        """
+        try:
+            if action == BuildAction.START:
+                await self.store.set_build_fields(build_id, started_at=self._now())
+            elif action == BuildAction.STEP_UPDATE:
+                await self._step(build_id, StepReport.model_validate(payload))
+            elif action == BuildAction.LOG_APPEND:
+                logs = LogReport.model_validate(payload)
+                lines = [line[:MAX_LOG_LINE_CHARS] for line in logs.lines]
+                if lines:
+                    await self.store.append_log(build_id, logs.number, lines)
+            elif action == BuildAction.FINISH:
+                return await self._finish(build_id, hostname,
+                                          FinishReport.model_validate(payload))
+            else:
+                raise Rejected(Reason.FORBIDDEN_ACTION, f"{str(action)[:40]!r}")
+        except ValidationError as e:
+            where = ".".join(str(p) for p in e.errors()[0]["loc"])
+            raise Rejected(Reason.MALFORMED, f"{action} payload: {where}") from None
+        except NotFound as e:
+            raise Rejected(Reason.MALFORMED, str(e)) from None
+        return False
+
+    async def _step(self, build_id: int, r: StepReport) -> None:
+        try:
+            await self.store.update_step(build_id, r.number, r.status, exit_code=r.exit_code,
+                                         reason=r.reason)
+        except (InvalidTransition, Conflict):
+            # A retried report that already took effect is fine; anything else is not.
+            steps = {s.number: s for s in await self.store.get_steps(build_id)}
+            current = steps.get(r.number)
+            if current is None or current.status != r.status.value:
+                raise Rejected(Reason.MALFORMED, f"step {r.number} cannot become "
+                               f"{r.status.value}") from None
+
+    async def _finish(self, build_id: int, hostname: str, r: FinishReport) -> bool:
+        if not r.status.terminal:
+            raise Rejected(Reason.MALFORMED, f"{r.status.value} is not a final status")
+        try:
+            await self.store.transition_build(build_id, BuildStatus.RUNNING, r.status,
+                                              only_if={"worker": hostname}, reason=r.reason,
+                                              message=r.message)
+        except Conflict:
+            return False  # ended meanwhile (canceled, lost): the first end stands
+        self.metrics.build_finished(r.status.value)
+        return True
