@@ -31,6 +31,7 @@ from vela.api.models import (
     BuildCreate,
     BuildDetail,
     BuildOut,
+    ErrorOut,
     Health,
     LogChunk,
     LoginRequest,
@@ -55,6 +56,8 @@ from vela.security import ApiClaims
 
 log = logging.getLogger(__name__)
 
+# Ids are 64-bit in the database; larger numbers are a validation error, not a crash.
+MAX_ID = 2**63 - 1
 PREFIX = "/api/v1"
 NDJSON = "application/x-ndjson"
 SecretType = Literal["repo", "org", "shared"]
@@ -153,7 +156,11 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
             response.status_code = 503
         return result
 
-    api = APIRouter(prefix=PREFIX)
+    # Every operation may answer these, each with the one error body.
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorOut} for status in (400, 401, 403, 404, 409, 422, 503)}
+    api = APIRouter(prefix=PREFIX, responses=errors)
+    full_paths = APIRouter(responses=errors)  # routes written with their whole path
 
     # -- login and tokens ---------------------------------------------------------------------
     @api.post("/login", response_model=TokenOut, tags=["auth"])
@@ -223,17 +230,18 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
                                          worker=worker, limit=per_page,
                                          offset=(page - 1) * per_page)
 
-    def by_number(org: Org, repo: RepoName, number: Annotated[int, Path(ge=1)]) -> BuildRef:
+    def by_number(org: Org, repo: RepoName,
+                  number: Annotated[int, Path(ge=1, le=MAX_ID)]) -> BuildRef:
         return {"repo": f"{org}/{repo}", "number": number}
 
-    def by_id(build_id: Annotated[int, Path(ge=1)]) -> BuildRef:
+    def by_id(build_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> BuildRef:
         return {"id": build_id}
 
     for base, ref_of, tag in ((PREFIX + "/repos/{org}/{repo}/builds/{number}", by_number,
                                "builds"),
                               (PREFIX + "/builds/{build_id}", by_id, "builds by id")):
-        _build_routes(app, backend, base=base, ref_of=ref_of, tag=tag, allowed=allowed,
-                      poll_s=poll_s)
+        _build_routes(full_paths, backend, base=base, ref_of=ref_of, tag=tag,
+                      allowed=allowed, poll_s=poll_s)
 
     # -- workers and the queue --------------------------------------------------------------
     @api.get("/workers", response_model=list[WorkerOut], tags=["workers"])
@@ -273,14 +281,14 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
     # {name}: the repo (type repo), the team (shared) or * (org).
     Owner = Annotated[str, Path(pattern=r"^(\*|[A-Za-z0-9_.-]{1,250})$")]
 
-    @app.get(SecretPath, response_model=list[SecretOut], tags=["secrets"])
+    @full_paths.get(SecretPath, response_model=list[SecretOut], tags=["secrets"])
     async def list_secrets(type: SecretType, org: Org, name: Owner,
                            claims: ApiClaims = allowed(Scope.SECRETS_READ)) -> Any:
         """Secrets of a repo (``repo/org/name``), an org (``org/org/*``) or a team
         (``shared/org/team``): names and dates, never values."""
         return await backend.list_secrets(type=type, org=org, target=name)
 
-    @app.post(SecretPath, response_model=SecretOut, status_code=201, tags=["secrets"])
+    @full_paths.post(SecretPath, response_model=SecretOut, status_code=201, tags=["secrets"])
     async def create_secret(type: SecretType, org: Org, name: Owner, body: SecretCreate,
                             claims: ApiClaims = allowed(Scope.SECRETS_WRITE)) -> Any:
         return await backend.put_secret(type=type, org=org, target=name, name=body.name,
@@ -288,34 +296,35 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
 
     SecretName = Annotated[str, Path(pattern=SECRET_NAME)]
 
-    @app.get(SecretPath + "/{secret}", response_model=SecretOut, tags=["secrets"])
+    @full_paths.get(SecretPath + "/{secret}", response_model=SecretOut, tags=["secrets"])
     async def get_secret(type: SecretType, org: Org, name: Owner, secret: SecretName,
                          claims: ApiClaims = allowed(Scope.SECRETS_READ)) -> Any:
         return await backend.get_secret(type=type, org=org, target=name, name=secret)
 
-    @app.put(SecretPath + "/{secret}", response_model=SecretOut, tags=["secrets"])
+    @full_paths.put(SecretPath + "/{secret}", response_model=SecretOut, tags=["secrets"])
     async def update_secret(type: SecretType, org: Org, name: Owner, secret: SecretName,
                             body: SecretUpdate,
                             claims: ApiClaims = allowed(Scope.SECRETS_WRITE)) -> Any:
         return await backend.put_secret(type=type, org=org, target=name, name=secret,
                                         value=body.value, create=False)
 
-    @app.delete(SecretPath + "/{secret}", status_code=204, tags=["secrets"])
+    @full_paths.delete(SecretPath + "/{secret}", status_code=204, tags=["secrets"])
     async def delete_secret(type: SecretType, org: Org, name: Owner, secret: SecretName,
                             claims: ApiClaims = allowed(Scope.SECRETS_WRITE)) -> Response:
         await backend.delete_secret(type=type, org=org, target=name, name=secret)
         return Response(status_code=204)
 
     app.include_router(api)
+    app.include_router(full_paths)
     return app
 
 
-def _build_routes(app: FastAPI, backend: Backend, *, base: str,
+def _build_routes(app: APIRouter, backend: Backend, *, base: str,
                   ref_of: Callable[..., BuildRef], tag: str,
                   allowed: Callable[[Scope | None], Any], poll_s: float) -> None:
     """One build's endpoints under ``base`` (by repo and number, or by id)."""
     Ref = Annotated[BuildRef, Depends(ref_of)]
-    StepNo = Annotated[int, Path(ge=1)]
+    StepNo = Annotated[int, Path(ge=1, le=10_000)]
 
     @app.get(base, response_model=BuildDetail, tags=[tag])
     async def get_build(ref: Ref, claims: ApiClaims = allowed(Scope.BUILDS_READ)) -> Any:
@@ -349,7 +358,7 @@ def _build_routes(app: FastAPI, backend: Backend, *, base: str,
                               "description": "with follow=true: NDJSON events until the "
                                              "build ends"}})
     async def get_logs(ref: Ref, follow: bool = False,
-                       after: Annotated[int, Query(ge=0)] = 0,
+                       after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
                        claims: ApiClaims = allowed(Scope.BUILDS_READ)) -> Any:
         """The build's log chunks. ``follow=true`` streams NDJSON events — ``build``
         (status changes), ``step``, ``log`` — and a last ``end`` once the build ends."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +22,16 @@ class _In(BaseModel):
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class ErrorOut(_Out):
+    """Every error the API answers: a stable code and a message for people."""
+
+    code: str
+    message: str
+    reason: str | None = None
+    field: str | None = None
+    details: list[dict[str, Any]] | None = None
 
 
 # -- requests -------------------------------------------------------------------------
