@@ -71,7 +71,8 @@ async def test_build_limit_never_exceeded_under_50_builds(system):
             assert e.load <= e.build_limit
         return all(BuildStatus(b.status).terminal for b in builds.values())
 
-    ids = [await system.submit(pipeline("sleep 0.3")) for _ in range(50)]
+    # Long enough that all six slots fill even on a busy machine.
+    ids = [await system.submit(pipeline("sleep 1")) for _ in range(50)]
     builds = await system.pump(ids, timeout_s=180, until=watch)
     assert all(b.status == "success" for b in builds.values())
     assert max(peak.values()) == 2
@@ -93,6 +94,7 @@ async def test_redelivered_item_of_a_dispatched_build_is_not_run_twice(system):
     core = await system.add_worker("w1")
     build_id = await system.submit(pipeline("true"))
     await system.pump([build_id])
+    await core.wait_idle(10)
     again = await system.scheduler.submit(QueueItem.new(build_id, "vela"))
     assert again is Outcome.NOT_PENDING
     assert core.running == []
