@@ -19,7 +19,9 @@ the command to "ready", each in a fresh Python process and a fresh data director
   VELA_RAY_DASHBOARD_PORT), then ``vela stop`` (which stops only its own head);
 * bare: ``ray.init(address="local")`` with the dashboard (as ``vela serve`` starts one;
   port 8268), then the migrations + first keys on a fresh SQLite database; and the
-  same without the dashboard, for reference.
+  same without the dashboard, for reference;
+* for reference, what a detached server needs at least: ``ray start --head`` (port
+  6393, dashboard 8269) and then the migrations in a new process.
 
 Targets: idle WorkerActor RSS <= 150 MB; cold start <= 1.5x bare ray.init + migrations.
 """
@@ -210,16 +212,81 @@ def cold_bare(env: dict[str, str], dashboard: bool) -> float:
     return _time_to([sys.executable, "-c", BARE.format(dash=dashboard)], r"^ready$", env)
 
 
+MIGRATE = r"""
+import asyncio, tempfile
+from vela.config import Settings
+from vela.server.context import ServerContext
+async def boot(tmp):
+    ctx = ServerContext.open(Settings.model_validate({"server": {"data_dir": tmp}}))
+    try:
+        await ctx.bootstrap()
+    finally:
+        await ctx.close()
+with tempfile.TemporaryDirectory(prefix="vela-bench-bare-") as tmp:
+    asyncio.run(boot(tmp))
+"""
+HEAD_PORT = 6393
+
+
+def cold_head(env: dict[str, str]) -> float:
+    """``ray start --head`` (a head that outlives its command, as ``vela serve --detach``
+    needs) with the dashboard, then the migrations in a fresh process; the head is then
+    stopped by its own session (never ``ray stop``, which stops every Ray here)."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    t0 = time.monotonic()
+    try:
+        subprocess.run([ray_cli, "start", "--head", f"--port={HEAD_PORT}",
+                        "--dashboard-port=8269", "--include-dashboard=true",
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                       timeout=300)
+        subprocess.run([sys.executable, "-c", MIGRATE], env=env, check=True,
+                       capture_output=True, timeout=300)
+        return time.monotonic() - t0
+    finally:
+        _stop_head(HEAD_PORT)
+
+
+def _stop_head(port: int) -> None:
+    import psutil
+
+    session = None
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "gcs_server" in cmd and f"--gcs_server_port={port}" in cmd:
+            m = re.search(r"session_[0-9_\-]+", cmd)
+            session = m.group(0) if m else None
+    needles = [f":{port} ", f":{port}\n", f"--address=127.0.0.1:{port}"]
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or []) + "\n"
+        if (session and session in cmd) or any(n in cmd for n in needles) or re.search(
+                rf"--address=[0-9.]+:{port}\b", cmd):
+            procs.append(p)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
 def measure_cold(repeats: int) -> dict[str, list[float]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VELA_")}
     runs: dict[str, list[float]] = {"vela serve --detach --local-workers 0": [],
                                     "bare ray.init (dashboard) + migrations": [],
-                                    "bare ray.init (no dashboard) + migrations": []}
+                                    "bare ray.init (no dashboard) + migrations": [],
+                                    "ray start --head (dashboard) + migrations": []}
     for i in range(repeats):
         say(f"cold start {i + 1}/{repeats}")
         runs["bare ray.init (dashboard) + migrations"].append(cold_bare(env, True))
         runs["vela serve --detach --local-workers 0"].append(cold_serve(env))
         runs["bare ray.init (no dashboard) + migrations"].append(cold_bare(env, False))
+        runs["ray start --head (dashboard) + migrations"].append(cold_head(env))
     return runs
 
 
@@ -260,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         serve = statistics.median(cold["vela serve --detach --local-workers 0"])
         bare = statistics.median(cold["bare ray.init (dashboard) + migrations"])
         bare0 = statistics.median(cold["bare ray.init (no dashboard) + migrations"])
+        head = statistics.median(cold["ray start --head (dashboard) + migrations"])
         print(f"vela serve / bare (dashboard) = {serve / bare:.2f};  "
-              f"vela serve / bare (no dashboard) = {serve / bare0:.2f}")
+              f"vela serve / bare (no dashboard) = {serve / bare0:.2f};  "
+              f"vela serve / ray start --head = {serve / head:.2f}")
         ok_cold = serve / bare <= COLD_TARGET
         ok &= ok_cold
         lines.append((f"cold start {serve:.1f}s vs bare ray.init + migrations {bare:.1f}s = "
