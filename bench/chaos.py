@@ -25,10 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python bench/chaos.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench._pg import pg_admin  # noqa: E402
+
 SECRET = "chaos-S3cret-0xC0FFEE"
 TERMINAL = {"success", "failure", "error", "killed", "canceled"}
 KINDS = ("listener", "scheduler", "authority", "worker_restart", "worker_kill", "node")
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_CHAOS = "postgresql+asyncpg://postgres@127.0.0.1:5432/vela_chaos"
 
 PIPELINE = """
@@ -101,18 +106,11 @@ class Chaos:
     # -- setup ----------------------------------------------------------------------
     def start(self) -> None:
         from actors.deploy import start_control_plane
-        from vela.server.context import ServerContext
-
-        async def boot() -> None:
-            ctx = ServerContext.open(self.settings)
-            try:
-                await ctx.bootstrap()
-            finally:
-                await ctx.close()
+        from vela.server.context import bootstrap_database
 
         if "postgres" in self.kinds:
-            _pg_admin("DROP DATABASE IF EXISTS vela_chaos", "CREATE DATABASE vela_chaos")
-        asyncio.run(boot())
+            pg_admin("DROP DATABASE IF EXISTS vela_chaos", "CREATE DATABASE vela_chaos")
+        asyncio.run(bootstrap_database(self.settings))
         if self.settings.queue.backend == "redis":
             self._clear_redis()
         self.handles = start_control_plane(self.settings)
@@ -335,20 +333,6 @@ class Chaos:
 
 def _pg_version() -> str:
     return sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
-
-
-def _pg_admin(*sql: str) -> None:
-    import asyncpg
-
-    async def go() -> None:
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            for stmt in sql:
-                await conn.execute(stmt)
-        finally:
-            await conn.close()
-
-    asyncio.run(go())
 
 
 def _restart_redis() -> None:

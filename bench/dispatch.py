@@ -54,9 +54,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python bench/dispatch.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench._pg import pg_admin  # noqa: E402
+
 PIPELINE = 'version: "1"\nsteps:\n  - name: noop\n    commands:\n      - "true"\n'
 REPO = "bench/noop"
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_BENCH = "postgresql+asyncpg://postgres@127.0.0.1:5432/vela_bench"
 REDIS_VELA = "redis://127.0.0.1:6379/13"
 REDIS_CELERY = "redis://127.0.0.1:6379/12"
@@ -182,20 +186,6 @@ class Db:
         self.loop.close()
 
 
-def _pg_admin(*sql: str) -> None:
-    import asyncpg
-
-    async def go() -> None:
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            for stmt in sql:
-                await conn.execute(stmt)
-        finally:
-            await conn.close()
-
-    asyncio.run(go())
-
-
 def _clear_vela_redis() -> None:
     from redis import Redis
 
@@ -256,21 +246,14 @@ class VelaRun:
 
     def start(self) -> None:
         from actors.deploy import start_control_plane
-        from vela.server.context import ServerContext
+        from vela.server.context import bootstrap_database
 
         if self.backend == "postgres":
-            _pg_admin("DROP DATABASE IF EXISTS vela_bench WITH (FORCE)",
+            pg_admin("DROP DATABASE IF EXISTS vela_bench WITH (FORCE)",
                       "CREATE DATABASE vela_bench")
             _clear_vela_redis()
 
-        async def boot() -> None:
-            ctx = ServerContext.open(self.settings)
-            try:
-                await ctx.bootstrap()
-            finally:
-                await ctx.close()
-
-        asyncio.run(boot())
+        asyncio.run(bootstrap_database(self.settings))
         self.handles = start_control_plane(self.settings)
         want = "BwrapRuntime" if self.sandbox else "LocalRuntime"
         for i in range(self.n_workers):
@@ -357,7 +340,7 @@ class VelaRun:
         if self.db is not None:
             self.db.close()
         if self.backend == "postgres":
-            _pg_admin("DROP DATABASE IF EXISTS vela_bench WITH (FORCE)")
+            pg_admin("DROP DATABASE IF EXISTS vela_bench WITH (FORCE)")
             _clear_vela_redis()
 
 
@@ -475,7 +458,6 @@ def _frame(f: str) -> str:
 # -- Celery ---------------------------------------------------------------------------
 
 def run_celery(workers: int, n: int, probes: int) -> tuple[Sample, Sample]:
-    sys.path.insert(0, str(ROOT))
     from bench import celery_noop
 
     queue = f"vela-bench-{uuid.uuid4().hex[:8]}"

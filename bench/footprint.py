@@ -74,7 +74,7 @@ def measure_memory(busy_builds: int) -> dict[str, tuple[float, float]]:
     from actors._ray import AUTHORITY, SCHEDULER
     from actors.deploy import start_control_plane, start_worker, stop_all
     from vela.config import Settings
-    from vela.server.context import ServerContext
+    from vela.server.context import bootstrap_database
 
     out: dict[str, tuple[float, float]] = {}
 
@@ -94,14 +94,7 @@ def measure_memory(busy_builds: int) -> dict[str, tuple[float, float]]:
             "ray": {"namespace": f"vela-bench-{uuid.uuid4().hex[:8]}"},
         })
 
-        async def boot() -> None:
-            ctx = ServerContext.open(settings)
-            try:
-                await ctx.bootstrap()
-            finally:
-                await ctx.close()
-
-        asyncio.run(boot())
+        asyncio.run(bootstrap_database(settings))
         handles = start_control_plane(settings)
         try:
             token = ray.get(handles[AUTHORITY].registration_token.remote(
@@ -150,15 +143,9 @@ import ray
 ray.init(address="local", num_cpus=2, include_dashboard={dash}, dashboard_port=8268,
          logging_level="WARNING", log_to_driver=False)
 from vela.config import Settings
-from vela.server.context import ServerContext
-async def boot(tmp):
-    ctx = ServerContext.open(Settings.model_validate({{"server": {{"data_dir": tmp}}}}))
-    try:
-        await ctx.bootstrap()
-    finally:
-        await ctx.close()
+from vela.server.context import bootstrap_database
 with tempfile.TemporaryDirectory(prefix="vela-bench-bare-") as tmp:
-    asyncio.run(boot(tmp))
+    asyncio.run(bootstrap_database(Settings.model_validate({{"server": {{"data_dir": tmp}}}})))
     print("ready", flush=True)
 ray.shutdown()
 """
@@ -215,15 +202,9 @@ def cold_bare(env: dict[str, str], dashboard: bool) -> float:
 MIGRATE = r"""
 import asyncio, tempfile
 from vela.config import Settings
-from vela.server.context import ServerContext
-async def boot(tmp):
-    ctx = ServerContext.open(Settings.model_validate({"server": {"data_dir": tmp}}))
-    try:
-        await ctx.bootstrap()
-    finally:
-        await ctx.close()
+from vela.server.context import bootstrap_database
 with tempfile.TemporaryDirectory(prefix="vela-bench-bare-") as tmp:
-    asyncio.run(boot(tmp))
+    asyncio.run(bootstrap_database(Settings.model_validate({"server": {"data_dir": tmp}})))
 """
 HEAD_PORT = 6393
 

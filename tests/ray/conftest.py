@@ -49,16 +49,9 @@ def settings(tmp_path, cluster):
 def server(settings):
     """The control plane, torn down after the test."""
     from actors.deploy import start_control_plane, stop_all
-    from vela.server.context import ServerContext
+    from vela.server.context import bootstrap_database
 
-    async def boot() -> None:
-        ctx = ServerContext.open(settings)
-        try:
-            await ctx.bootstrap()
-        finally:
-            await ctx.close()
-
-    asyncio.run(boot())
+    asyncio.run(bootstrap_database(settings))
     handles = start_control_plane(settings)
     try:
         yield handles

@@ -26,6 +26,15 @@ if TYPE_CHECKING:
     from vela.legacy.gateway import LegacyGateway
 
 
+async def bootstrap_database(settings: Settings) -> None:
+    """Migrations and first keys for ``settings``' database, then let go of it."""
+    ctx = ServerContext.open(settings)
+    try:
+        await ctx.bootstrap()
+    finally:
+        await ctx.close()
+
+
 @dataclass
 class ServerContext:
     settings: Settings
