@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from vela.queue.item import QueueItem
-from vela.queue.listener import SubmitResult
+from vela.queue.listener import Capacity, SubmitResult
 from vela.server.authority import IssuedPackage
 from vela.server.scheduler import WorkerGone
 
@@ -119,8 +119,8 @@ class RayDispatcher:
     def __init__(self, handle: Any) -> None:
         self._h = handle
 
-    async def free_routes(self) -> set[str]:
-        return await _await(self._h.free_routes.remote())
+    async def capacity(self, wait_s: float = 0.0, seen_work: int | None = None) -> Capacity:
+        return await _await(self._h.capacity.remote(wait_s, seen_work))
 
     async def submit(self, item: QueueItem) -> SubmitResult:
         return await _await(self._h.submit.remote(item))

@@ -20,7 +20,7 @@ from vela.config import Settings
 from vela.domain import BuildStatus
 from vela.errors import VelaError
 from vela.queue.item import QueueItem
-from vela.queue.listener import SubmitResult
+from vela.queue.listener import Capacity, SubmitResult
 from vela.server.builds import build_view
 from vela.server.context import ServerContext
 from vela.server.scheduler import Scheduler
@@ -73,8 +73,8 @@ class SchedulerActor:
         return True
 
     # -- listener ----------------------------------------------------------------
-    async def free_routes(self) -> set[str]:
-        return await (await self._get()).free_routes()
+    async def capacity(self, wait_s: float = 0.0, seen_work: int | None = None) -> Capacity:
+        return await (await self._get()).capacity(wait_s, seen_work)
 
     async def submit(self, item: QueueItem) -> SubmitResult:
         return await (await self._get()).submit(item)

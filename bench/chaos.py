@@ -158,11 +158,16 @@ class Chaos:
     def _retry(fn: Any, attempts: int = 60) -> Any:
         from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
+        from vela.queue.listener import is_transient
+
         for i in range(attempts):
             try:
                 return fn()
-            except (ActorUnavailableError, GetTimeoutError, RayActorError):
-                if i == attempts - 1:
+            except Exception as e:
+                # A restarting actor, or the DB restarting under the call: a client
+                # retries both (the error says so, see vela.api.errors).
+                retry = isinstance(e, ActorUnavailableError | GetTimeoutError | RayActorError)
+                if not (retry or is_transient(e)) or i == attempts - 1:
                     raise
                 time.sleep(0.5)
         return None
@@ -362,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="database on PostgreSQL (vela_chaos), restarted mid-run")
     args = p.parse_args(argv)
 
+    from vela.cli.serve_cmd import ensure_ray_auth_token
+
+    ensure_ray_auth_token()  # Ray's token authentication stays on
     import ray
     from ray.cluster_utils import Cluster
 

@@ -84,6 +84,10 @@ def master_key() -> bytes:
 # authentication on), so tests that lose a node can add and remove worker nodes.
 @pytest.fixture(scope="session")
 def cluster():
+    from vela.cli.serve_cmd import ensure_ray_auth_token
+
+    ensure_ray_auth_token()  # a fresh machine has none; auth stays on
+    os.environ["RAY_AUTH_MODE"] = "token"
     import ray
     from ray.cluster_utils import Cluster
 

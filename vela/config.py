@@ -130,6 +130,11 @@ class SchedulerSettings(_Section):
     # A worker failing checks for this long is declared lost.
     worker_lost_after_s: float = Field(default=10.0, gt=0)
     challenge_ttl_s: float = Field(default=10.0, gt=0)
+    # Builds the queue listener places at once (never more than the free slots).
+    dispatch_batch: int = Field(default=16, gt=0, le=1000)
+    # The listener's long poll: how long it waits for a free slot or new work before
+    # looking at the queue anyway (for items queued by other processes).
+    listener_wait_s: float = Field(default=1.0, gt=0, le=60)
 
 
 class TokenSettings(_Section):

@@ -40,11 +40,14 @@ class WorkerEntry:
 
 
 class WorkerRegistry:
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
         self._workers: dict[str, WorkerEntry] = {}
         # route -> load -> hostnames in least-recently-used order
         self._buckets: dict[str, dict[int, OrderedDict[str, None]]] = {}
         self._free: dict[str, int] = {}
+        self._free_total = 0
+        # Called after any change that may have freed a slot (the listener's wake-up).
+        self._on_change = on_change
 
     # -------------------------------------------------------------- queries
     def __contains__(self, hostname: str) -> bool:
@@ -65,6 +68,11 @@ class WorkerRegistry:
 
     def free_routes(self) -> set[str]:
         return set(self.free_slots())
+
+    @property
+    def free_total(self) -> int:
+        """Free slots over eligible workers, each worker counted once."""
+        return self._free_total
 
     def choose(self, route: str, exclude: Iterable[str] = ()) -> WorkerEntry | None:
         buckets = self._buckets.get(route)
@@ -90,6 +98,7 @@ class WorkerRegistry:
             entry.healthy = old.healthy
         self._workers[hostname] = entry
         self._index(entry)
+        self._changed()
         return entry
 
     def remove(self, hostname: str) -> WorkerEntry | None:
@@ -122,10 +131,16 @@ class WorkerRegistry:
         self._unindex(entry)
         fn(entry)
         self._index(entry)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     def _index(self, e: WorkerEntry) -> None:
         if not e.eligible:
             return
+        self._free_total += e.free
         for route in e.routes:
             self._buckets.setdefault(route, {}).setdefault(e.load, OrderedDict())[e.hostname] = None
             self._free[route] = self._free.get(route, 0) + e.free
@@ -133,6 +148,7 @@ class WorkerRegistry:
     def _unindex(self, e: WorkerEntry) -> None:
         if not e.eligible:
             return
+        self._free_total -= e.free
         for route in e.routes:
             buckets = self._buckets.get(route, {})
             bucket = buckets.get(e.load)

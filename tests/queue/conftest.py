@@ -22,6 +22,7 @@ from tests.conftest import REDIS_URL
 from vela.db.models import QueueItem as QueueRow
 from vela.domain import DEFAULT_ROUTE
 from vela.queue import (
+    Capacity,
     ItemSigner,
     ItemVerifier,
     Outcome,
@@ -150,8 +151,8 @@ class FakeScheduler:
     def add(self, build_id: int, status: str = "pending") -> None:
         self.builds[build_id] = status
 
-    async def free_routes(self) -> set[str]:
-        return set(self.free)
+    async def capacity(self, wait_s: float = 0.0, seen_work: int | None = None) -> Capacity:
+        return Capacity.of_routes(self.free)
 
     async def submit(self, item: QueueItem) -> SubmitResult:
         self.submitted.append(item)

@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 from tests.queue.conftest import FakeScheduler, on_all_backends, signed
 from vela.queue import (
     Backoff,
+    Capacity,
     Dispatcher,
     ItemSigner,
     Listener,
@@ -464,7 +465,7 @@ async def test_reconnect_replaces_the_queue(backend, verifier, signer, scheduler
 
 async def test_dispatcher_failure_makes_the_listener_unhealthy_not_dead(verifier, clock):
     class DeadScheduler:
-        async def free_routes(self):
+        async def capacity(self, wait_s=0.0, seen_work=None):
             raise RuntimeError("actor died")
 
         async def submit(self, item):  # pragma: no cover - never reached
@@ -569,3 +570,54 @@ def test_backoff_grows_to_the_cap_with_jitter():
 
 def test_rejected_carries_its_outcome():
     assert Rejected("x").outcome is Outcome.REJECTED
+
+
+@on_all_backends
+async def test_a_pass_places_a_batch_concurrently_but_never_more_than_the_free_slots(
+        queue, verifier, signer, clock):
+    """Submits overlap (the dispatcher sees all three before answering any), and a
+    batch never exceeds the free slots the dispatcher reported."""
+
+    class ThreeSlots(FakeScheduler):
+        async def capacity(self, wait_s=0.0, seen_work=None):
+            return Capacity({"vela": 3}, total=3, work=7)
+
+    sched = ThreeSlots()
+    all_in = asyncio.Event()
+
+    async def hold(item):
+        if len(sched.submitted) == 3:
+            all_in.set()
+        await asyncio.wait_for(all_in.wait(), 5)
+        return None
+
+    sched.answer = hold
+    for build in range(1, 6):
+        sched.add(build)
+        await queue.push("vela", signed(signer, build))
+    listener = make_listener(queue, verifier, sched, clock, batch=8)
+    assert await listener.run_once() is Step.DISPATCHED
+    assert sorted(sched.dispatched) == [1, 2, 3]
+    assert listener.stats.acked == 3 and (await queue.depth())["vela"].ready == 2
+
+
+@on_all_backends
+async def test_an_empty_queue_is_remembered_for_the_long_poll(queue, verifier, signer, clock):
+    """After finding the queue empty the listener passes the dispatcher's work
+    counter back, so the long poll waits for new work instead of spinning."""
+    seen: list[int | None] = []
+
+    class Counting(FakeScheduler):
+        async def capacity(self, wait_s=0.0, seen_work=None):
+            seen.append(seen_work)
+            return Capacity({"vela": 1}, total=1, work=len(seen))
+
+    sched = Counting()
+    listener = make_listener(queue, verifier, sched, clock, wait_s=0.5)
+    assert await listener.run_once() is Step.IDLE
+    assert await listener.run_once() is Step.IDLE
+    sched.add(1)
+    await queue.push("vela", signed(signer, 1))
+    assert await listener.run_once() is Step.DISPATCHED
+    assert await listener.run_once() is Step.IDLE
+    assert seen == [None, 1, 2, None]

@@ -80,15 +80,17 @@ def test_metrics_reach_the_dashboard_exporter(settings, server):
     build_id = run_build(server, pipeline("true"))
     assert wait_terminal(server, build_id)["status"] == "success"
 
+    names = ("vela_builds_finished_total", "vela_dispatch_latency_seconds",
+             "vela_free_slots", "vela_workers")
+
     def exported() -> str:
+        # Each process exports on its own period: wait until all have.
         text = ""
         for node in ray.nodes():
             if node["Alive"] and node.get("MetricsExportPort"):
                 url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
                 with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - local
                     text += r.read().decode()
-        return text if "vela_builds_finished_total" in text else ""
+        return text if all(name in text for name in names) else ""
 
-    text = wait_until(exported, 60, "vela metrics in the Prometheus export")
-    for name in ("vela_dispatch_latency_seconds", "vela_free_slots", "vela_workers"):
-        assert name in text, name
+    assert wait_until(exported, 60, f"{', '.join(names)} in the Prometheus export")

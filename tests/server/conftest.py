@@ -134,6 +134,7 @@ class System:
         self.listener = await self.ctx.listener(self.queue, self.scheduler)
         self.listener.idle_s = 0.01
         self.listener.reserve_timeout_s = 0.05
+        self.listener.wait_s = 0.05
 
     async def restart_scheduler(self) -> None:
         """A new Scheduler on the same DB and workers, as after a Ray restart."""

@@ -3,6 +3,7 @@ challenge → authority → sealed package → worker → reports → database."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from datetime import UTC, datetime
 
@@ -232,3 +233,56 @@ async def test_queue_that_lost_its_contents_is_refilled(system):
     assert await system.scheduler.resync_queue() == 0  # once per restart
     await system.add_worker("w1")
     assert (await system.pump([build_id]))[build_id].status == "success"
+
+
+async def test_queue_outage_never_fails_or_loses_a_stored_build(system, monkeypatch):
+    """Create and requeue during a queue outage: the build waits pending, unqueued,
+    and the watch loop's resync pushes it once the queue answers again."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def down(route, payload):
+        raise RedisConnectionError("queue restarting")
+
+    await system.scheduler.resync_queue()  # baseline epoch
+    early = await system.submit(pipeline("echo queued first"))
+    assert (await system.store.get_build(early)).enqueued_at is not None
+    real_push = system.queue._push
+    monkeypatch.setattr(system.queue, "_push", down)
+    build_id = await system.submit(pipeline("echo queued late"))
+    build = await system.store.get_build(build_id)
+    assert build.status == "pending" and build.enqueued_at is None
+    # A requeue (of a build pushed before) that fails marks the build unqueued too.
+    assert await system.scheduler.builds.enqueue(await system.store.get_build(early)) is False
+    assert (await system.store.get_build(early)).enqueued_at is None
+    assert await system.scheduler.resync_queue() == 0  # still down: nothing pushed
+
+    monkeypatch.setattr(system.queue, "_push", real_push)
+    assert await system.scheduler.resync_queue() == 2
+    assert await system.scheduler.resync_queue() == 0  # pushed once
+    for b in (early, build_id):
+        assert (await system.store.get_build(b)).enqueued_at is not None
+    await system.add_worker("w1")
+    builds = await system.pump([early, build_id])
+    assert {b.status for b in builds.values()} == {"success"}
+
+
+async def test_capacity_long_poll_wakes_on_a_freed_slot_and_on_new_work(system):
+    sched = system.scheduler
+    assert (await sched.capacity(wait_s=0.05)).free == {}  # no worker: times out empty
+    core = await system.add_worker("w1")
+    cap = await sched.capacity()
+    assert cap.free == {"vela": 1} and cap.total == 1
+    # A free slot but no work since the listener last looked: waits for a build.
+    waiting = asyncio.create_task(sched.capacity(wait_s=30, seen_work=cap.work))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    build_id = await system.submit(pipeline("sleep 2"))
+    woke = await asyncio.wait_for(waiting, 10)
+    assert woke.work != cap.work and woke.free == {"vela": 1}
+    # Every slot taken: the long poll returns once the build ends and frees it.
+    await system.pump([build_id], until=lambda b: b[build_id].status == "running")
+    assert (await sched.capacity()).free == {}
+    freed = asyncio.create_task(sched.capacity(wait_s=30))
+    await system.pump([build_id])
+    await core.wait_idle(10)
+    assert (await asyncio.wait_for(freed, 10)).free == {"vela": 1}

@@ -116,3 +116,19 @@ def test_worker_token_bad_ttl_says_what_to_use(env, ttl):
 def test_queue_commands_are_mounted(env):
     r = invoke(["queue", "--help"], env)
     assert r.exit_code == 0 and "dead-letters" in r.output
+
+
+def test_a_fresh_machine_gets_a_ray_auth_token_once(tmp_path, monkeypatch):
+    """`vela serve` keeps Ray's token auth on: with no ~/.ray/auth_token it makes one
+    (kept private to the user), and never replaces an existing one."""
+    from vela.cli.serve_cmd import ensure_ray_auth_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    ensure_ray_auth_token()
+    token = tmp_path / ".ray" / "auth_token"
+    first = token.read_text()
+    assert len(first) >= 32 and token.stat().st_mode & 0o777 == 0o600
+    ensure_ray_auth_token()
+    assert token.read_text() == first

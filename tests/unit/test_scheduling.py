@@ -73,6 +73,7 @@ def test_index_matches_a_full_scan(ops):
             r.set_health(host, op == "well")
         elif op in ("off", "on"):
             r.set_active(host, op == "on")
+        assert r.free_total == sum(e.free for e in r.workers() if e.eligible)
         for route in ("vela", "b"):
             eligible = [e for e in r.workers() if route in e.routes and e.eligible]
             assert r.free_slots().get(route, 0) == sum(e.free for e in eligible)
@@ -81,3 +82,17 @@ def test_index_matches_a_full_scan(ops):
                 assert chosen is None
             else:
                 assert chosen.load == min(e.load for e in eligible)
+
+
+def test_changes_that_may_free_a_slot_are_announced():
+    calls = []
+    r = WorkerRegistry(on_change=lambda: calls.append(1))
+    r.upsert("a", routes=["vela", "gpu"], build_limit=2)
+    r.assign("a", 1)
+    r.release("a", 1)
+    r.set_health("a", False)
+    assert len(calls) == 4
+    r.release("a", 99)  # nothing held: nothing changed
+    assert len(calls) == 4
+    r.set_health("a", True)
+    assert r.free_total == 2 and r.free_slots() == {"vela": 2, "gpu": 2}

@@ -76,6 +76,7 @@ def unauthenticated(message: str, reason: str = "missing") -> ApiError:
 def to_api_error(exc: BaseException) -> ApiError:
     """What the API answers for ``exc``: the one place domain errors get a status."""
     from vela.pipeline import PipelineError
+    from vela.queue.listener import is_transient
     from vela.security import Rejected
 
     if isinstance(exc, ApiError):
@@ -95,4 +96,7 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError(400, Code.BAD_REQUEST, str(exc))
     if isinstance(exc, TimeoutError):
         return ApiError(503, Code.UNAVAILABLE, "the server did not answer in time; retry")
+    if is_transient(exc):
+        return ApiError(503, Code.UNAVAILABLE,
+                        "the database or queue is unreachable right now; retry shortly")
     return ApiError(500, Code.INTERNAL, "internal error; the server's log has the details")

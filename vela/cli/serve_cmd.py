@@ -83,8 +83,22 @@ def _ray_cli() -> str:
     return exe
 
 
+def ensure_ray_auth_token() -> None:
+    """Ray's token authentication stays on: on a machine that has no token yet
+    (``~/.ray/auth_token``), make one, as a local ``ray.init()`` would."""
+    res = subprocess.run([_ray_cli(), "get-auth-token", "--generate"], capture_output=True,
+                         text=True, timeout=60)
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:]
+        raise VelaError(f"cannot create Ray's auth token: {' '.join(tail)}")
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file() and default.stat().st_mode & 0o077:
+        default.chmod(0o600)  # Ray writes it world-readable; it is the cluster's key
+
+
 def _start_local_head(s: Settings) -> None:
     console.print(f"starting a local Ray head on port {s.ray.head_port} ...", highlight=False)
+    ensure_ray_auth_token()
     cmd = [_ray_cli(), "start", "--head", f"--port={s.ray.head_port}",
            f"--dashboard-port={s.ray.dashboard_port}", "--include-dashboard=true",
            "--disable-usage-stats"]

@@ -164,9 +164,12 @@ class Store:
 
     async def list_builds(self, *, repo: str | None = None,
                           status: Iterable[BuildStatus] | None = None,
-                          worker: str | None = None,
+                          worker: str | None = None, unqueued: bool = False,
                           limit: int = 50, offset: int = 0) -> list[Build]:
+        """Newest first; ``unqueued``: only builds whose queue push has not happened."""
         q = select(Build).order_by(Build.id.desc()).limit(limit).offset(offset)
+        if unqueued:
+            q = q.where(Build.enqueued_at.is_(None))
         if repo is not None:
             q = q.join(Repo, Repo.id == Build.repo_id).where(Repo.full_name == repo)
         if status is not None:

@@ -15,6 +15,7 @@ from vela.queue.item import (
 )
 from vela.queue.listener import (
     Backoff,
+    Capacity,
     Dispatcher,
     Listener,
     ListenerStats,
@@ -27,6 +28,7 @@ from vela.queue.listener import (
 
 __all__ = [
     "Backoff",
+    "Capacity",
     "DeadLetter",
     "Dispatcher",
     "InvalidReason",

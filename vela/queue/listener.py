@@ -7,12 +7,19 @@ One pass (:meth:`Listener.run_once`):
 
 1. settle anything left unsettled by a back-end outage (ack/release retried);
 2. every ``reclaim_every_s``, return expired leases to their routes;
-3. ask the dispatcher which routes have a free slot and reserve one item
-   from those only, so items that cannot be placed stay in the queue;
-4. verify the item; a refused item is dead-lettered with its reason code;
-5. ``submit`` it and settle by outcome: DISPATCHED and NOT_PENDING ack,
-   NO_CAPACITY and RETRY release, REJECTED dead-letters; ``submit``
-   raising releases.
+3. ask the dispatcher for its capacity (free slots per route) and reserve
+   up to ``batch`` items, no more than there are free slots, from routes with
+   a free slot only, so items that cannot be placed stay in the queue;
+4. verify each item; a refused item is dead-lettered with its reason code;
+5. ``submit`` them concurrently and settle each by outcome: DISPATCHED and
+   NOT_PENDING ack, NO_CAPACITY and RETRY release, REJECTED dead-letters;
+   ``submit`` raising releases.
+
+No polling while idle: with ``wait_s > 0`` the capacity call is a long poll.
+The dispatcher answers at once if a slot is free and work was queued since
+the listener last found the queue empty, else when that becomes true (a slot
+frees, a build is queued), else after ``wait_s``, which is then the polling
+period for items queued by anyone else.
 
 The item leaves the queue only after the dispatcher says the build is
 durably recorded as dispatched (or was already handled). Since delivery is
@@ -82,12 +89,28 @@ class Rejected:
 SubmitResult = Outcome | Rejected
 
 
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What the dispatcher can take now."""
+
+    free: dict[str, int]   # free slots per route (a worker on two routes counts in both)
+    total: int = 0         # free slots over all workers, each counted once
+    work: int = 0          # bumps whenever the dispatcher's side queued a build
+
+    @classmethod
+    def of_routes(cls, routes: Iterable[str], work: int = 0) -> Capacity:
+        """One free slot on each of ``routes`` (for simple dispatchers and tests)."""
+        free = dict.fromkeys(routes, 1)
+        return cls(free, len(free), work)
+
+
 @runtime_checkable
 class Dispatcher(Protocol):
     """What the listener needs from the Scheduler."""
 
-    async def free_routes(self) -> set[str]:
-        """Routes that have at least one free worker slot right now."""
+    async def capacity(self, wait_s: float = 0.0, seen_work: int | None = None) -> Capacity:
+        """Free slots now. With ``wait_s > 0``, first wait up to ``wait_s`` until some
+        slot is free and, if ``seen_work`` is given, ``work`` differs from it."""
         ...
 
     async def submit(self, item: QueueItem) -> SubmitResult:
@@ -181,6 +204,8 @@ class Listener:
         reserve_timeout_s: float = 1.0,
         reclaim_every_s: float = 5.0,
         idle_s: float = 0.5,
+        batch: int = 1,
+        wait_s: float = 0.0,
         max_deliveries: int | None = None,
         backoff: Backoff | None = None,
         reconnect: Callable[[], Awaitable[Queue]] | None = None,
@@ -194,6 +219,8 @@ class Listener:
         self.reserve_timeout_s = reserve_timeout_s
         self.reclaim_every_s = reclaim_every_s
         self.idle_s = idle_s
+        self.batch = max(1, batch)
+        self.wait_s = wait_s
         self.max_deliveries = max_deliveries
         self.backoff = backoff or Backoff()
         self._reconnect = reconnect
@@ -205,6 +232,8 @@ class Listener:
         self._next_reclaim = float("-inf")
         self._unsettled: list[_Settlement] = []
         self._rotation = 0
+        # The dispatcher's work counter when the queue was last found empty.
+        self._seen_work: int | None = None
         self.last_pass_s = 0.0
 
     # -- the loop ------------------------------------------------------------
@@ -222,10 +251,12 @@ class Listener:
                 continue
             self.last_pass_s = time.monotonic() - started
             log.debug("listener pass: %s in %.3fs", step, self.last_pass_s)
-            # Back-end errors already backed off inside the pass. A release means
-            # the item could not be placed now: give the scheduler a moment.
-            idle = step is Step.IDLE and self.reserve_timeout_s <= 0
-            if idle or step in (Step.NO_CAPACITY, Step.RELEASED):
+            # Back-end errors already backed off inside the pass; a long poll already
+            # waited. A release means the item could not be placed now: give the
+            # scheduler a moment.
+            waited = self.wait_s > 0 or (step is Step.IDLE and self.reserve_timeout_s > 0)
+            if step is Step.RELEASED or (not waited and step in (Step.IDLE,
+                                                                 Step.NO_CAPACITY)):
                 await self._pause(self.idle_s, stop)
 
     async def run_until_idle(self, max_passes: int = 10_000) -> list[Step]:
@@ -239,28 +270,34 @@ class Listener:
         return steps
 
     async def run_once(self, *, stop: asyncio.Event | None = None) -> Step:
-        """One pass. Back-end errors are absorbed: unhealthy, back off, return."""
+        """One pass (up to ``batch`` items, submitted concurrently); returns what
+        happened to the first. Back-end errors are absorbed: unhealthy, back off."""
         try:
             await self._settle_leftovers()
             await self._maybe_reclaim()
             try:
-                free = await self.dispatcher.free_routes()
+                cap = await self.dispatcher.capacity(self.wait_s, self._seen_work)
             except Exception as e:  # noqa: BLE001 - a dead scheduler must not kill us
                 self.stats.dispatcher_errors += 1
                 self._unhealthy(e)
                 await self._pause(self.backoff.next(), stop)
                 return Step.DISPATCHER_ERROR
-            routes = self._routes(free)
+            routes = self._routes(cap.free)
             if not routes:
                 self._healthy()
                 return Step.NO_CAPACITY
-            res = await self.queue.reserve(routes, lease_s=self.lease_s,
-                                           timeout_s=self.reserve_timeout_s)
+            reserved = await self._reserve(routes, min(self.batch, max(cap.total, 1)))
             self._healthy()
-            if res is None:
+            if not reserved:
+                self._seen_work = cap.work
                 return Step.IDLE
-            self.stats.reserved += 1
-            return await self._handle(res)
+            self._seen_work = None
+            results = await asyncio.gather(*(self._handle(r) for r in reserved),
+                                           return_exceptions=True)
+            for r in results:  # a settlement that failed is retried next pass
+                if isinstance(r, BaseException):
+                    raise r
+            return results[0]  # type: ignore[return-value]
         except Exception as e:
             if not is_transient(e):
                 raise
@@ -270,6 +307,24 @@ class Listener:
             await self._pause(self.backoff.next(), stop)
             await self._try_reconnect()
             return Step.BACKEND_ERROR
+
+    async def _reserve(self, routes: list[str], n: int) -> list[Reservation]:
+        """Up to ``n`` items; only the first reserve may wait for one to arrive."""
+        out: list[Reservation] = []
+        while len(out) < n:
+            try:
+                res = await self.queue.reserve(
+                    routes, lease_s=self.lease_s,
+                    timeout_s=0 if out or self.wait_s > 0 else self.reserve_timeout_s)
+            except Exception:
+                if not out:
+                    raise
+                break  # handle what we hold; the next pass meets the error again
+            if res is None:
+                break
+            self.stats.reserved += 1
+            out.append(res)
+        return out
 
     # -- one item ------------------------------------------------------------
 

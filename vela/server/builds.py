@@ -3,13 +3,15 @@
 A build is stored ``pending`` with its compiled executable first, then a
 signed reference to it is pushed. ``enqueued_at`` is set only once the push
 succeeded, so a pending build without it is one whose push failed: the
-Scheduler's recovery pass pushes it again (:meth:`BuildQueue.enqueue_orphans`).
+Scheduler's watch loop pushes it again (:meth:`BuildQueue.enqueue_orphans`).
+A queue outage therefore never fails (or loses) a build that is stored: it
+waits, ``pending``, until the queue is back.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +22,7 @@ from vela.errors import VelaError
 from vela.pipeline import compile_pipeline
 from vela.queue import Queue
 from vela.queue.item import ItemSigner, QueueItem
+from vela.queue.listener import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,8 @@ class BuildQueue:
         self.queue = queue
         self.signer = signer
         self.routes = tuple(routes)
+        # Told after each successful push (the Scheduler wakes the listener with it).
+        self.on_enqueued: Callable[[], None] | None = None
 
     async def create(self, repo: str, pipeline: str, *, route: str = DEFAULT_ROUTE,
                      timeout_s: int | None = None) -> Build:
@@ -65,21 +70,38 @@ class BuildQueue:
         await self.enqueue(build)
         return build
 
-    async def enqueue(self, build: Build) -> None:
-        """Push a signed item for ``build`` (again, after a requeue: attempt + 1)."""
+    async def enqueue(self, build: Build) -> bool:
+        """Push a signed item for ``build`` (again, after a requeue: attempt + 1).
+
+        False if the queue back end is unreachable: the build is then marked
+        unqueued (``enqueued_at`` cleared) for :meth:`enqueue_orphans` to push later.
+        """
         item = QueueItem.new(build.id, build.route, attempt=build.attempts + 1)
-        await self.queue.push(build.route, self.signer.sign(item))
-        fields = {"enqueued_at": datetime.now(UTC)} if build.enqueued_at is None else {}
-        if fields:
-            await self.store.set_build_fields(build.id, **fields)
+        try:
+            await self.queue.push(build.route, self.signer.sign(item))
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            log.warning("queue unreachable, build %s waits pending until it is back: %s",
+                        build.id, type(e).__name__)
+            if build.enqueued_at is not None:
+                await self.store.set_build_fields(build.id, enqueued_at=None)
+            return False
+        if build.enqueued_at is None:
+            await self.store.set_build_fields(build.id, enqueued_at=datetime.now(UTC))
+        if self.on_enqueued is not None:
+            self.on_enqueued()
+        return True
 
     async def enqueue_orphans(self) -> int:
-        """Push pending builds whose first push never happened (a crash or outage)."""
+        """Push pending builds that have no queue item (their push failed: a crash
+        or a queue outage). A duplicate is harmless: dispatch is a compare-and-set."""
         pushed = 0
-        for build in await self.store.list_builds(status=[BuildStatus.PENDING], limit=10_000):
-            if build.enqueued_at is None:
-                await self.enqueue(build)
-                pushed += 1
+        for build in await self.store.list_builds(status=[BuildStatus.PENDING], unqueued=True,
+                                                  limit=10_000):
+            if not await self.enqueue(build):
+                break  # still unreachable: the next pass tries again
+            pushed += 1
         if pushed:
             log.warning("queued %d pending builds that had no queue item", pushed)
         return pushed

@@ -87,7 +87,9 @@ class ServerContext:
         # Only server-mode routes: the listener never pops a route of legacy workers.
         verifier = ItemVerifier.from_public_keys(ring.verifying_keys(datetime.now(UTC)),
                                                  q.server_route_names(), q.max_item_bytes)
-        return Listener(queue, verifier, dispatcher, lease_s=q.lease_seconds)
+        sched = self.settings.scheduler
+        return Listener(queue, verifier, dispatcher, lease_s=q.lease_seconds,
+                        batch=sched.dispatch_batch, wait_s=sched.listener_wait_s)
 
     async def legacy_gateway(self, *, metrics: Metrics | None = None) -> LegacyGateway:
         """Classic Vela's worker entry point; ConfigError unless some route is legacy."""

@@ -39,7 +39,7 @@ from vela.errors import Conflict, NotFound
 from vela.legacy.modes import check_queueless_routes
 from vela.metrics import Metrics
 from vela.queue.item import QueueItem
-from vela.queue.listener import Outcome, SubmitResult
+from vela.queue.listener import Capacity, Outcome, SubmitResult
 from vela.queue.listener import Rejected as ItemRejected
 from vela.scheduling import WorkerRegistry
 from vela.security import (
@@ -134,7 +134,11 @@ class Scheduler:
         self.directory = directory
         self.builds = builds
         self.settings = settings
-        self.registry = WorkerRegistry()
+        # The listener's long poll (:meth:`capacity`) wakes on a freed slot or new work.
+        self._wake = asyncio.Event()
+        self._work = 0
+        self.registry = WorkerRegistry(on_change=self._signal)
+        builds.on_enqueued = self._work_queued
         self.book = ChallengeBook(server_id=settings.server.id,
                                   ttl_s=settings.scheduler.challenge_ttl_s)
         self.stats = SchedulerStats()
@@ -155,8 +159,29 @@ class Scheduler:
 
     # -- what the listener asks ------------------------------------------------
 
-    async def free_routes(self) -> set[str]:
-        return self.registry.free_routes()
+    async def capacity(self, wait_s: float = 0.0, seen_work: int | None = None) -> Capacity:
+        """Free slots; with ``wait_s``, waits first for a free slot and (when
+        ``seen_work`` is given) for a build queued since (the listener's long poll)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            cap = Capacity(self.registry.free_slots(), self.registry.free_total, self._work)
+            remaining = deadline - loop.time()
+            if (cap.free and seen_work != cap.work) or remaining <= 0:
+                return cap
+            wake = self._wake
+            try:
+                await asyncio.wait_for(wake.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _signal(self) -> None:
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    def _work_queued(self) -> None:
+        self._work += 1
+        self._signal()
 
     async def submit(self, item: QueueItem) -> SubmitResult:
         try:
@@ -509,9 +534,11 @@ class Scheduler:
     # -- the queue's own losses -----------------------------------------------------------
 
     async def resync_queue(self) -> int:
-        """If the queue back end lost its contents (Redis restarted empty), push every
-        pending build again. A duplicate item is harmless: dispatch is a compare-and-set
-        from ``pending``, so the second copy is acked as not pending."""
+        """Make the queue hold every pending build again: push the builds whose push
+        failed (a queue outage), and, if the back end lost its contents (Redis
+        restarted empty), every pending build. A duplicate item is harmless: dispatch
+        is a compare-and-set from ``pending``, so the second copy is acked as not
+        pending."""
         try:
             epoch = await self.builds.queue.epoch()
         except Exception as e:  # noqa: BLE001 - unreachable now; the listener reports it
@@ -519,11 +546,10 @@ class Scheduler:
             return 0
         previous, self._queue_epoch = self._queue_epoch, epoch
         if previous is None or epoch is None or epoch == previous:
-            return 0
+            return await self.builds.enqueue_orphans()
         pushed = 0
         for build in await self.store.list_builds(status=[BuildStatus.PENDING], limit=100_000):
-            if build.id not in self._dispatching:
-                await self.builds.enqueue(build)
+            if build.id not in self._dispatching and await self.builds.enqueue(build):
                 pushed += 1
         log.warning("the queue back end restarted empty; re-queued %d pending builds", pushed)
         return pushed
@@ -560,7 +586,6 @@ class Scheduler:
         for build in await self.store.list_builds(status=[BuildStatus.RUNNING], limit=10_000):
             if build.worker and build.worker not in self.registry:
                 await self._end_lost_build(build)
-        await self.builds.enqueue_orphans()
         await self.resync_queue()
 
     def status(self) -> dict[str, Any]:
