@@ -269,7 +269,10 @@ class Chaos:
         twice = [b for b, n in runs.items() if n > 1]
         inv["no build ran twice (one run's output per build)"] = (
             not twice, f"{sum(runs.values())} runs recorded for {len(runs)} builds; "
-                       f"{len(twice)} with more than one")
+                       f"{len(twice)} with more than one"
+                       + "".join(f"; build {b}: {runs[b]} runs, attempts "
+                                 f"{views[b]['attempts']}, chunks {len(views[b]['logs'])}"
+                                 for b in twice[:5]))
         missing = [b for b, v in views.items() if v["status"] == "success" and runs[b] != 1]
         inv["every success has exactly its one run"] = (
             not missing, f"{self.report.statuses['success'] - len(missing)} of "

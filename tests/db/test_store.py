@@ -93,6 +93,17 @@ async def test_steps_and_logs(store):
         await store.append_log(b.id, 7, ["x"])
 
 
+async def test_numbered_log_chunks_are_stored_once(store):
+    """A chunk sent again under the number it was stored with (a retry after a lost
+    reply) is not stored twice; chunks read back in their senders' order."""
+    b = await new_build(store)
+    await store.update_step(b.id, 1, StepStatus.RUNNING)
+    assert await store.append_log(b.id, 1, ["one"], seq=1) == 1
+    assert await store.append_log(b.id, 1, ["two"], seq=2) == 2
+    assert await store.append_log(b.id, 1, ["one"], seq=1) == 1
+    assert "".join(c for _, _, c in await store.get_logs(b.id)) == "one\ntwo\n"
+
+
 async def test_secret_encrypted_at_rest_and_never_listed(store, engine):
     await store.put_secret("org", "octo", "", "token", "org-value-123")
     info = await store.put_secret("repo", "octo", "hello", "token", "repo-value-456")

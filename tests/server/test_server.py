@@ -286,3 +286,38 @@ async def test_capacity_long_poll_wakes_on_a_freed_slot_and_on_new_work(system):
     await system.pump([build_id])
     await core.wait_idle(10)
     assert (await asyncio.wait_for(freed, 10)).free == {"vela": 1}
+
+
+async def test_worker_rows_follow_the_registry_once_per_watch_pass(system):
+    """Dispatches and finishes mark the worker's row; the watch pass writes it."""
+    await system.add_worker("w1")
+    await system.scheduler.check_workers()
+    build_id = await system.submit(pipeline("sleep 1"))
+    await system.pump([build_id], until=lambda b: b[build_id].status == "running")
+    await system.scheduler.check_workers()
+    row = await system.store.get_worker("w1")
+    assert row.running_builds == [build_id] and row.last_build_started is not None
+    await system.pump([build_id])
+    await system.scheduler.check_workers()
+    row = await system.store.get_worker("w1")
+    assert row.running_builds == [] and row.last_build_finished is not None
+
+
+async def test_a_log_chunk_retried_after_a_lost_reply_is_stored_once(system, monkeypatch):
+    """The Scheduler wrote the chunk but its reply never reached the worker (the
+    actor died, the DB connection dropped after commit): the retry is a no-op."""
+    real = system.scheduler.report
+    lost = []
+
+    async def reply_lost_once(**kw):
+        await real(**kw)
+        if kw["action"] == BuildAction.LOG_APPEND and not lost:
+            lost.append(kw["payload"])
+            raise TimeoutError("reply lost")
+
+    monkeypatch.setattr(system.scheduler, "report", reply_lost_once)
+    await system.add_worker("w1")
+    build_id = await system.submit(pipeline("echo exactly-once"))
+    assert (await system.pump([build_id]))[build_id].status == "success"
+    assert lost and lost[0]["seq"] == 1
+    assert (await logs_of(system, build_id)).count("exactly-once") == 1

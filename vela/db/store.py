@@ -263,20 +263,31 @@ class Store:
         return step
 
     # ------------------------------------------------------------------- logs
-    async def append_log(self, build_id: int, number: int, lines: Sequence[str]) -> int:
-        """Append one chunk to a step's log; returns its sequence number."""
-        async with self.session() as s, s.begin():
-            step_id = await s.scalar(
-                select(Step.id).where(Step.build_id == build_id, Step.number == number)
-            )
-            if step_id is None:
-                raise NotFound(f"build {build_id} has no step {number}")
-            seq = await s.scalar(
-                select(func.coalesce(func.max(Log.seq), 0)).where(Log.step_id == step_id)
-            )
-            s.add(Log(build_id=build_id, step_id=step_id, seq=int(seq or 0) + 1,
-                      data="".join(line + "\n" for line in lines), created_at=utcnow()))
-        return int(seq or 0) + 1
+    async def append_log(self, build_id: int, number: int, lines: Sequence[str], *,
+                         seq: int | None = None) -> int:
+        """Append one chunk to a step's log; returns its sequence number.
+
+        With ``seq`` (the sender's chunk number) the append is idempotent: a chunk
+        already stored under that number is not stored again.
+        """
+        try:
+            async with self.session() as s, s.begin():
+                step_id = await s.scalar(
+                    select(Step.id).where(Step.build_id == build_id, Step.number == number)
+                )
+                if step_id is None:
+                    raise NotFound(f"build {build_id} has no step {number}")
+                if seq is None:
+                    seq = int(await s.scalar(
+                        select(func.coalesce(func.max(Log.seq), 0)).where(Log.step_id == step_id)
+                    ) or 0) + 1
+                s.add(Log(build_id=build_id, step_id=step_id, seq=seq,
+                          data="".join(line + "\n" for line in lines), created_at=utcnow()))
+        except IntegrityError:
+            if seq is None:
+                raise
+            pass  # a retry of a chunk that got through: stored once
+        return seq
 
     async def get_logs(self, build_id: int, *, number: int | None = None,
                        after_id: int = 0) -> list[tuple[int, int, str]]:

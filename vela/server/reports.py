@@ -42,6 +42,9 @@ class StepReport(_Report):
 
 class LogReport(_Report):
     number: int = Field(ge=1, le=10_000)
+    # The worker's chunk number within the step: a retried chunk is written once.
+    # Absent (legacy workers), the server numbers chunks as they come.
+    seq: int | None = Field(default=None, ge=1, le=10_000_000)
     lines: list[str] = Field(max_length=MAX_LOG_LINES)
 
 
@@ -74,7 +77,7 @@ class ReportWriter:
                 logs = LogReport.model_validate(payload)
                 lines = [line[:MAX_LOG_LINE_CHARS] for line in logs.lines]
                 if lines:
-                    await self.store.append_log(build_id, logs.number, lines)
+                    await self.store.append_log(build_id, logs.number, lines, seq=logs.seq)
             elif action == BuildAction.FINISH:
                 return await self._finish(build_id, hostname,
                                           FinishReport.model_validate(payload))

@@ -148,6 +148,7 @@ class Scheduler:
         # dispatched, adopted or ended as lost here.
         self._legacy_routes = frozenset(settings.queue.legacy_route_names())
         self._links: dict[str, _Link] = {}
+        self._dirty: dict[str, dict[str, Any]] = {}  # worker rows to write (flush_mirrors)
         self._dispatching: set[int] = set()
         self._queue_epoch: str | None = None
         self._mono = monotonic
@@ -237,7 +238,7 @@ class Scheduler:
                 self.stats.dispatched += 1
                 if build.enqueued_at is not None:
                     self.metrics.dispatched((self._now() - build.enqueued_at).total_seconds())
-                await self._mirror(hostname, last_build_started=self._now())
+                self._mirror(hostname, last_build_started=self._now())
                 return Outcome.DISPATCHED
             self._refused(hostname, str(receipt.get("reason") or "refused"))
             return None
@@ -320,7 +321,7 @@ class Scheduler:
         self.registry.upsert(reg.hostname, routes=reg.routes, build_limit=reg.build_limit)
         self.registry.set_health(reg.hostname, True)
         await self._adopt(reg.hostname, set(running))
-        await self._mirror(reg.hostname, last_checked_in=self._now())
+        self._mirror(reg.hostname, last_checked_in=self._now())
         log.info("worker %s attached (routes %s, limit %d)", reg.hostname,
                  ",".join(reg.routes), reg.build_limit)
 
@@ -349,11 +350,11 @@ class Scheduler:
         self.stats.reports += 1
         if await self.writer.apply(build_id=build_id, hostname=hostname, action=action,
                                    payload=payload):
-            await self._free(hostname, build_id, last_build_finished=self._now())
+            self._free(hostname, build_id, last_build_finished=self._now())
 
-    async def _free(self, hostname: str, build_id: int, **fields: Any) -> None:
+    def _free(self, hostname: str, build_id: int, **fields: Any) -> None:
         if self.registry.release(hostname, build_id):
-            await self._mirror(hostname, **fields)
+            self._mirror(hostname, **fields)
 
     # -- cancel -------------------------------------------------------------------------
 
@@ -379,7 +380,7 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - its token is dead anyway
                     log.info("could not tell %s to cancel build %d: %s", build.worker,
                              build_id, type(e).__name__)
-            await self._free(build.worker, build_id)
+            self._free(build.worker, build_id)
         return BuildStatus.CANCELED
 
     # -- watching workers ------------------------------------------------------------------
@@ -421,6 +422,7 @@ class Scheduler:
                 link.check_started = now
                 link.check = asyncio.ensure_future(self._call(link.client.status()))
         self._publish_gauges()
+        await self.flush_mirrors()
 
     def _publish_gauges(self) -> None:
         by_status: dict[str, int] = {}
@@ -473,7 +475,7 @@ class Scheduler:
         """A worker's periodic check-in; False tells it to register again."""
         if hostname not in self._links:
             return False
-        await self._mirror(hostname, last_checked_in=self._now())
+        self._mirror(hostname, last_checked_in=self._now())
         return True
 
     async def worker_left(self, hostname: str) -> None:
@@ -520,16 +522,29 @@ class Scheduler:
         except Conflict:
             pass
 
-    async def _mirror(self, hostname: str, **fields: Any) -> None:
-        entry = self.registry.get(hostname)
-        if entry is None:
-            return
-        try:
-            await self.store.update_worker(
-                hostname, status=WorkerStatus.for_load(entry.load, entry.build_limit),
-                running_builds=sorted(entry.running), **fields)
-        except NotFound:
-            pass
+    def _mirror(self, hostname: str, **fields: Any) -> None:
+        """Note a worker's row as changed; :meth:`flush_mirrors` writes it (one write
+        per worker per watch pass, not one per dispatch and per finish)."""
+        self._dirty.setdefault(hostname, {}).update(fields)
+
+    async def flush_mirrors(self) -> None:
+        """Write the registry's view of each changed worker to its row (what
+        ``vela workers`` and the API show), at most a watch period late."""
+        dirty, self._dirty = self._dirty, {}
+        for hostname, fields in dirty.items():
+            entry = self.registry.get(hostname)
+            if entry is None:
+                continue  # lost meanwhile: worker_lost wrote its row
+            try:
+                await self.store.update_worker(
+                    hostname, status=WorkerStatus.for_load(entry.load, entry.build_limit),
+                    running_builds=sorted(entry.running), **fields)
+            except NotFound:
+                pass
+            except Exception:
+                # Kept for the next pass; what changed since is newer and wins.
+                self._dirty[hostname] = {**fields, **self._dirty.get(hostname, {})}
+                raise
 
     # -- the queue's own losses -----------------------------------------------------------
 
@@ -581,7 +596,7 @@ class Scheduler:
                                  build_limit=worker.build_limit,
                                  active=not status.get("draining", False))
             await self._adopt(worker.hostname, {int(b) for b in status.get("running", [])})
-            await self._mirror(worker.hostname, last_checked_in=self._now())
+            self._mirror(worker.hostname, last_checked_in=self._now())
         # Running builds on workers we no longer know.
         for build in await self.store.list_builds(status=[BuildStatus.RUNNING], limit=10_000):
             if build.worker and build.worker not in self.registry:

@@ -136,6 +136,9 @@ class _BuildReporter:
     def __init__(self, core: BuildRunner, run: _Run) -> None:
         self._core = core
         self._run = run
+        # Chunks are numbered per step, so a report retried after its reply was lost
+        # (the server wrote it) is not written twice.
+        self._chunks: dict[int, int] = {}
 
     async def step_started(self, number: int, name: str) -> None:
         await self._core._report(self._run, BuildAction.STEP_UPDATE, {
@@ -150,8 +153,9 @@ class _BuildReporter:
             "finished_at": self._core._iso_now()})
 
     async def log(self, number: int, lines: list[str]) -> None:
+        seq = self._chunks[number] = self._chunks.get(number, 0) + 1
         await self._core._report(self._run, BuildAction.LOG_APPEND,
-                                 {"number": number, "lines": list(lines)})
+                                 {"number": number, "seq": seq, "lines": list(lines)})
 
 
 class BuildRunner:
