@@ -54,6 +54,7 @@ class Report:
     builds: int
     kills: Counter[str] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)  # of the builds not successful
     invariants: dict[str, tuple[bool, str]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -66,7 +67,9 @@ class Report:
                "kills: " + (", ".join(f"{k}={n}" for k, n in sorted(self.kills.items()))
                             or "none"),
                "final statuses: " + ", ".join(f"{k}={n}"
-                                              for k, n in sorted(self.statuses.items()))]
+                                              for k, n in sorted(self.statuses.items())),
+               "reasons (not successful): " + (", ".join(
+                   f"{k}={n}" for k, n in sorted(self.reasons.items())) or "none")]
         for name, (ok, detail) in self.invariants.items():
             out.append(f"  [{'ok' if ok else 'FAIL'}] {name}: {detail}")
         return out
@@ -258,6 +261,8 @@ class Chaos:
     def check(self, views: dict[int, dict[str, Any]]) -> None:
         inv = self.report.invariants
         self.report.statuses = Counter(v["status"] for v in views.values())
+        self.report.reasons = Counter(f"{v['status']}/{v['reason']}" for v in views.values()
+                                      if v["status"] != "success")
         open_ = [b for b, v in views.items() if v["status"] not in TERMINAL]
         unexplained = [b for b, v in views.items()
                        if v["status"] in TERMINAL - {"success"} and not v["reason"]]
