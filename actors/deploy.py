@@ -39,17 +39,16 @@ def _options(name: str, namespace: str) -> dict[str, Any]:
 
 
 def start_control_plane(settings: Settings, *, timeout_s: float = 120.0) -> dict[str, Any]:
-    """TokenAuthority, Scheduler, QueueListener — in that order, each confirmed ready —
-    and the LegacyGateway only if some route is in legacy queue mode."""
+    """TokenAuthority, Scheduler, QueueListener — and the LegacyGateway only if some
+    route is in legacy queue mode — started together (each finds the others by name,
+    registered as it is created) and confirmed ready."""
     ns = settings.ray.namespace
-    handles: dict[str, Any] = {}
     control: list[tuple[str, Any]] = list(CONTROL)
     if settings.queue.legacy_route_names():
         control.append((LEGACY_GATEWAY, LegacyGatewayActor))
-    for name, cls in control:
-        handle = cls.options(**_options(name, ns)).remote(settings)
-        ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
-        handles[name] = handle
+    handles = {name: cls.options(**_options(name, ns)).remote(settings)
+               for name, cls in control}
+    ray.get([h.__ray_ready__.remote() for h in handles.values()], timeout=timeout_s)
     ray.get(handles[SCHEDULER].ready.remote(), timeout=timeout_s)
     if LEGACY_GATEWAY in handles:
         ray.get(handles[LEGACY_GATEWAY].ready.remote(), timeout=timeout_s)

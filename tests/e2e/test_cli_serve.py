@@ -80,3 +80,18 @@ def test_serve_refuses_without_a_sandbox(env, tmp_path):
                            env={**env, "VELA_CONFIG": "", "PATH": empty})
     assert r.exit_code == 1
     assert "bubblewrap" in r.output and "allow_unsandboxed" in r.output
+
+
+def test_serve_with_an_unreachable_database_fails_clearly_and_leaves_nothing(env):
+    """The migrations run while Ray's head starts; when they fail, the head that
+    `vela serve` started is stopped again and the error says what to fix."""
+    import socket
+
+    env = {**env, "VELA_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/vela"}
+    failed = vela("serve", "--detach", env=env)
+    out = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert "cannot reach the database" in out and "VELA_DATABASE_URL" in out
+    assert "Traceback" not in out
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", int(env["VELA_RAY_HEAD_PORT"]))) != 0

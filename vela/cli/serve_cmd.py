@@ -8,6 +8,7 @@ and reused by the other commands.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -233,19 +234,38 @@ def serve(
     t0 = time.monotonic()
 
     async def boot() -> str | None:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import DBAPIError
+
         from vela.api.auth import ensure_admin_credential
 
         ctx = ServerContext.open(s)
         try:
             await ctx.bootstrap()
             return await ensure_admin_credential(ctx.store)
+        except (OSError, DBAPIError) as e:
+            url = make_url(s.database_url()).render_as_string(hide_password=True)
+            raise VelaError(f"cannot reach the database at {url} ({type(e).__name__}); "
+                            "check database.url (VELA_DATABASE_URL) and that the database "
+                            "is running") from None
         finally:
             await ctx.close()
 
-    credential = run(boot())
+    # The migrations run while Ray's head starts (each takes seconds); a database
+    # that is not ready stops everything before any actor exists.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        booted = pool.submit(run, boot())
+        try:
+            started = _connect(s, start_local=True)
+        finally:
+            error = booted.exception()
+        if error is not None:
+            with contextlib.suppress(Exception):
+                _teardown(s, stop_head=started)
+            raise error
+    credential = booted.result()
     console.print(f"database ready ({s.database_url().split(':', 1)[0]}), "
                   f"queue: {s.queue.backend}", highlight=False)
-    started = _connect(s, start_local=True)
     handles = start_control_plane(s)
     console.print("actors up: TokenAuthority, Scheduler, QueueListener", highlight=False)
     for i in range(1, n_workers + 1):
