@@ -40,19 +40,27 @@ def _options(name: str, namespace: str) -> dict[str, Any]:
 
 def start_control_plane(settings: Settings, *, timeout_s: float = 120.0) -> dict[str, Any]:
     """TokenAuthority, Scheduler, QueueListener — and the LegacyGateway only if some
-    route is in legacy queue mode — started together (each finds the others by name,
-    registered as it is created) and confirmed ready."""
+    route is in legacy queue mode — started together and confirmed ready."""
+    handles = create_control_plane(settings)
+    wait_control_plane(handles, timeout_s=timeout_s)
+    return handles
+
+
+def create_control_plane(settings: Settings) -> dict[str, Any]:
+    """Create (or find) the control actors without waiting for them: each finds the
+    others by name, which Ray registers as the actor is created."""
     ns = settings.ray.namespace
     control: list[tuple[str, Any]] = list(CONTROL)
     if settings.queue.legacy_route_names():
         control.append((LEGACY_GATEWAY, LegacyGatewayActor))
-    handles = {name: cls.options(**_options(name, ns)).remote(settings)
-               for name, cls in control}
+    return {name: cls.options(**_options(name, ns)).remote(settings) for name, cls in control}
+
+
+def wait_control_plane(handles: dict[str, Any], *, timeout_s: float = 120.0) -> None:
     ray.get([h.__ray_ready__.remote() for h in handles.values()], timeout=timeout_s)
     ray.get(handles[SCHEDULER].ready.remote(), timeout=timeout_s)
     if LEGACY_GATEWAY in handles:
         ray.get(handles[LEGACY_GATEWAY].ready.remote(), timeout=timeout_s)
-    return handles
 
 
 def default_hostname() -> str:

@@ -87,14 +87,23 @@ def _ray_cli() -> str:
 def ensure_ray_auth_token() -> None:
     """Ray's token authentication stays on: on a machine that has no token yet
     (``~/.ray/auth_token``), make one, as a local ``ray.init()`` would."""
+    default = Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return  # the operator chose where the token comes from
+    if default.is_file() and default.stat().st_size:
+        _private(default)
+        return
     res = subprocess.run([_ray_cli(), "get-auth-token", "--generate"], capture_output=True,
                          text=True, timeout=60)
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:]
         raise VelaError(f"cannot create Ray's auth token: {' '.join(tail)}")
-    default = Path.home() / ".ray" / "auth_token"
-    if default.is_file() and default.stat().st_mode & 0o077:
-        default.chmod(0o600)  # Ray writes it world-readable; it is the cluster's key
+    _private(default)
+
+
+def _private(token_file: Path) -> None:
+    if token_file.is_file() and token_file.stat().st_mode & 0o077:
+        token_file.chmod(0o600)  # Ray writes it world-readable; it is the cluster's key
 
 
 def _start_local_head(s: Settings) -> None:
@@ -223,7 +232,7 @@ def serve(
     """Start the server (TokenAuthority, Scheduler, QueueListener), local workers and the
     HTTP API (Ray Serve)."""
     from actors._ray import AUTHORITY
-    from actors.deploy import default_hostname, start_control_plane
+    from actors.deploy import create_control_plane, default_hostname, wait_control_plane
     from vela.server.context import ServerContext
 
     s = state.settings
@@ -266,14 +275,16 @@ def serve(
     credential = booted.result()
     console.print(f"database ready ({s.database_url().split(':', 1)[0]}), "
                   f"queue: {s.queue.backend}", highlight=False)
-    handles = start_control_plane(s)
+    # The HTTP API (Ray Serve: seconds to start) deploys while the actors start.
+    handles = create_control_plane(s)
+    api_url = _start_api(s, handles[AUTHORITY], credential)
+    wait_control_plane(handles)
     console.print("actors up: TokenAuthority, Scheduler, QueueListener", highlight=False)
     for i in range(1, n_workers + 1):
         hostname = f"{default_hostname()}-{i}"
         status = _local_worker(s, hostname, handles[AUTHORITY])
         console.print(f"worker {hostname} registered (routes {', '.join(status['routes'])}, "
                       f"{status['free_slots']} slot(s), {status['sandbox']})", highlight=False)
-    api_url = _start_api(s, handles[AUTHORITY], credential)
     host = "127.0.0.1" if not s.ray.address else s.ray.address.split(":")[0]
     console.print(f"[green]ready[/green] in {time.monotonic() - t0:.1f}s. API: {api_url}  "
                   f"Ray dashboard: http://{host}:{s.ray.dashboard_port}  "
