@@ -2,7 +2,7 @@
 interfaces, so the logic in ``vela/`` never sees Ray and tests can swap these.
 
 Error translation, in one place: an actor that is dead for good
-(``RayActorError``) becomes :class:`~vela.server.scheduler.WorkerGone`; one
+(``RayActorError``) becomes :class:`~vela.errors.WorkerGone`; one
 that is restarting or unreachable (``ActorUnavailableError``) becomes a
 ``TimeoutError`` (transient). Application errors (e.g.
 :class:`~vela.security.Rejected`) come through as themselves.
@@ -11,15 +11,17 @@ that is restarting or unreachable (``ActorUnavailableError``) becomes a
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from vela.queue.item import QueueItem
-from vela.queue.listener import Capacity, SubmitResult
-from vela.server.authority import IssuedPackage
-from vela.server.scheduler import WorkerGone
+from vela.errors import WorkerGone
+
+if TYPE_CHECKING:  # the server's types; a worker process never imports SQLAlchemy or redis
+    from vela.queue.item import QueueItem
+    from vela.queue.listener import Capacity, SubmitResult
+    from vela.server.authority import IssuedPackage
 
 T = TypeVar("T")
 

@@ -21,3 +21,7 @@ class Conflict(VelaError):
 
 class InvalidTransition(VelaError):
     """A state change the state machine does not allow."""
+
+
+class WorkerGone(Exception):
+    """The worker's actor (or its node) is dead: no point in retrying it."""

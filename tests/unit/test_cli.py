@@ -132,3 +132,4 @@ def test_a_fresh_machine_gets_a_ray_auth_token_once(tmp_path, monkeypatch):
     assert len(first) >= 32 and token.stat().st_mode & 0o777 == 0o600
     ensure_ray_auth_token()
     assert token.read_text() == first
+

@@ -35,7 +35,7 @@ from vela.config import Settings
 from vela.db.models import Build
 from vela.db.store import Store
 from vela.domain import BuildStatus, WorkerStatus
-from vela.errors import Conflict, NotFound
+from vela.errors import Conflict, NotFound, WorkerGone
 from vela.legacy.modes import check_queueless_routes
 from vela.metrics import Metrics
 from vela.queue.item import QueueItem
@@ -65,10 +65,6 @@ CANCELED_BY_USER = "canceled"
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-class WorkerGone(Exception):
-    """The worker's actor (or its node) is dead: no point in retrying it."""
 
 
 class WorkerClient(Protocol):
