@@ -2,28 +2,29 @@
 
 A thin shell over :class:`vela.server.scheduler.Scheduler`. It builds itself
 from the database on (re)start and keeps one watch loop running.
+
+The server's modules are imported inside the methods that use them: Ray ships
+this class by value to every process that looks the actor up by name (each
+WorkerActor does), and a module a method names globally is imported there
+too — SQLAlchemy, redis and the web framework in every worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from actors._metrics import RayMetrics
-from actors._ray import AUTHORITY, RayAuthority, RayWorkerDirectory, get_actor
-from vela.api.backend import ServerBackend, TokenIssuer, dispatch
-from vela.api.errors import to_api_error
-from vela.config import Settings
-from vela.domain import BuildStatus
-from vela.errors import VelaError
-from vela.queue.item import QueueItem
-from vela.queue.listener import Capacity, SubmitResult
-from vela.server.builds import build_view
-from vela.server.context import ServerContext
-from vela.server.scheduler import Scheduler
+if TYPE_CHECKING:
+    from vela.api.backend import ServerBackend
+    from vela.config import Settings
+    from vela.domain import BuildStatus
+    from vela.queue.item import QueueItem
+    from vela.queue.listener import Capacity, SubmitResult
+    from vela.server.context import ServerContext
+    from vela.server.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ class SchedulerActor:
         return f"Scheduler({self._settings.server.id})"
 
     async def _get(self) -> Scheduler:
+        from actors._metrics import RayMetrics
+        from actors._ray import AUTHORITY, RayAuthority, RayWorkerDirectory, get_actor
+        from vela.errors import VelaError
+        from vela.server.context import ServerContext
+
         async with self._lock:
             if self._core is None:
                 ctx = ServerContext.open(self._settings)
@@ -127,6 +133,9 @@ class SchedulerActor:
     async def api(self, op: str, kwargs: dict[str, Any]) -> Any:
         """One HTTP API operation (``vela.api.backend.OPS``) for the API's Serve
         replicas; failures come back as :class:`~vela.api.errors.ApiError`."""
+        from vela.api.backend import ServerBackend, TokenIssuer, dispatch
+        from vela.api.errors import to_api_error
+
         try:
             core = await self._get()
         except Exception as e:  # noqa: BLE001 - e.g. the TokenAuthority is not up yet
@@ -137,4 +146,6 @@ class SchedulerActor:
         return await dispatch(self._api, op, kwargs)
 
     async def build_view(self, build_id: int, after_log_id: int = 0) -> dict[str, Any]:
+        from vela.server.builds import build_view
+
         return await build_view((await self._get()).store, build_id, after_log_id=after_log_id)

@@ -94,3 +94,20 @@ def test_metrics_reach_the_dashboard_exporter(settings, server):
         return text if all(name in text for name in names) else ""
 
     assert wait_until(exported, 60, f"{', '.join(names)} in the Prometheus export")
+
+
+def test_a_registered_worker_process_loads_none_of_the_servers_libraries(settings, server):
+    """Looking the Scheduler up by name ships its class to the worker's process; the
+    server's libraries stay out of it (idle RSS, docs/performance.md)."""
+    import ray
+
+    def server_modules(_actor: object) -> list[str]:  # by value: runs in the worker
+        import sys
+
+        return sorted(m for m in ("sqlalchemy", "redis", "fastapi", "aiosqlite", "asyncpg")
+                      if m in sys.modules)
+
+    handle = add_worker(settings, server, "slim")
+    build_id = run_build(server, pipeline("true"))
+    assert wait_terminal(server, build_id)["status"] == "success"
+    assert ray.get(handle.__ray_call__.remote(server_modules), timeout=60) == []
