@@ -147,6 +147,8 @@ class Scheduler:
         self._dirty: dict[str, dict[str, Any]] = {}  # worker rows to write (flush_mirrors)
         self._dispatching: set[int] = set()
         self._queue_epoch: str | None = None
+        # A new Scheduler does not know what a volatile queue lost while it was down.
+        self._queue_unknown = True
         self._mono = monotonic
         self._now = now
         self._call_timeout = settings.scheduler.health_check_timeout_s
@@ -546,23 +548,33 @@ class Scheduler:
 
     async def resync_queue(self) -> int:
         """Make the queue hold every pending build again: push the builds whose push
-        failed (a queue outage), and, if the back end lost its contents (Redis
-        restarted empty), every pending build. A duplicate item is harmless: dispatch
-        is a compare-and-set from ``pending``, so the second copy is acked as not
-        pending."""
+        failed (a queue outage), and every pending build if the back end may have lost
+        its contents — Redis restarted empty (its run id changed), or this Scheduler
+        is new and cannot know what Redis went through while it was down. A duplicate
+        item is harmless: dispatch is a compare-and-set from ``pending``, so the second
+        copy is acked as not pending. A durable queue (no epoch) never loses items."""
         try:
             epoch = await self.builds.queue.epoch()
         except Exception as e:  # noqa: BLE001 - unreachable now; the listener reports it
             log.debug("queue epoch unavailable: %s", e)
             return 0
         previous, self._queue_epoch = self._queue_epoch, epoch
-        if previous is None or epoch is None or epoch == previous:
+        restarted = previous is not None and epoch != previous
+        if epoch is None or not (restarted or self._queue_unknown):
+            self._queue_unknown = False
             return await self.builds.enqueue_orphans()
-        pushed = 0
+        pushed, complete = 0, True
         for build in await self.store.list_builds(status=[BuildStatus.PENDING], limit=100_000):
-            if build.id not in self._dispatching and await self.builds.enqueue(build):
-                pushed += 1
-        log.warning("the queue back end restarted empty; re-queued %d pending builds", pushed)
+            if build.id in self._dispatching:
+                continue
+            if not await self.builds.enqueue(build):
+                complete = False  # the queue went away again: the next pass repeats this
+                break
+            pushed += 1
+        self._queue_unknown = not complete
+        log.warning("%s; re-queued %d pending builds",
+                    "the queue back end restarted empty" if restarted
+                    else "the Scheduler (re)started on a volatile queue", pushed)
         return pushed
 
     # -- restart -------------------------------------------------------------------------
