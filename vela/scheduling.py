@@ -66,9 +66,6 @@ class WorkerRegistry:
         """Free slots per route, over eligible workers (what the listener asks)."""
         return {route: n for route, n in self._free.items() if n > 0}
 
-    def free_routes(self) -> set[str]:
-        return set(self.free_slots())
-
     @property
     def free_total(self) -> int:
         """Free slots over eligible workers, each worker counted once."""

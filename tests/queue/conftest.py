@@ -152,7 +152,7 @@ class FakeScheduler:
         self.builds[build_id] = status
 
     async def capacity(self, wait_s: float = 0.0, seen_work: int | None = None) -> Capacity:
-        return Capacity.of_routes(self.free)
+        return Capacity(dict.fromkeys(self.free, 1), total=len(self.free))
 
     async def submit(self, item: QueueItem) -> SubmitResult:
         self.submitted.append(item)

@@ -41,7 +41,7 @@ def test_full_unhealthy_inactive_are_never_chosen():
     r.assign("a", 1)
     r.set_health("b", False)
     r.set_active("c", False)
-    assert r.choose("vela") is None and r.free_routes() == set()
+    assert r.choose("vela") is None and r.free_slots() == {}
     r.set_health("b", True)
     assert r.choose("vela").hostname == "b" and r.free_slots() == {"vela": 1}
     assert r.choose("vela", exclude=["b"]) is None

@@ -286,7 +286,7 @@ class Store:
         except IntegrityError:
             if seq is None:
                 raise
-            pass  # a retry of a chunk that got through: stored once
+            # The sender's retry of a chunk that got through: it stays stored once.
         return seq
 
     async def get_logs(self, build_id: int, *, number: int | None = None,

@@ -97,12 +97,6 @@ class Capacity:
     total: int = 0         # free slots over all workers, each counted once
     work: int = 0          # bumps whenever the dispatcher's side queued a build
 
-    @classmethod
-    def of_routes(cls, routes: Iterable[str], work: int = 0) -> Capacity:
-        """One free slot on each of ``routes`` (for simple dispatchers and tests)."""
-        free = dict.fromkeys(routes, 1)
-        return cls(free, len(free), work)
-
 
 @runtime_checkable
 class Dispatcher(Protocol):

@@ -3,7 +3,7 @@
 A build is stored ``pending`` with its compiled executable first, then a
 signed reference to it is pushed. ``enqueued_at`` is set only once the push
 succeeded, so a pending build without it is one whose push failed: the
-Scheduler's watch loop pushes it again (:meth:`BuildQueue.enqueue_orphans`).
+Scheduler's watch loop pushes it again (:meth:`BuildQueue.enqueue_pending`).
 A queue outage therefore never fails (or loses) a build that is stored: it
 waits, ``pending``, until the queue is back.
 """
@@ -11,7 +11,7 @@ waits, ``pending``, until the queue is back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,7 +74,7 @@ class BuildQueue:
         """Push a signed item for ``build`` (again, after a requeue: attempt + 1).
 
         False if the queue back end is unreachable: the build is then marked
-        unqueued (``enqueued_at`` cleared) for :meth:`enqueue_orphans` to push later.
+        unqueued (``enqueued_at`` cleared) for :meth:`enqueue_pending` to push later.
         """
         item = QueueItem.new(build.id, build.route, attempt=build.attempts + 1)
         try:
@@ -93,18 +93,22 @@ class BuildQueue:
             self.on_enqueued()
         return True
 
-    async def enqueue_orphans(self) -> int:
-        """Push pending builds that have no queue item (their push failed: a crash
-        or a queue outage). A duplicate is harmless: dispatch is a compare-and-set."""
+    async def enqueue_pending(self, *, unqueued_only: bool,
+                              skip: Container[int] = ()) -> tuple[int, bool]:
+        """Push pending builds again — only those that have no queue item (their push
+        failed: a crash or a queue outage) with ``unqueued_only`` — except ``skip``.
+        Returns how many were pushed and whether all were (False: the queue went
+        away meanwhile; the next call repeats it). A duplicate item is harmless:
+        dispatch is a compare-and-set from ``pending``."""
         pushed = 0
-        for build in await self.store.list_builds(status=[BuildStatus.PENDING], unqueued=True,
-                                                  limit=10_000):
+        for build in await self.store.list_builds(status=[BuildStatus.PENDING],
+                                                  unqueued=unqueued_only, limit=100_000):
+            if build.id in skip:
+                continue
             if not await self.enqueue(build):
-                break  # still unreachable: the next pass tries again
+                return pushed, False
             pushed += 1
-        if pushed:
-            log.warning("queued %d pending builds that had no queue item", pushed)
-        return pushed
+        return pushed, True
 
 
 def _iso(t: datetime | None) -> str | None:

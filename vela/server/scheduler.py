@@ -168,9 +168,8 @@ class Scheduler:
             remaining = deadline - loop.time()
             if (cap.free and seen_work != cap.work) or remaining <= 0:
                 return cap
-            wake = self._wake
             try:
-                await asyncio.wait_for(wake.wait(), remaining)
+                await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 pass
 
@@ -562,15 +561,13 @@ class Scheduler:
         restarted = previous is not None and epoch != previous
         if epoch is None or not (restarted or self._queue_unknown):
             self._queue_unknown = False
-            return await self.builds.enqueue_orphans()
-        pushed, complete = 0, True
-        for build in await self.store.list_builds(status=[BuildStatus.PENDING], limit=100_000):
-            if build.id in self._dispatching:
-                continue
-            if not await self.builds.enqueue(build):
-                complete = False  # the queue went away again: the next pass repeats this
-                break
-            pushed += 1
+            pushed, _ = await self.builds.enqueue_pending(unqueued_only=True,
+                                                          skip=self._dispatching)
+            if pushed:
+                log.warning("queued %d pending builds that had no queue item", pushed)
+            return pushed
+        pushed, complete = await self.builds.enqueue_pending(unqueued_only=False,
+                                                             skip=self._dispatching)
         self._queue_unknown = not complete
         log.warning("%s; re-queued %d pending builds",
                     "the queue back end restarted empty" if restarted
