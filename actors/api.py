@@ -89,11 +89,24 @@ def deploy_api(settings: Settings, *, timeout_s: float = 120.0) -> str:
     """Start Serve's proxy on ``api.host:api.port`` (on the head node, where `vela serve`
     runs) and deploy the API (idempotent); returns the URL for clients once ``/health``
     answers on the proxy."""
+    begin_api(settings)
+    return wait_api(settings, timeout_s=timeout_s)
+
+
+def begin_api(settings: Settings) -> None:
+    """Start Serve and submit the API without waiting for its replica: Serve's chain
+    (controller, proxy, replica: a process each) is the longest part of a cold start,
+    so `vela serve` starts it first and waits for it last (:func:`wait_api`)."""
     serve.start(proxy_location="HeadOnly",
                 http_options={"host": settings.api.host, "port": settings.api.port})
-    serve.run(ApiIngress.bind(settings),  # type: ignore[attr-defined] # Serve adds bind
-              name=app_name(settings.ray.namespace),
-              route_prefix="/", blocking=False)
+    serve.run_many([serve.RunTarget(  # type: ignore[attr-defined] # Serve adds bind
+        ApiIngress.bind(settings), name=app_name(settings.ray.namespace),  # type: ignore[attr-defined]
+        route_prefix="/")], wait_for_applications_running=False)
+
+
+def wait_api(settings: Settings, *, timeout_s: float = 120.0) -> str:
+    """Wait until the proxy answers ``/health`` (which also means the replica is up);
+    returns the URL for clients."""
     _wait_healthy(settings.api.listen_url(), timeout_s)
     return settings.api.base_url()
 
@@ -108,7 +121,7 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
                     return
         except (urllib.error.URLError, OSError) as e:
             last = str(getattr(e, "reason", e))
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise VelaError(f"the API did not answer at {url} ({last}); if Serve already runs on "
                     "this cluster with other HTTP options, `serve shutdown` it first")
 

@@ -232,6 +232,7 @@ def serve(
     """Start the server (TokenAuthority, Scheduler, QueueListener), local workers and the
     HTTP API (Ray Serve)."""
     from actors._ray import AUTHORITY
+    from actors.api import begin_api
     from actors.deploy import create_control_plane, default_hostname, wait_control_plane
     from vela.server.context import ServerContext
 
@@ -275,9 +276,11 @@ def serve(
     credential = booted.result()
     console.print(f"database ready ({s.database_url().split(':', 1)[0]}), "
                   f"queue: {s.queue.backend}", highlight=False)
-    # The HTTP API (Ray Serve: seconds to start) deploys while the actors start.
+    # The HTTP API (Ray Serve: three processes, one after the other) is submitted
+    # first, the control actors start meanwhile, and the API is waited for last.
+    begin_api(s)
     handles = create_control_plane(s)
-    api_url = _start_api(s, handles[AUTHORITY], credential)
+    api_url = _api_up(s, handles[AUTHORITY], credential)
     wait_control_plane(handles)
     console.print("actors up: TokenAuthority, Scheduler, QueueListener", highlight=False)
     for i in range(1, n_workers + 1):
@@ -305,15 +308,15 @@ def serve(
     _teardown(s, stop_head=started)
 
 
-def _start_api(s: Settings, authority: Any, credential: str | None) -> str:
-    """Deploy the HTTP API on Ray Serve. On the embedded default, log the local CLI in
+def _api_up(s: Settings, authority: Any, credential: str | None) -> str:
+    """Wait for the HTTP API on Ray Serve. On the embedded default, log the local CLI in
     as admin (a credentials file only this user can read)."""
     import ray
 
-    from actors.api import deploy_api
+    from actors.api import wait_api
     from vela.api.client import Credentials, save_credentials
 
-    url = deploy_api(s)
+    url = wait_api(s)
     console.print(f"API up at {url} (Ray Serve)", highlight=False)
     if credential:
         console.print(f"admin credential, shown this once (`vela login` exchanges it for an "
