@@ -96,10 +96,10 @@ class RayAuthority:
     async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage:
         return await _await(self._h.issue_package.remote(build_id, hostname))
 
-    async def authorize(self, *, build_id: int, action: str, token: object,
-                        proof: object) -> str:
-        return await _await(self._h.authorize.remote(build_id=build_id, action=action,
-                                                     token=token, proof=proof))
+    async def authorize(self, *, build_id: int, token: object,
+                        requests: list[tuple[str, object]]) -> str:
+        return await _await(self._h.authorize.remote(build_id=build_id, token=token,
+                                                     requests=requests))
 
     async def key_set(self) -> dict[str, Any]:
         return await _await(self._h.key_set.remote())
@@ -143,10 +143,10 @@ class RayServerLink:
                 raise TimeoutError("the scheduler is not running")
         return self._scheduler
 
-    async def report(self, *, build_id: int, action: str, payload: dict[str, Any], token: str,
-                     proof: str) -> None:
-        await _await(self.scheduler().report.remote(build_id=build_id, action=action,
-                                                    payload=payload, token=token, proof=proof))
+    async def send_reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
+                      ) -> None:
+        await _await(self.scheduler().reports.remote(build_id=build_id, token=token,
+                                                     reports=reports))
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Registration and check-in calls on the Scheduler."""

@@ -105,10 +105,9 @@ class SchedulerActor:
     async def worker_left(self, hostname: str) -> None:
         await (await self._get()).worker_left(hostname)
 
-    async def report(self, *, build_id: int, action: str, payload: dict[str, Any], token: str,
-                     proof: str) -> None:
-        await (await self._get()).report(build_id=build_id, action=action, payload=payload,
-                                         token=token, proof=proof)
+    async def reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
+                      ) -> None:
+        await (await self._get()).reports(build_id=build_id, token=token, reports=reports)
 
     # -- people and tools -------------------------------------------------------------
     async def create_build(self, repo: str, pipeline: str, *, route: str | None = None,

@@ -31,10 +31,10 @@ class TokenAuthorityActor:
     async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage:
         return await (await self._get()).issue_package(build_id, hostname)
 
-    async def authorize(self, *, build_id: int, action: str, token: object,
-                        proof: object) -> str:
-        return await (await self._get()).authorize(build_id=build_id, action=action,
-                                                   token=token, proof=proof)
+    async def authorize(self, *, build_id: int, token: object,
+                        requests: list[tuple[str, object]]) -> str:
+        return await (await self._get()).authorize(build_id=build_id, token=token,
+                                                   requests=requests)
 
     async def key_set(self) -> dict[str, Any]:
         return await (await self._get()).key_set()

@@ -38,7 +38,7 @@ def _fake_server_class():
             self.ring = KeyRing.generate(datetime.now(UTC))
             self.replay = ReplayCache(max_age_s=30, started_at=datetime.now(UTC))
             self.registration: dict[str, Any] | None = None
-            self.reports: list[tuple[int, str, dict[str, Any]]] = []
+            self.got: list[tuple[int, str, dict[str, Any]]] = []
             self.bad_proofs = 0
 
         def _now(self) -> datetime:
@@ -55,18 +55,20 @@ def _fake_server_class():
         async def worker_left(self, hostname):
             return None
 
-        async def report(self, *, build_id, action, payload, token, proof):
+        async def reports(self, *, build_id, token, reports):  # the Scheduler actor's
             now = self._now()
             claims = verify_build_token(token, keys=self.ring.verifying_keys(now),
                                         issuer="test-server", now=now)
-            try:
-                verify_proof(proof, token=token, claims=claims,
-                             worker_sign_key=self.registration["sign_public_key"],
-                             action=action, build_id=build_id, cache=self.replay, now=now)
-            except Exception:
-                self.bad_proofs += 1
-                raise
-            self.reports.append((build_id, action, payload))
+            for r in reports:
+                try:
+                    verify_proof(r["proof"], token=token, claims=claims,
+                                 worker_sign_key=self.registration["sign_public_key"],
+                                 action=r["action"], build_id=build_id, cache=self.replay,
+                                 now=now)
+                except Exception:
+                    self.bad_proofs += 1
+                    raise
+            self.got += [(build_id, r["action"], r["payload"]) for r in reports]
 
         async def package(self, build_id, text, *, worker=None, secrets=None, tamper=False):
             reg = self.registration
@@ -87,7 +89,7 @@ def _fake_server_class():
             return pkg
 
         async def state(self):
-            return {"reports": self.reports, "bad_proofs": self.bad_proofs}
+            return {"reports": self.got, "bad_proofs": self.bad_proofs}
 
     return FakeServer
 

@@ -99,11 +99,10 @@ class DirectLink:
 
     system: System
 
-    async def report(self, *, build_id: int, action: str, payload: dict[str, Any], token: str,
-                     proof: str) -> None:
+    async def send_reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
+                      ) -> None:
         self.system.tokens[build_id] = token  # what a thief on the wire would see
-        await self.system.scheduler.report(build_id=build_id, action=action, payload=payload,
-                                           token=token, proof=proof)
+        await self.system.scheduler.reports(build_id=build_id, token=token, reports=reports)
 
 
 @dataclass

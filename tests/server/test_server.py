@@ -14,6 +14,7 @@ from vela.domain import BuildStatus
 from vela.queue.item import QueueItem
 from vela.queue.listener import Outcome
 from vela.security import BuildAction, Reason, Rejected, make_proof
+from vela.server.reports import MAX_BATCH
 from vela.server.scheduler import WORKER_LOST
 
 SECRET = "s3cr3t-Value-42"
@@ -194,6 +195,61 @@ async def test_forged_reports_are_rejected(system, forgery):
     await system.scheduler.cancel(b)
 
 
+BAD_BATCHES = ["one_forged", "other_workers_key", "replayed_within", "action_swapped",
+               "finish_not_last", "start_not_first", "too_many", "empty", "not_a_list"]
+
+
+@pytest.mark.parametrize("bad", BAD_BATCHES)
+async def test_a_batch_of_reports_passes_whole_or_not_at_all(system, bad):
+    """Reports sent together are all checked before any is written: one forged,
+    replayed, swapped or misplaced report refuses the lot."""
+    await system.add_worker("w1")
+    await system.add_worker("w2", routes=("other",))
+    a = await system.submit(pipeline("sleep 30"))
+    await system.pump([a], until=lambda x: x[a].started_at is not None)
+    token, me = system.tokens[a], system.identity("w1")
+
+    def report(action: BuildAction, payload: dict, *, signer=me, proof_action=None,
+               proof: str | None = None) -> dict:
+        proof = proof or make_proof(signer, token=token, action=proof_action or action,
+                                    build_id=a, now=datetime.now(UTC))
+        return {"action": action, "payload": payload, "proof": proof}
+
+    def log(text: str, seq: int) -> dict:
+        return report(BuildAction.LOG_APPEND, {"number": 1, "seq": seq, "lines": [text]})
+
+    finish = report(BuildAction.FINISH, {"status": "success"})
+    start = report(BuildAction.START, {})
+    batch: object = {
+        "one_forged": [log("batched-1", 1), {**finish, "proof": "a.b.c"}],
+        "other_workers_key": [log("batched-1", 1),
+                              report(BuildAction.FINISH, {"status": "success"},
+                                     signer=system.identity("w2"))],
+        "replayed_within": [(first := log("batched-1", 1)), {**first, "payload": {
+            "number": 1, "seq": 2, "lines": ["batched-2"]}}],
+        "action_swapped": [log("batched-1", 1),
+                           report(BuildAction.LOG_APPEND, {"number": 1, "lines": ["x"]},
+                                  proof_action=BuildAction.FINISH)],
+        "finish_not_last": [finish, log("batched-1", 1)],
+        "start_not_first": [log("batched-1", 1), start],
+        "too_many": [log(f"batched-{i}", i) for i in range(1, MAX_BATCH + 2)],
+        "empty": [],
+        "not_a_list": log("batched-1", 1),
+    }[bad]
+    with pytest.raises(Rejected) as e:
+        await system.scheduler.reports(build_id=a, token=token, reports=batch)  # type: ignore[arg-type]
+    if bad in ("finish_not_last", "start_not_first", "too_many", "empty", "not_a_list"):
+        assert e.value.reason is Reason.MALFORMED
+    assert "batched-" not in await logs_of(system, a)
+    assert (await system.store.get_build(a)).status == "running"
+    assert sum(system.scheduler.stats.report_rejections.values()) == 1
+    # The build's own reports still go through together.
+    await system.scheduler.reports(build_id=a, token=token,
+                                   reports=[log("ok-1", 1), log("ok-2", 2)])
+    assert "ok-1\nok-2" in await logs_of(system, a)
+    await system.scheduler.cancel(a)
+
+
 async def test_metrics_follow_the_builds(system):
     await system.add_worker("w1", build_limit=2)
     ok = await system.submit(pipeline("true"))
@@ -309,16 +365,17 @@ async def test_worker_rows_follow_the_registry_once_per_watch_pass(system):
 async def test_a_log_chunk_retried_after_a_lost_reply_is_stored_once(system, monkeypatch):
     """The Scheduler wrote the chunk but its reply never reached the worker (the
     actor died, the DB connection dropped after commit): the retry is a no-op."""
-    real = system.scheduler.report
+    real = system.scheduler.reports
     lost = []
 
     async def reply_lost_once(**kw):
         await real(**kw)
-        if kw["action"] == BuildAction.LOG_APPEND and not lost:
-            lost.append(kw["payload"])
+        logs = [r["payload"] for r in kw["reports"] if r["action"] == BuildAction.LOG_APPEND]
+        if logs and not lost:
+            lost.append(logs[0])
             raise TimeoutError("reply lost")
 
-    monkeypatch.setattr(system.scheduler, "report", reply_lost_once)
+    monkeypatch.setattr(system.scheduler, "reports", reply_lost_once)
     await system.add_worker("w1")
     build_id = await system.submit(pipeline("echo exactly-once"))
     assert (await system.pump([build_id]))[build_id].status == "success"

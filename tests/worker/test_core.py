@@ -85,7 +85,8 @@ class FakeServer:
         self.jtis: dict[int, str] = {}
         self.ended: set[int] = set()
         self.reports: list[Report] = []
-        self.attempt_proofs: list[str] = []
+        self.attempt_proofs: list[list[str]] = []  # one list per call
+        self.failed_calls = 0
         self.refused: list[tuple[int, str, str]] = []  # build, action, reason
         self.fail: Callable[[int, str], Exception | None] | None = None
         self.hang: asyncio.Event | None = None  # set: reports hang until it is set
@@ -113,24 +114,29 @@ class FakeServer:
         """As when the server re-dispatches the build: its token is no longer current."""
         self.jtis[build_id] = "revoked"
 
-    async def report(self, *, build_id: int, action: str, payload: dict[str, Any], token: str,
-                     proof: str) -> None:
-        self.attempt_proofs.append(proof)
+    async def send_reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
+                      ) -> None:
+        """All of a call's reports are checked before any is recorded, as the server does."""
+        self.attempt_proofs.append([r["proof"] for r in reports])
         if self.hang is not None:
             await self.hang.wait()
+        action = ""
         try:
-            if self.fail is not None and (err := self.fail(build_id, action)) is not None:
-                raise err
-            now = self.clock()
-            self.guard.check(
-                token=token, proof=proof, action=action, keys=self.ring.verifying_keys(now),
-                build_id=build_id,
-                build_status=BuildStatus.SUCCESS if build_id in self.ended
-                else BuildStatus.RUNNING,
-                build_worker=HOST, build_token_jti=self.jtis.get(build_id),
-                worker_sign_key=self.identity.sign_public_key, now=now)
-            self.reports.append(Report(build_id, action, json.loads(json.dumps(payload)),
-                                       proof))
+            for r in reports:
+                action = r["action"]
+                if self.fail is not None and (err := self.fail(build_id, action)) is not None:
+                    self.failed_calls += 1
+                    raise err
+                now = self.clock()
+                self.guard.check(
+                    token=token, proof=r["proof"], action=action,
+                    keys=self.ring.verifying_keys(now), build_id=build_id,
+                    build_status=BuildStatus.SUCCESS if build_id in self.ended
+                    else BuildStatus.RUNNING,
+                    build_worker=HOST, build_token_jti=self.jtis.get(build_id),
+                    worker_sign_key=self.identity.sign_public_key, now=now)
+            self.reports += [Report(build_id, r["action"], json.loads(json.dumps(r["payload"])),
+                                    r["proof"]) for r in reports]
         except Rejected as e:
             self.refused.append((build_id, action, e.reason.value))
             raise
@@ -465,8 +471,42 @@ async def test_transient_report_errors_are_retried(core, server):
     assert [r.action for r in server.of(1)][:2] == [START, STEP]
     assert server.lines(1, 1) == ["hi"]
     # A fresh proof on every attempt, the failed ones included.
-    assert len(server.attempt_proofs) == len(server.reports) + sum(failures.values())
-    assert len(set(server.attempt_proofs)) == len(server.attempt_proofs)
+    assert server.failed_calls == sum(failures.values())
+    proofs = [p for call in server.attempt_proofs for p in call]
+    assert len(set(proofs)) == len(proofs)
+    assert {r.proof for r in server.reports} <= set(proofs)
+
+
+async def test_step_reports_do_not_hold_up_the_build(core, server, tmp_path):
+    """Only build.start and build.finish wait for the server: with the server stalled
+    after the start, the step still runs; its reports follow, in order, once it answers."""
+    marker = tmp_path / "ran"
+    original = server.send_reports
+
+    async def stall_after_start(**kw: Any) -> None:
+        if kw["reports"][0]["action"] != START:
+            server.hang = server.hang or asyncio.Event()
+        await original(**kw)
+
+    server.send_reports = stall_after_start  # type: ignore[method-assign]
+    assert (await core.execute_package(server.package(1, one_step(f"touch '{marker}'")))).accepted
+    await eventually(marker.exists)  # ran while its "running" report hung
+    assert [r.action for r in server.of(1)] == [START]
+    assert server.hang is not None
+    server.hang.set()
+    await server.until(lambda: server.finish(1))
+    steps = [r.payload["status"] for r in server.of(1, STEP)]
+    assert [r.action for r in server.of(1)] == [START, STEP, STEP, FINISH]
+    assert steps == ["running", "success"]
+
+
+async def test_a_short_steps_reports_travel_with_the_finish(core, server):
+    core._linger_s = 60.0  # a step's report waits for the next that must go at once
+    assert (await core.execute_package(server.package(1, one_step("echo hi")))).accepted
+    await server.until(lambda: server.finish(1))
+    calls = [len(call) for call in server.attempt_proofs]
+    assert calls[0] == 1 and len(calls) == 2  # build.start alone, then all the rest
+    assert [r.action for r in server.of(1)] == [START, STEP, LOG, STEP, FINISH]
 
 
 async def test_server_unreachable_past_the_deadline_stops_the_build(make_core, server,
@@ -536,6 +576,6 @@ async def test_close_cuts_short_a_report_hanging_on_the_link(core, server, gate,
     await server.until(lambda: server.of(1, STEP))
     server.hang = asyncio.Event()  # never set: the server stopped answering
     gate.open()  # the step ends and its report hangs
-    await eventually(lambda: len(server.attempt_proofs) > len(server.reports))
+    await eventually(lambda: sum(map(len, server.attempt_proofs)) > len(server.reports))
     await asyncio.wait_for(core.close(), 10)
     assert core.running == [] and server.finish(1) is None

@@ -230,6 +230,9 @@ class LegacyWorker(BuildRunner):
             job = dataclasses.replace(job, secrets=dict(secrets))
         return await super()._execute(run, job)
 
-    async def _send(self, run: _Run, action: BuildAction, payload: dict[str, Any]) -> None:
-        await self._server.report(worker_secret=self._secret, hostname=self.hostname,
-                                  build_id=run.build_id, action=action.value, payload=payload)
+    async def _send(self, run: _Run, batch: list[tuple[BuildAction, dict[str, Any]]]
+                    ) -> None:
+        for action, payload in batch:  # the classic protocol: one report per call
+            await self._server.report(worker_secret=self._secret, hostname=self.hostname,
+                                      build_id=run.build_id, action=action.value,
+                                      payload=payload)

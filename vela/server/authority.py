@@ -12,7 +12,7 @@ so ending, re-queueing or re-dispatching a build kills its token at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +36,7 @@ from vela.security import (
 )
 from vela.security.keys import PURPOSE_TOKEN
 from vela.server.builds import build_meta
+from vela.server.reports import MAX_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -112,31 +113,38 @@ class Authority:
         return IssuedPackage(package=package.to_wire(), jti=claims.jti, worker=hostname,
                              build_id=build.id)
 
-    async def authorize(self, *, build_id: int, action: str, token: object,
-                        proof: object) -> str:
-        """Check a worker's request on ``build_id``; returns the worker's hostname.
-
-        Raises :class:`Rejected` with its reason code for anything else.
+    async def authorize(self, *, build_id: int, token: object,
+                        requests: Sequence[tuple[str, object]]) -> str:
+        """Check a worker's requests on ``build_id``, each an ``(action, proof)`` made with
+        ``token`` (one report, or the reports a worker sends together); returns the
+        worker's hostname. All of them pass or none: :class:`Rejected` with the reason
+        code of the first that fails.
         """
         now = self._clock()
         try:
             if not isinstance(build_id, int) or isinstance(build_id, bool):
                 raise Rejected(Reason.MALFORMED, "build id")
+            if not isinstance(requests, list | tuple) or not 1 <= len(requests) <= MAX_BATCH:
+                raise Rejected(Reason.MALFORMED, f"1 to {MAX_BATCH} requests at a time")
             try:
                 build = await self.store.get_build(build_id)
             except NotFound:
                 raise Rejected(Reason.WRONG_BUILD, f"no build {build_id}") from None
             worker = await self.store.find_worker(build.worker) if build.worker else None
-            claims = self.guard.check(
-                token=token, proof=proof, action=action,
-                keys=self.ring.verifying_keys(now), build_id=build_id,
-                build_status=BuildStatus(build.status), build_worker=build.worker,
-                build_token_jti=build.token_jti,
-                worker_sign_key=worker.sign_public_key if worker else None, now=now)
+            for request in requests:
+                if not isinstance(request, list | tuple) or len(request) != 2:
+                    raise Rejected(Reason.MALFORMED, "a request is (action, proof)")
+                action, proof = request
+                claims = self.guard.check(
+                    token=token, proof=proof, action=action,
+                    keys=self.ring.verifying_keys(now), build_id=build_id,
+                    build_status=BuildStatus(build.status), build_worker=build.worker,
+                    build_token_jti=build.token_jti,
+                    worker_sign_key=worker.sign_public_key if worker else None, now=now)
         except Rejected as e:
             self.stats.rejected[e.reason.value] = self.stats.rejected.get(e.reason.value, 0) + 1
             raise
-        self.stats.authorized += 1
+        self.stats.authorized += len(requests)
         return claims.wkr
 
     async def registration_token(self, *, routes: list[str], hostname: str | None,

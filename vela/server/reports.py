@@ -23,6 +23,8 @@ from vela.security import BuildAction, Reason, Rejected
 
 MAX_LOG_LINES = 5_000
 MAX_LOG_LINE_CHARS = 64_000
+# Reports a worker may send in one call (its queue for one build, in order).
+MAX_BATCH = 64
 
 
 def _utcnow() -> datetime:
@@ -52,6 +54,30 @@ class FinishReport(_Report):
     status: BuildStatus
     reason: str | None = Field(default=None, max_length=64)
     message: str | None = Field(default=None, max_length=2_000)
+
+
+class BatchedReport(_Report):
+    action: str = Field(max_length=64)
+    payload: dict[str, Any]
+    proof: str = Field(max_length=4_096)
+
+
+def parse_batch(reports: object) -> list[BatchedReport]:
+    """A worker's reports on one build, sent together in the order made: 1 to
+    :data:`MAX_BATCH` of them, ``build.start`` only first, ``build.finish`` only last
+    (nothing may follow the end of a build). Anything else is ``malformed``."""
+    if not isinstance(reports, list) or not 1 <= len(reports) <= MAX_BATCH:
+        raise Rejected(Reason.MALFORMED, f"send 1 to {MAX_BATCH} reports at a time")
+    try:
+        batch = [BatchedReport.model_validate(r) for r in reports]
+    except ValidationError as e:
+        where = ".".join(str(p) for p in e.errors()[0]["loc"])
+        raise Rejected(Reason.MALFORMED, f"report: {where}") from None
+    actions = [r.action for r in batch]
+    if BuildAction.START in actions[1:] or BuildAction.FINISH in actions[:-1]:
+        raise Rejected(Reason.MALFORMED, "build.start may only come first and "
+                       "build.finish only last")
+    return batch
 
 
 class ReportWriter:

@@ -55,7 +55,7 @@ from vela.security import (
 from vela.security.challenge import Challenge
 from vela.server.authority import IssuedPackage
 from vela.server.builds import BuildQueue
-from vela.server.reports import ReportWriter
+from vela.server.reports import ReportWriter, parse_batch
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ class WorkerDirectory(Protocol):
 class AuthorityClient(Protocol):
     async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage: ...
 
-    async def authorize(self, *, build_id: int, action: str, token: object,
-                        proof: object) -> str: ...
+    async def authorize(self, *, build_id: int, token: object,
+                        requests: list[tuple[str, object]]) -> str: ...
 
     async def key_set(self) -> dict[str, Any]: ...
 
@@ -336,18 +336,28 @@ class Scheduler:
 
     async def report(self, *, build_id: int, action: str, payload: dict[str, Any],
                      token: str, proof: str) -> None:
-        """A worker's update on its build, authenticated by build token + proof."""
+        """One report: :meth:`reports` with a single item."""
+        await self.reports(build_id=build_id, token=token,
+                           reports=[{"action": action, "payload": payload, "proof": proof}])
+
+    async def reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
+                      ) -> None:
+        """A worker's updates on its build, in the order made, each with its own proof
+        of possession of ``token``: all are authorized before any is written."""
         try:
-            hostname = await self.authority.authorize(build_id=build_id, action=action,
-                                                      token=token, proof=proof)
+            batch = parse_batch(reports)
+            hostname = await self.authority.authorize(
+                build_id=build_id, token=token,
+                requests=[(r.action, r.proof) for r in batch])
         except Rejected as e:
             self.stats.count(self.stats.report_rejections, e.reason.value)
             self.metrics.rejected(e.reason.value)
             raise
-        self.stats.reports += 1
-        if await self.writer.apply(build_id=build_id, hostname=hostname, action=action,
-                                   payload=payload):
-            self._free(hostname, build_id, last_build_finished=self._now())
+        self.stats.reports += len(batch)
+        for r in batch:
+            if await self.writer.apply(build_id=build_id, hostname=hostname, action=r.action,
+                                       payload=r.payload):
+                self._free(hostname, build_id, last_build_finished=self._now())
 
     def _free(self, hostname: str, build_id: int, **fields: Any) -> None:
         if self.registry.release(hostname, build_id):

@@ -16,6 +16,7 @@ how a report is authenticated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -60,6 +61,10 @@ UNREACHABLE = "unreachable"
 CLOSED = "closed"
 # How long close() lets builds stop by themselves before cancelling their tasks.
 CLOSE_GRACE_S = 10.0
+# Most reports on one build sent in one call (the server takes up to 64).
+REPORT_BATCH = 32
+# How long a step's report waits for the next one to travel with it.
+REPORT_LINGER_S = 0.05
 # Package ids remembered until their package expires; far above what a worker
 # can receive within one package lifetime.
 MAX_SEEN_PACKAGES = 10_000
@@ -76,10 +81,11 @@ def _utcnow() -> datetime:
 
 
 class ServerLink(Protocol):
-    async def report(self, *, build_id: int, action: str, payload: dict[str, Any], token: str,
-                     proof: str) -> None:
-        """Raises vela.security.Rejected when the server refuses (token revoked, build
-        ended...); any other exception means transient trouble (retry)."""
+    async def send_reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
+                      ) -> None:
+        """Deliver a build's reports in order (each ``{action, payload, proof}``). Raises
+        vela.security.Rejected when the server refuses (token revoked, build ended...);
+        any other exception means transient trouble (retry)."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +129,12 @@ class _Run:
     build_id: int
     token: str = field(repr=False)
     cancel: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    # Keeps the reports of one build in the order they were made.
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Reports made and not yet delivered, in order; one sender task drains them.
+    outbox: list[tuple[BuildAction, dict[str, Any]]] = field(default_factory=list, repr=False)
+    sender: asyncio.Task[None] | None = field(default=None, repr=False)
+    # Set when a report that must not wait is queued (start, finish, a full outbox).
+    urgent: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     # Why reports stopped (a Reason value, UNREACHABLE or CLOSED); None while they flow.
     cut_off: str | None = None
 
@@ -141,21 +150,21 @@ class _BuildReporter:
         self._chunks: dict[int, int] = {}
 
     async def step_started(self, number: int, name: str) -> None:
-        await self._core._report(self._run, BuildAction.STEP_UPDATE, {
+        await self._core._queue(self._run, BuildAction.STEP_UPDATE, {
             "number": number, "status": StepStatus.RUNNING.value,
             "started_at": self._core._iso_now()})
 
     async def step_finished(self, number: int, status: StepStatus, exit_code: int | None,
                             reason: str | None) -> None:
-        await self._core._report(self._run, BuildAction.STEP_UPDATE, {
+        await self._core._queue(self._run, BuildAction.STEP_UPDATE, {
             "number": number, "status": StepStatus(status).value, "exit_code": exit_code,
             "reason": None if reason is None else str(reason),
             "finished_at": self._core._iso_now()})
 
     async def log(self, number: int, lines: list[str]) -> None:
         seq = self._chunks[number] = self._chunks.get(number, 0) + 1
-        await self._core._report(self._run, BuildAction.LOG_APPEND,
-                                 {"number": number, "seq": seq, "lines": list(lines)})
+        await self._core._queue(self._run, BuildAction.LOG_APPEND,
+                                {"number": number, "seq": seq, "lines": list(lines)})
 
 
 class BuildRunner:
@@ -182,6 +191,7 @@ class BuildRunner:
         self._flush_s = flush_s
         self._retry_s = report_retry_s
         self._deadline_s = report_deadline_s
+        self._linger_s = REPORT_LINGER_S
         self._runs: dict[int, _Run] = {}
         self._draining = False
         self._idle = asyncio.Event()
@@ -273,6 +283,8 @@ class BuildRunner:
             log.info("build %s ended %s%s", run.build_id, status.value,
                      f" ({reason})" if reason else "")
         finally:
+            if run.sender is not None:
+                run.sender.cancel()  # only if this task was cut short: it is done otherwise
             self._release(run)
 
     async def _execute(self, run: _Run,
@@ -306,39 +318,77 @@ class BuildRunner:
         return max(job.deadline - timestamp(self._clock()), 1.0)
 
     async def _report(self, run: _Run, action: BuildAction, payload: dict[str, Any]) -> bool:
-        """Send one report, retrying transient trouble; False if it did not get through.
+        """Queue a report and wait until it and every report before it got through;
+        False if they did not (the build is then cut off)."""
+        await self._queue(run, action, payload, urgent=True)
+        if run.sender is not None:
+            await asyncio.shield(run.sender)
+        return run.cut_off is None
+
+    async def _queue(self, run: _Run, action: BuildAction, payload: dict[str, Any], *,
+                     urgent: bool = False) -> None:
+        """Queue a report without waiting for it: the sender delivers the queue in
+        order, several reports per call. Waits only while the queue is full."""
+        if run.cut_off is not None:
+            return
+        run.outbox.append((action, payload))
+        if urgent or len(run.outbox) >= REPORT_BATCH:
+            run.urgent.set()
+        if run.sender is None or run.sender.done():
+            run.sender = asyncio.create_task(self._send_queued(run),
+                                             name=f"vela-reports-{run.build_id}")
+        if len(run.outbox) > 2 * REPORT_BATCH:  # the server is slower than the build
+            await asyncio.shield(run.sender)
+
+    async def _send_queued(self, run: _Run) -> None:
+        """Deliver the queue. A report that may wait (a step's, a log chunk) lingers up to
+        ``report_linger_s`` for the next, so a short step's reports travel together."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.urgent.wait(), self._linger_s)
+        while run.outbox and run.cut_off is None:
+            run.urgent.clear()
+            batch = run.outbox[:REPORT_BATCH]
+            if await self._deliver(run, batch):
+                del run.outbox[:len(batch)]
+        run.outbox.clear()
+
+    async def _deliver(self, run: _Run, batch: list[tuple[BuildAction, dict[str, Any]]]
+                       ) -> bool:
+        """Send reports, retrying transient trouble; False if they did not get through.
 
         A refusal means the server no longer wants this build here (canceled, ended,
         dispatched again): the build is stopped and reports no more. So is a server
         unreachable for ``report_deadline_s``.
         """
-        async with run.lock:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._deadline_s
-            delay = self._retry_s
-            while run.cut_off is None:
-                try:
-                    await self._send(run, action, payload)
-                    return True
-                except Rejected as e:
-                    log.info("build %s: server refused %s (%s); stopping the build",
-                             run.build_id, action.value, e.reason.value)
-                    self._cut_off(run, e.reason.value)
-                except Exception as e:  # noqa: BLE001 - transient by the link's contract
-                    if loop.time() + delay > deadline:
-                        log.warning("build %s: server unreachable for %.0fs (%s); "
-                                    "stopping the build", run.build_id, self._deadline_s,
-                                    type(e).__name__)
-                        self._cut_off(run, UNREACHABLE)
-                        break
-                    log.debug("build %s: %s report failed (%s); retrying", run.build_id,
-                              action.value, type(e).__name__)
-                    await asyncio.sleep(delay)  # backoff, not synchronisation
-                    delay = min(delay * 2, max(self._retry_s, 5.0))
-            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._deadline_s
+        delay = self._retry_s
+        while run.cut_off is None:
+            try:
+                await self._send(run, batch)
+                return True
+            except Rejected as e:
+                log.info("build %s: server refused %s (%s); stopping the build",
+                         run.build_id, "+".join(a.value for a, _ in batch), e.reason.value)
+                self._cut_off(run, e.reason.value)
+            except Exception as e:  # noqa: BLE001 - transient by the link's contract
+                if loop.time() + delay > deadline:
+                    log.warning("build %s: server unreachable for %.0fs (%s); "
+                                "stopping the build", run.build_id, self._deadline_s,
+                                type(e).__name__)
+                    self._cut_off(run, UNREACHABLE)
+                    break
+                log.debug("build %s: reports failed (%s); retrying", run.build_id,
+                          type(e).__name__)
+                await asyncio.sleep(delay)  # backoff, not synchronisation
+                delay = min(delay * 2, max(self._retry_s, 5.0))
+        return False
 
-    async def _send(self, run: _Run, action: BuildAction, payload: dict[str, Any]) -> None:
-        """One attempt at one report; raises like :meth:`ServerLink.report`."""
+    async def _send(self, run: _Run, batch: list[tuple[BuildAction, dict[str, Any]]]
+                    ) -> None:
+        """One attempt at delivering reports, in order; raises like
+        :meth:`ServerLink.send_reports`. Reports a lost reply hid are sent again, which the
+        server takes as the no-ops they are."""
         raise NotImplementedError
 
     @staticmethod
@@ -440,12 +490,15 @@ class WorkerCore(BuildRunner):
         self._start(Job.from_package(opened), token=opened.build_token)
         return Receipt(True, build_id)
 
-    async def _send(self, run: _Run, action: BuildAction, payload: dict[str, Any]) -> None:
-        # A fresh proof per attempt: the server refuses a proof it has seen.
-        proof = make_proof(self._identity, token=run.token, action=action.value,
-                           build_id=run.build_id, now=self._clock())
-        await self._server.report(build_id=run.build_id, action=action.value,
-                                  payload=payload, token=run.token, proof=proof)
+    async def _send(self, run: _Run, batch: list[tuple[BuildAction, dict[str, Any]]]
+                    ) -> None:
+        # A fresh proof per report and attempt: the server refuses a proof it has seen.
+        now = self._clock()
+        await self._server.send_reports(build_id=run.build_id, token=run.token, reports=[
+            {"action": action.value, "payload": payload,
+             "proof": make_proof(self._identity, token=run.token, action=action.value,
+                                 build_id=run.build_id, now=now)}
+            for action, payload in batch])
 
     def _remember(self, package_id: str, expires_at: float, now: datetime) -> bool:
         """Record a package id; False if it was seen before (a replay)."""
