@@ -29,6 +29,7 @@ from vela.db.models import (
 )
 from vela.domain import (
     DEFAULT_ROUTE,
+    STEP_TRANSITIONS,
     BuildStatus,
     StepStatus,
     WorkerStatus,
@@ -39,6 +40,9 @@ from vela.errors import Conflict, NotFound, VelaError
 from vela.security import atrest
 
 SECRET_SCOPES = ("repo", "org", "shared")
+# For each step status, the statuses a step may move to it from.
+_STEP_FROM = {new: [old.value for old, nexts in STEP_TRANSITIONS.items() if new in nexts]
+              for new in StepStatus}
 
 
 def utcnow() -> datetime:
@@ -240,26 +244,26 @@ class Store:
     async def update_step(self, build_id: int, number: int, status: StepStatus, *,
                           exit_code: int | None = None, reason: str | None = None,
                           at: datetime | None = None) -> Step:
+        """Move a step to ``status``: one compare-and-set from any status that may precede
+        it; raises :class:`NotFound`, :class:`InvalidTransition` or :class:`Conflict`."""
         at = at or utcnow()
+        values: dict[str, Any] = {"status": status.value}
+        if status == StepStatus.RUNNING:
+            values["started_at"] = at
+        if status.terminal:
+            values.update(exit_code=exit_code, reason=reason, finished_at=at)
+        where = (Step.build_id == build_id, Step.number == number)
         async with self.session() as s, s.begin():
             step = await s.scalar(
-                select(Step).where(Step.build_id == build_id, Step.number == number)
-            )
+                update(Step).where(*where, Step.status.in_(_STEP_FROM[status]))
+                .values(**values).returning(Step)
+                .execution_options(synchronize_session=False))
             if step is None:
-                raise NotFound(f"build {build_id} has no step {number}")
-            old = StepStatus(step.status)
-            check_step_transition(old, status)
-            values: dict[str, Any] = {"status": status.value}
-            if status == StepStatus.RUNNING:
-                values["started_at"] = at
-            if status.terminal:
-                values.update(exit_code=exit_code, reason=reason, finished_at=at)
-            res = await s.execute(
-                update(Step).where(Step.id == step.id, Step.status == old.value).values(**values)
-            )
-            if res.rowcount != 1:  # type: ignore[attr-defined]
+                old = await s.scalar(select(Step.status).where(*where))
+                if old is None:
+                    raise NotFound(f"build {build_id} has no step {number}")
+                check_step_transition(StepStatus(old), status)
                 raise Conflict(f"step {number} of build {build_id} changed concurrently")
-            await s.refresh(step)
         return step
 
     # ------------------------------------------------------------------- logs
