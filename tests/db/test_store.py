@@ -60,6 +60,36 @@ async def test_transition_cas_and_rules(store):
         await store.transition_build(9999, BuildStatus.PENDING, BuildStatus.RUNNING)
 
 
+async def test_a_build_that_ends_ends_its_steps(store):
+    """Done steps stay as they are, the running one ends with the build (and gets an
+    end time), the ones never run are skipped."""
+    b = await new_build(store, steps=3)
+    await store.transition_build(b.id, BuildStatus.PENDING, BuildStatus.RUNNING, worker="w1")
+    await store.update_step(b.id, 1, StepStatus.RUNNING)
+    await store.update_step(b.id, 1, StepStatus.SUCCESS, exit_code=0)
+    await store.update_step(b.id, 2, StepStatus.RUNNING)
+    await store.transition_build(b.id, BuildStatus.RUNNING, BuildStatus.CANCELED)
+    one, two, three = await store.get_steps(b.id)
+    assert (one.status, one.exit_code) == ("success", 0)
+    assert two.status == "canceled" and two.finished_at >= two.started_at
+    assert three.status == "skipped" and three.finished_at is None
+
+
+async def test_build_and_worker_key_in_one_read(store):
+    b = await new_build(store)
+    build, key = await store.build_and_worker_key(b.id)
+    assert (build.id, build.worker, key) == (b.id, None, None)
+    await store.upsert_worker("w1", routes=["vela"], build_limit=1, sign_public_key="sig-key",
+                              seal_public_key="seal-key", key_thumbprint="thumb")
+    await store.transition_build(b.id, BuildStatus.PENDING, BuildStatus.RUNNING, worker="w1")
+    build, key = await store.build_and_worker_key(b.id)
+    assert (build.id, build.worker, key) == (b.id, "w1", "sig-key")
+    await store.transition_build(b.id, BuildStatus.RUNNING, BuildStatus.ERROR, worker="gone")
+    assert (await store.build_and_worker_key(b.id))[1] is None  # no such worker row
+    with pytest.raises(NotFound):
+        await store.build_and_worker_key(9999)
+
+
 async def test_concurrent_transitions_exactly_one_wins(store):
     b = await new_build(store)
 

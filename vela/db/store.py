@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -160,6 +160,18 @@ class Store:
             raise NotFound(f"build {repo_full_name}#{number} not found")
         return build
 
+    async def build_and_worker_key(self, build_id: int) -> tuple[Build, str | None]:
+        """A build and the signing key of the worker it names (None if none), in one
+        query: what checking a request made with a build token needs."""
+        async with self.session() as s:
+            row = (await s.execute(
+                select(Build, Worker.sign_public_key)
+                .outerjoin(Worker, Worker.hostname == Build.worker)
+                .where(Build.id == build_id))).first()
+        if row is None:
+            raise NotFound(f"build {build_id} not found")
+        return row[0], row[1]
+
     async def repo_of(self, build: Build) -> Repo:
         async with self.session() as s:
             repo = await s.get(Repo, build.repo_id)
@@ -207,31 +219,29 @@ class Store:
         for col, value in (only_if or {}).items():
             q = q.where(getattr(Build, col) == value)
         values = {"status": new.value, **fields}
+        now = utcnow()
         if new.terminal:
-            values.setdefault("finished_at", utcnow())
+            values.setdefault("finished_at", now)
         async with self.session() as s, s.begin():
-            res = await s.execute(q.values(**values))
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                current = await s.get(Build, build_id)
+            build = await s.scalar(q.values(**values).returning(Build)
+                                   .execution_options(synchronize_session=False))
+            if build is None:
+                current = await s.scalar(select(Build.status).where(Build.id == build_id))
                 if current is None:
                     raise NotFound(f"build {build_id} not found")
                 raise Conflict(
-                    f"build {build_id} is {current.status}, not {expected.value}; "
+                    f"build {build_id} is {current}, not {expected.value}; "
                     f"it cannot move to {new.value}"
                 )
-            if new.terminal:
+            if new.terminal:  # steps not run are skipped, a running one ends with the build
+                pending, running = StepStatus.PENDING.value, StepStatus.RUNNING.value
                 await s.execute(
                     update(Step).where(Step.build_id == build_id,
-                                       Step.status.in_([StepStatus.PENDING.value]))
-                    .values(status=StepStatus.SKIPPED.value)
-                )
-                await s.execute(
-                    update(Step).where(Step.build_id == build_id,
-                                       Step.status == StepStatus.RUNNING.value)
-                    .values(status=_step_status_for(new).value, finished_at=utcnow())
-                )
-            build = await s.get(Build, build_id)
-        assert build is not None
+                                       Step.status.in_([pending, running]))
+                    .values(status=case((Step.status == pending, StepStatus.SKIPPED.value),
+                                        else_=_step_status_for(new).value),
+                            finished_at=case((Step.status == running, now),
+                                             else_=Step.finished_at)))
         return build
 
     # ------------------------------------------------------------------ steps

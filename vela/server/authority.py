@@ -127,10 +127,9 @@ class Authority:
             if not isinstance(requests, list | tuple) or not 1 <= len(requests) <= MAX_BATCH:
                 raise Rejected(Reason.MALFORMED, f"1 to {MAX_BATCH} requests at a time")
             try:
-                build = await self.store.get_build(build_id)
+                build, worker_sign_key = await self.store.build_and_worker_key(build_id)
             except NotFound:
                 raise Rejected(Reason.WRONG_BUILD, f"no build {build_id}") from None
-            worker = await self.store.find_worker(build.worker) if build.worker else None
             for request in requests:
                 if not isinstance(request, list | tuple) or len(request) != 2:
                     raise Rejected(Reason.MALFORMED, "a request is (action, proof)")
@@ -140,7 +139,7 @@ class Authority:
                     keys=self.ring.verifying_keys(now), build_id=build_id,
                     build_status=BuildStatus(build.status), build_worker=build.worker,
                     build_token_jti=build.token_jti,
-                    worker_sign_key=worker.sign_public_key if worker else None, now=now)
+                    worker_sign_key=worker_sign_key, now=now)
         except Rejected as e:
             self.stats.rejected[e.reason.value] = self.stats.rejected.get(e.reason.value, 0) + 1
             raise
