@@ -250,6 +250,33 @@ async def test_a_batch_of_reports_passes_whole_or_not_at_all(system, bad):
     await system.scheduler.cancel(a)
 
 
+async def test_a_batch_is_written_whole_or_not_at_all(system):
+    """Authorized reports whose last one cannot apply (a step that cannot go back to
+    running): the batch is refused and none of it is written."""
+    await system.add_worker("w1")
+    a = await system.submit(pipeline("sleep 30"))
+    await system.pump([a], until=lambda x: x[a].started_at is not None)
+    token, me = system.tokens[a], system.identity("w1")
+
+    def report(action: BuildAction, payload: dict) -> dict:
+        return {"action": action, "payload": payload, "proof": make_proof(
+            me, token=token, action=action, build_id=a, now=datetime.now(UTC))}
+
+    for _ in range(500):  # the worker's "running" report for step 1 (it may linger)
+        if (await system.store.get_steps(a))[0].status == "running":
+            break
+        await asyncio.sleep(0.01)
+    done = report(BuildAction.STEP_UPDATE, {"number": 1, "status": "success", "exit_code": 0})
+    back = report(BuildAction.STEP_UPDATE, {"number": 1, "status": "running"})
+    logged = report(BuildAction.LOG_APPEND, {"number": 1, "seq": 90, "lines": ["not-kept"]})
+    with pytest.raises(Rejected) as e:
+        await system.scheduler.reports(build_id=a, token=token, reports=[logged, done, back])
+    assert e.value.reason is Reason.MALFORMED
+    assert "not-kept" not in await logs_of(system, a)
+    assert (await system.store.get_steps(a))[0].status == "running"
+    await system.scheduler.cancel(a)
+
+
 async def test_metrics_follow_the_builds(system):
     await system.add_worker("w1", build_limit=2)
     ok = await system.submit(pipeline("true"))

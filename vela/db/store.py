@@ -7,12 +7,15 @@ of two concurrent writers exactly one moves a build, the other gets
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -203,9 +206,8 @@ class Store:
 
     async def set_build_fields(self, build_id: int, **fields: Any) -> None:
         """Bookkeeping fields that are not part of the state machine (e.g. enqueued_at)."""
-        assert "status" not in fields, "use transition_build for status changes"
-        async with self.session() as s, s.begin():
-            await s.execute(update(Build).where(Build.id == build_id).values(**fields))
+        async with self.writes() as w:
+            await w.set_build_fields(build_id, **fields)
 
     async def transition_build(self, build_id: int, expected: BuildStatus,
                                new: BuildStatus, *, only_if: dict[str, Any] | None = None,
@@ -214,35 +216,14 @@ class Store:
 
         ``only_if`` adds equality guards (e.g. ``{"token_jti": jti}``) to the CAS.
         """
-        check_build_transition(expected, new)
-        q = update(Build).where(Build.id == build_id, Build.status == expected.value)
-        for col, value in (only_if or {}).items():
-            q = q.where(getattr(Build, col) == value)
-        values = {"status": new.value, **fields}
-        now = utcnow()
-        if new.terminal:
-            values.setdefault("finished_at", now)
+        async with self.writes() as w:
+            return await w.transition_build(build_id, expected, new, only_if=only_if, **fields)
+
+    @contextlib.asynccontextmanager
+    async def writes(self) -> AsyncIterator[Writes]:
+        """Several writes in one transaction: all of them or, if one raises, none."""
         async with self.session() as s, s.begin():
-            build = await s.scalar(q.values(**values).returning(Build)
-                                   .execution_options(synchronize_session=False))
-            if build is None:
-                current = await s.scalar(select(Build.status).where(Build.id == build_id))
-                if current is None:
-                    raise NotFound(f"build {build_id} not found")
-                raise Conflict(
-                    f"build {build_id} is {current}, not {expected.value}; "
-                    f"it cannot move to {new.value}"
-                )
-            if new.terminal:  # steps not run are skipped, a running one ends with the build
-                pending, running = StepStatus.PENDING.value, StepStatus.RUNNING.value
-                await s.execute(
-                    update(Step).where(Step.build_id == build_id,
-                                       Step.status.in_([pending, running]))
-                    .values(status=case((Step.status == pending, StepStatus.SKIPPED.value),
-                                        else_=_step_status_for(new).value),
-                            finished_at=case((Step.status == running, now),
-                                             else_=Step.finished_at)))
-        return build
+            yield Writes(s, self.engine.dialect.name)
 
     # ------------------------------------------------------------------ steps
     async def get_steps(self, build_id: int) -> list[Step]:
@@ -256,25 +237,9 @@ class Store:
                           at: datetime | None = None) -> Step:
         """Move a step to ``status``: one compare-and-set from any status that may precede
         it; raises :class:`NotFound`, :class:`InvalidTransition` or :class:`Conflict`."""
-        at = at or utcnow()
-        values: dict[str, Any] = {"status": status.value}
-        if status == StepStatus.RUNNING:
-            values["started_at"] = at
-        if status.terminal:
-            values.update(exit_code=exit_code, reason=reason, finished_at=at)
-        where = (Step.build_id == build_id, Step.number == number)
-        async with self.session() as s, s.begin():
-            step = await s.scalar(
-                update(Step).where(*where, Step.status.in_(_STEP_FROM[status]))
-                .values(**values).returning(Step)
-                .execution_options(synchronize_session=False))
-            if step is None:
-                old = await s.scalar(select(Step.status).where(*where))
-                if old is None:
-                    raise NotFound(f"build {build_id} has no step {number}")
-                check_step_transition(StepStatus(old), status)
-                raise Conflict(f"step {number} of build {build_id} changed concurrently")
-        return step
+        async with self.writes() as w:
+            return await w.update_step(build_id, number, status, exit_code=exit_code,
+                                       reason=reason, at=at)
 
     # ------------------------------------------------------------------- logs
     async def append_log(self, build_id: int, number: int, lines: Sequence[str], *,
@@ -284,24 +249,8 @@ class Store:
         With ``seq`` (the sender's chunk number) the append is idempotent: a chunk
         already stored under that number is not stored again.
         """
-        try:
-            async with self.session() as s, s.begin():
-                step_id = await s.scalar(
-                    select(Step.id).where(Step.build_id == build_id, Step.number == number)
-                )
-                if step_id is None:
-                    raise NotFound(f"build {build_id} has no step {number}")
-                if seq is None:
-                    seq = int(await s.scalar(
-                        select(func.coalesce(func.max(Log.seq), 0)).where(Log.step_id == step_id)
-                    ) or 0) + 1
-                s.add(Log(build_id=build_id, step_id=step_id, seq=seq,
-                          data="".join(line + "\n" for line in lines), created_at=utcnow()))
-        except IntegrityError:
-            if seq is None:
-                raise
-            # The sender's retry of a chunk that got through: it stays stored once.
-        return seq
+        async with self.writes() as w:
+            return await w.append_log(build_id, number, lines, seq=seq)
 
     async def get_logs(self, build_id: int, *, number: int | None = None,
                        after_id: int = 0) -> list[tuple[int, int, str]]:
@@ -495,6 +444,92 @@ class Store:
         async with self.session() as s, s.begin():
             await s.execute(update(ServerKey).where(ServerKey.kid == kid)
                             .values(retired_at=retired_at, verify_until=verify_until))
+
+
+class Writes:
+    """The build, step and log writes of :meth:`Store.writes`, in its one transaction."""
+
+    def __init__(self, session: AsyncSession, dialect: str) -> None:
+        self._s = session
+        self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
+
+    async def set_build_fields(self, build_id: int, **fields: Any) -> None:
+        assert "status" not in fields, "use transition_build for status changes"
+        await self._s.execute(update(Build).where(Build.id == build_id).values(**fields))
+
+    async def transition_build(self, build_id: int, expected: BuildStatus,
+                               new: BuildStatus, *, only_if: dict[str, Any] | None = None,
+                               **fields: Any) -> Build:
+        check_build_transition(expected, new)
+        q = update(Build).where(Build.id == build_id, Build.status == expected.value)
+        for col, value in (only_if or {}).items():
+            q = q.where(getattr(Build, col) == value)
+        values = {"status": new.value, **fields}
+        now = utcnow()
+        if new.terminal:
+            values.setdefault("finished_at", now)
+        s = self._s
+        build = await s.scalar(q.values(**values).returning(Build)
+                               .execution_options(synchronize_session=False))
+        if build is None:
+            current = await s.scalar(select(Build.status).where(Build.id == build_id))
+            if current is None:
+                raise NotFound(f"build {build_id} not found")
+            raise Conflict(f"build {build_id} is {current}, not {expected.value}; "
+                           f"it cannot move to {new.value}")
+        if new.terminal:  # steps not run are skipped, a running one ends with the build
+            pending, running = StepStatus.PENDING.value, StepStatus.RUNNING.value
+            await s.execute(
+                update(Step).where(Step.build_id == build_id,
+                                   Step.status.in_([pending, running]))
+                .values(status=case((Step.status == pending, StepStatus.SKIPPED.value),
+                                    else_=_step_status_for(new).value),
+                        finished_at=case((Step.status == running, now),
+                                         else_=Step.finished_at)))
+        return build
+
+    async def step_status(self, build_id: int, number: int) -> str | None:
+        return await self._s.scalar(
+            select(Step.status).where(Step.build_id == build_id, Step.number == number))
+
+    async def update_step(self, build_id: int, number: int, status: StepStatus, *,
+                          exit_code: int | None = None, reason: str | None = None,
+                          at: datetime | None = None) -> Step:
+        at = at or utcnow()
+        values: dict[str, Any] = {"status": status.value}
+        if status == StepStatus.RUNNING:
+            values["started_at"] = at
+        if status.terminal:
+            values.update(exit_code=exit_code, reason=reason, finished_at=at)
+        step = await self._s.scalar(
+            update(Step).where(Step.build_id == build_id, Step.number == number,
+                               Step.status.in_(_STEP_FROM[status]))
+            .values(**values).returning(Step).execution_options(synchronize_session=False))
+        if step is None:
+            old = await self.step_status(build_id, number)
+            if old is None:
+                raise NotFound(f"build {build_id} has no step {number}")
+            check_step_transition(StepStatus(old), status)
+            raise Conflict(f"step {number} of build {build_id} changed concurrently")
+        return step
+
+    async def append_log(self, build_id: int, number: int, lines: Sequence[str], *,
+                         seq: int | None = None) -> int:
+        s = self._s
+        step_id = await s.scalar(
+            select(Step.id).where(Step.build_id == build_id, Step.number == number))
+        if step_id is None:
+            raise NotFound(f"build {build_id} has no step {number}")
+        row = {"build_id": build_id, "step_id": step_id,
+               "data": "".join(line + "\n" for line in lines), "created_at": utcnow()}
+        if seq is None:  # unnumbered (legacy workers): the next number
+            seq = int(await s.scalar(
+                select(func.coalesce(func.max(Log.seq), 0)).where(Log.step_id == step_id)
+            ) or 0) + 1
+            await s.execute(insert(Log).values(seq=seq, **row))
+        else:  # a retried chunk that got through before stays stored once
+            await s.execute(self._insert(Log).values(seq=seq, **row).on_conflict_do_nothing())
+        return seq
 
 
 def _secret_info(row: Secret) -> SecretInfo:

@@ -9,13 +9,13 @@ looks the same whichever queue mode ran it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vela.db.store import Store
+from vela.db.store import Store, Writes
 from vela.domain import BuildStatus, StepStatus
 from vela.errors import Conflict, InvalidTransition, NotFound
 from vela.metrics import Metrics
@@ -89,53 +89,68 @@ class ReportWriter:
 
     async def apply(self, *, build_id: int, hostname: str, action: str,
                     payload: dict[str, Any]) -> bool:
-        """Record an already authorized report; True if it ended the build.
+        """Record one already authorized report; True if it ended the build."""
+        return await self.apply_all(build_id=build_id, hostname=hostname,
+                                    reports=[(action, payload)])
+
+    async def apply_all(self, *, build_id: int, hostname: str,
+                        reports: Sequence[tuple[str, dict[str, Any]]]) -> bool:
+        """Record already authorized reports, in order, in one transaction: all of them
+        or none. True if they ended the build.
 
         A payload that does not parse, or a step or status change that cannot
         happen, is refused as ``malformed``.
         """
+        ended: BuildStatus | None = None
         try:
-            if action == BuildAction.START:
-                await self.store.set_build_fields(build_id, started_at=self._now())
-            elif action == BuildAction.STEP_UPDATE:
-                await self._step(build_id, StepReport.model_validate(payload))
-            elif action == BuildAction.LOG_APPEND:
-                logs = LogReport.model_validate(payload)
-                lines = [line[:MAX_LOG_LINE_CHARS] for line in logs.lines]
-                if lines:
-                    await self.store.append_log(build_id, logs.number, lines, seq=logs.seq)
-            elif action == BuildAction.FINISH:
-                return await self._finish(build_id, hostname,
-                                          FinishReport.model_validate(payload))
-            else:
-                raise Rejected(Reason.FORBIDDEN_ACTION, f"{str(action)[:40]!r}")
+            async with self.store.writes() as w:
+                for action, payload in reports:
+                    ended = await self._one(w, build_id, hostname, action, payload) or ended
         except ValidationError as e:
             where = ".".join(str(p) for p in e.errors()[0]["loc"])
             raise Rejected(Reason.MALFORMED, f"{action} payload: {where}") from None
         except NotFound as e:
             raise Rejected(Reason.MALFORMED, str(e)) from None
-        return False
+        if ended is not None:
+            self.metrics.build_finished(ended.value)
+        return ended is not None
 
-    async def _step(self, build_id: int, r: StepReport) -> None:
+    async def _one(self, w: Writes, build_id: int, hostname: str, action: str,
+                   payload: dict[str, Any]) -> BuildStatus | None:
+        if action == BuildAction.START:
+            await w.set_build_fields(build_id, started_at=self._now())
+        elif action == BuildAction.STEP_UPDATE:
+            await self._step(w, build_id, StepReport.model_validate(payload))
+        elif action == BuildAction.LOG_APPEND:
+            logs = LogReport.model_validate(payload)
+            lines = [line[:MAX_LOG_LINE_CHARS] for line in logs.lines]
+            if lines:
+                await w.append_log(build_id, logs.number, lines, seq=logs.seq)
+        elif action == BuildAction.FINISH:
+            return await self._finish(w, build_id, hostname,
+                                      FinishReport.model_validate(payload))
+        else:
+            raise Rejected(Reason.FORBIDDEN_ACTION, f"{str(action)[:40]!r}")
+        return None
+
+    async def _step(self, w: Writes, build_id: int, r: StepReport) -> None:
         try:
-            await self.store.update_step(build_id, r.number, r.status, exit_code=r.exit_code,
-                                         reason=r.reason)
+            await w.update_step(build_id, r.number, r.status, exit_code=r.exit_code,
+                                reason=r.reason)
         except (InvalidTransition, Conflict):
             # A retried report that already took effect is fine; anything else is not.
-            steps = {s.number: s for s in await self.store.get_steps(build_id)}
-            current = steps.get(r.number)
-            if current is None or current.status != r.status.value:
+            if await w.step_status(build_id, r.number) != r.status.value:
                 raise Rejected(Reason.MALFORMED, f"step {r.number} cannot become "
                                f"{r.status.value}") from None
 
-    async def _finish(self, build_id: int, hostname: str, r: FinishReport) -> bool:
+    async def _finish(self, w: Writes, build_id: int, hostname: str,
+                      r: FinishReport) -> BuildStatus | None:
         if not r.status.terminal:
             raise Rejected(Reason.MALFORMED, f"{r.status.value} is not a final status")
         try:
-            await self.store.transition_build(build_id, BuildStatus.RUNNING, r.status,
-                                              only_if={"worker": hostname}, reason=r.reason,
-                                              message=r.message)
+            await w.transition_build(build_id, BuildStatus.RUNNING, r.status,
+                                     only_if={"worker": hostname}, reason=r.reason,
+                                     message=r.message)
         except Conflict:
-            return False  # ended meanwhile (canceled, lost): the first end stands
-        self.metrics.build_finished(r.status.value)
-        return True
+            return None  # ended meanwhile (canceled, lost): the first end stands
+        return r.status

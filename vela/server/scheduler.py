@@ -354,10 +354,9 @@ class Scheduler:
             self.metrics.rejected(e.reason.value)
             raise
         self.stats.reports += len(batch)
-        for r in batch:
-            if await self.writer.apply(build_id=build_id, hostname=hostname, action=r.action,
-                                       payload=r.payload):
-                self._free(hostname, build_id, last_build_finished=self._now())
+        if await self.writer.apply_all(build_id=build_id, hostname=hostname,
+                                       reports=[(r.action, r.payload) for r in batch]):
+            self._free(hostname, build_id, last_build_finished=self._now())
 
     def _free(self, hostname: str, build_id: int, **fields: Any) -> None:
         if self.registry.release(hostname, build_id):
