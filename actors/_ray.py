@@ -143,8 +143,8 @@ class RayServerLink:
                 raise TimeoutError("the scheduler is not running")
         return self._scheduler
 
-    async def send_reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
-                      ) -> None:
+    async def send_reports(self, *, build_id: int, token: str,
+                           reports: list[dict[str, Any]]) -> None:
         await _await(self.scheduler().reports.remote(build_id=build_id, token=token,
                                                      reports=reports))
 

@@ -101,6 +101,8 @@ class Sample:
     bad: Counter[str] = field(default_factory=Counter)
     # vela only: seconds per stage of each build, from the server's own timestamps
     stages: dict[str, list[float]] = field(default_factory=dict)
+    # CPU seconds per job during the burst, by process group (CpuMeter)
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -118,6 +120,67 @@ class Sample:
 HEADER = (f"{'system':<16} {'W':>2} {'sandbox':>7} {'N':>5} "
           f"{'disp p50':>9} {'disp p99':>9} {'done p50':>9} {'done p99':>9} {'jobs/s':>8}"
           "\n" + " " * 34 + "(ms: enqueue -> dispatched/started, enqueue -> finished)")
+
+
+class CpuMeter:
+    """CPU time of every process on the machine across a burst (user and system, with
+    that of the children it reaped: the build steps), grouped by who spent it: each Ray
+    actor class, Ray's own processes, Celery, Redis, PostgreSQL, this script; the rest
+    (other users of a shared machine) apart."""
+
+    def __init__(self) -> None:
+        self.before = self._snapshot()
+        self.t0 = time.monotonic()
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[str, float]]:
+        import psutil
+
+        out: dict[int, tuple[str, float]] = {}
+        for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+            times = p.info["cpu_times"]
+            if times is not None:
+                out[p.pid] = (CpuMeter._group(p.pid, p.info["name"] or "",
+                                              " ".join(p.info["cmdline"] or [])),
+                              sum(times[:4]))  # user, system, reaped children's too
+        return out
+
+    @staticmethod
+    def _group(pid: int, name: str, cmdline: str) -> str:
+        if pid == os.getpid():
+            return "bench driver"
+        if name.startswith("ray::"):
+            return name.split(".")[0].removeprefix("ray::")
+        if "celery" in cmdline:
+            return "celery"
+        if name in ("raylet", "gcs_server") or "/ray/" in cmdline:
+            return "ray system"
+        if name.startswith("redis"):
+            return "redis"
+        if name.startswith("postgres"):
+            return "postgres"
+        return OTHER
+
+    def per_job(self, n: int) -> dict[str, float]:
+        """CPU seconds per job by group since this meter started; ``busy`` is the share
+        of the machine's cores that all of it (others' included) took."""
+        spent: Counter[str] = Counter()
+        for pid, (group, cpu) in self._snapshot().items():
+            spent[group] += cpu - self.before.get(pid, (group, 0.0))[1]
+        wall = time.monotonic() - self.t0
+        out = {g: v / n for g, v in spent.most_common() if v > 0.005}
+        out["busy"] = sum(spent.values()) / (wall * (os.cpu_count() or 1))
+        return out
+
+
+OTHER = "not ours"
+
+
+def cpu_line(s: Sample) -> str:
+    ours = {g: v for g, v in s.cpu.items() if g not in ("busy", OTHER)}
+    parts = ", ".join(f"{g} {v * 1e3:.1f}" for g, v in ours.items())
+    return (f"{s.system:<16} {s.workers:>2} {s.sandbox:>7}  {sum(ours.values()) * 1e3:6.1f} ms"
+            f"  ({parts}; machine {s.cpu['busy']:.0%} busy)")
 
 
 def from_stamps(sample: Sample, stamps: list[tuple[float, float, float]]) -> Sample:
@@ -366,13 +429,16 @@ def run_vela(backend: str, workers: int, sandbox: bool, n: int, probes: int,
             if py_spy is not None:
                 out = py_spy / f"{backend}-w{workers}-sandbox-{'on' if sandbox else 'off'}"
                 spies = Spy.attach({**run.handles, "worker-1": run.workers[0]}, out)
+            meter = CpuMeter()
             ids = run.burst(n)
             say(f"  {run.label} W={workers}: {n} builds created")
-            run.wait(min(ids), max(ids), max(600.0, n * 2.0))
+            run.wait(min(ids), max(ids), max(600.0, n * 2.0), every_s=0.1)
+            cpu = meter.per_job(n)
             for spy in spies:
                 spy.stop()
                 say(spy.summary())
             burst = run.sample(ids, n)
+            burst.cpu = cpu
             probe = run.sample(probe_ids, probes) if probe_ids else Sample(
                 run.label, workers, burst.sandbox, 0)
         finally:
@@ -504,7 +570,13 @@ def run_celery(workers: int, n: int, probes: int) -> tuple[Sample, Sample]:
                 probe_sent.append((r, enq))
             probe = collect(probe_sent, "celery", probes)
             say(f"celery W={workers}: {n} tasks")
-            burst = collect([send() for _ in range(n)], "celery", n)
+            meter = CpuMeter()
+            sent = [send() for _ in range(n)]
+            for r, _ in sent:
+                r.get(timeout=600)
+            cpu = meter.per_job(n)
+            burst = collect(sent, "celery", n)
+            burst.cpu = cpu
         finally:
             for r in results:
                 r.forget()
@@ -723,6 +795,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind:<9} {system:<14} {w:>2} {sbx:>7} "
                   + " ".join(f"{pct(sample.stages[name], 50) * 1e3:>15.1f}"
                              for name, _, _ in STAGES))
+    metered = [v for v in results.values() if v.cpu]
+    if metered:
+        print("\nCPU per job in the burst, all processes (ms; by process group)")
+        for sample in metered:
+            print(cpu_line(sample))
     print(f"\nsandbox cost per step: bwrap {cost['bwrap'] * 1e3:.1f} ms, sh {cost['sh'] * 1e3:.1f}"
           f" ms, difference {(cost['bwrap'] - cost['sh']) * 1e3:.1f} ms (median of "
           f"{args.sandbox_samples})")

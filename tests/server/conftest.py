@@ -99,8 +99,8 @@ class DirectLink:
 
     system: System
 
-    async def send_reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
-                      ) -> None:
+    async def send_reports(self, *, build_id: int, token: str,
+                           reports: list[dict[str, Any]]) -> None:
         self.system.tokens[build_id] = token  # what a thief on the wire would see
         await self.system.scheduler.reports(build_id=build_id, token=token, reports=reports)
 

@@ -114,8 +114,8 @@ class FakeServer:
         """As when the server re-dispatches the build: its token is no longer current."""
         self.jtis[build_id] = "revoked"
 
-    async def send_reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
-                      ) -> None:
+    async def send_reports(self, *, build_id: int, token: str,
+                           reports: list[dict[str, Any]]) -> None:
         """All of a call's reports are checked before any is recorded, as the server does."""
         self.attempt_proofs.append([r["proof"] for r in reports])
         if self.hang is not None:

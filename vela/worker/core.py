@@ -81,8 +81,8 @@ def _utcnow() -> datetime:
 
 
 class ServerLink(Protocol):
-    async def send_reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
-                      ) -> None:
+    async def send_reports(self, *, build_id: int, token: str,
+                           reports: list[dict[str, Any]]) -> None:
         """Deliver a build's reports in order (each ``{action, payload, proof}``). Raises
         vela.security.Rejected when the server refuses (token revoked, build ended...);
         any other exception means transient trouble (retry)."""
@@ -342,7 +342,7 @@ class BuildRunner:
 
     async def _send_queued(self, run: _Run) -> None:
         """Deliver the queue. A report that may wait (a step's, a log chunk) lingers up to
-        ``report_linger_s`` for the next, so a short step's reports travel together."""
+        :data:`REPORT_LINGER_S` for the next, so a short step's reports travel together."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run.urgent.wait(), self._linger_s)
         while run.outbox and run.cut_off is None:
