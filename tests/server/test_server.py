@@ -277,6 +277,39 @@ async def test_a_batch_is_written_whole_or_not_at_all(system):
     await system.scheduler.cancel(a)
 
 
+async def test_the_authority_checks_each_request_of_a_call(system):
+    """The TokenAuthority does not rely on the Scheduler's parsing: a call's requests
+    must be 1 to MAX_BATCH (action, proof) pairs, and each proof must be fresh and made
+    for its own action."""
+    await system.add_worker("w1")
+    a = await system.submit(pipeline("sleep 30"))
+    await system.pump([a], until=lambda x: x[a].started_at is not None)
+    token, me = system.tokens[a], system.identity("w1")
+
+    def proof(action: BuildAction) -> str:
+        return make_proof(me, token=token, action=action, build_id=a, now=datetime.now(UTC))
+
+    log = BuildAction.LOG_APPEND
+    p = proof(log)
+    for requests, reason in [
+        ([], Reason.MALFORMED),
+        ([(log, proof(log))] * (MAX_BATCH + 1), Reason.MALFORMED),
+        ([(log, proof(log), "extra")], Reason.MALFORMED),
+        ("not a list", Reason.MALFORMED),
+        ([(log, p), (log, p)], None),  # the same proof twice: a replay
+        ([(BuildAction.FINISH, proof(log))], None),  # a proof made for another action
+    ]:
+        with pytest.raises(Rejected) as e:
+            await system.authority.authorize(build_id=a, token=token,
+                                             requests=requests)  # type: ignore[arg-type]
+        assert reason is None or e.value.reason is reason
+    ok = [(log, proof(log)), (BuildAction.STEP_UPDATE, proof(BuildAction.STEP_UPDATE))]
+    assert await system.authority.authorize(build_id=a, token=token, requests=ok) == "w1"
+    with pytest.raises(Rejected):  # and never twice
+        await system.authority.authorize(build_id=a, token=token, requests=ok)
+    await system.scheduler.cancel(a)
+
+
 async def test_metrics_follow_the_builds(system):
     await system.add_worker("w1", build_limit=2)
     ok = await system.submit(pipeline("true"))
