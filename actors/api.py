@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.schema import ApplicationStatus
 
 from actors._ray import NAMESPACE, SCHEDULER, get_actor
 from vela.api.app import create_app
@@ -99,21 +100,23 @@ def begin_api(settings: Settings) -> None:
     so `vela serve` starts it first and waits for it last (:func:`wait_api`)."""
     serve.start(proxy_location="HeadOnly",
                 http_options={"host": settings.api.host, "port": settings.api.port})
-    serve.run_many([serve.RunTarget(  # type: ignore[attr-defined] # Serve adds bind
-        ApiIngress.bind(settings), name=app_name(settings.ray.namespace),  # type: ignore[attr-defined]
-        route_prefix="/")], wait_for_applications_running=False)
+    app = ApiIngress.bind(settings)  # type: ignore[attr-defined] # Serve adds bind
+    serve.run_many([serve.RunTarget(app, name=app_name(settings.ray.namespace),
+                                    route_prefix="/")], wait_for_applications_running=False)
 
 
 def wait_api(settings: Settings, *, timeout_s: float = 120.0) -> str:
     """Wait until the proxy answers ``/health`` (which also means the replica is up);
-    returns the URL for clients."""
-    _wait_healthy(settings.api.listen_url(), timeout_s)
+    returns the URL for clients. A deployment that failed is reported at once."""
+    _wait_healthy(settings.api.listen_url(), timeout_s,
+                  app=app_name(settings.ray.namespace))
     return settings.api.base_url()
 
 
-def _wait_healthy(url: str, timeout_s: float) -> None:
+def _wait_healthy(url: str, timeout_s: float, *, app: str) -> None:
     deadline = time.monotonic() + timeout_s
     last = ""
+    next_status = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as r:  # noqa: S310 - ours
@@ -121,6 +124,13 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
                     return
         except (urllib.error.URLError, OSError) as e:
             last = str(getattr(e, "reason", e))
+        if time.monotonic() >= next_status:  # Serve's own view, once a second
+            state = serve.status().applications.get(app)
+            if state is not None and state.status == ApplicationStatus.DEPLOY_FAILED:
+                why = (state.message.strip().splitlines() or ["no message"])[-1]
+                raise VelaError(f"the API failed to deploy on Ray Serve ({why}); the "
+                                "replica's log in the Ray dashboard has the details")
+            next_status = time.monotonic() + 1.0
         time.sleep(0.05)
     raise VelaError(f"the API did not answer at {url} ({last}); if Serve already runs on "
                     "this cluster with other HTTP options, `serve shutdown` it first")

@@ -83,3 +83,22 @@ def test_build_end_to_end_through_the_serve_api(settings, server):
             assert SECRET not in listed.text and listed.json()[0]["name"] == "api_token"
     finally:
         assert stop_api(settings.ray.namespace)
+
+
+def test_a_failed_deployment_is_reported_at_once_not_after_the_timeout(monkeypatch):
+    """While waiting for /health, Serve's own status is read once a second: an API
+    whose replica cannot start is a clear error within seconds, not a 120 s timeout."""
+    import time
+    from types import SimpleNamespace
+
+    from actors import api
+    from vela.errors import VelaError
+
+    failed = SimpleNamespace(status=api.ApplicationStatus.DEPLOY_FAILED,
+                             message="Traceback ...\nValueError: no such thing")
+    monkeypatch.setattr(api.serve, "status",
+                        lambda: SimpleNamespace(applications={"vela-api": failed}))
+    started = time.monotonic()
+    with pytest.raises(VelaError, match=r"failed to deploy on Ray Serve \(ValueError: no su"):
+        api._wait_healthy(f"http://127.0.0.1:{_free_port()}", 120.0, app="vela-api")
+    assert time.monotonic() - started < 10
