@@ -748,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     if set(backends) - {"sqlite", "postgres"} or set(sandboxes) - {"on", "off"}:
         p.error("--backends: sqlite,postgres; --sandbox: on,off")
 
+    from vela.cli.serve_cmd import ensure_ray_auth_token
+
+    ensure_ray_auth_token()  # Ray's token authentication stays on, on a fresh machine too
     import ray
 
     t0 = time.monotonic()

@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-serve", action="store_true")
     args = p.parse_args(argv)
 
+    from vela.cli.serve_cmd import ensure_ray_auth_token
+
+    ensure_ray_auth_token()  # Ray's token authentication stays on, on a fresh machine too
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
