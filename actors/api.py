@@ -4,7 +4,8 @@ operation is one call on the Scheduler actor, which answers it with the one
 checked in the replica against the TokenAuthority's public keys (fetched
 through the Scheduler and cached), everything else is the Scheduler's.
 
-`vela serve` deploys it (:func:`deploy_api`); `vela stop` removes it (:func:`stop_api`).
+`vela serve` submits it (:func:`begin_api`) and waits for it (:func:`wait_api`);
+:func:`deploy_api` does both; `vela stop` removes it (:func:`stop_api`).
 """
 
 from __future__ import annotations

@@ -62,6 +62,11 @@ class BatchedReport(_Report):
     proof: str = Field(max_length=4_096)
 
 
+def _where(e: ValidationError) -> str:
+    """Where the first problem is, e.g. ``lines.3`` (never the offending value)."""
+    return ".".join(str(p) for p in e.errors()[0]["loc"])
+
+
 def parse_batch(reports: object) -> list[BatchedReport]:
     """A worker's reports on one build, sent together in the order made: 1 to
     :data:`MAX_BATCH` of them, ``build.start`` only first, ``build.finish`` only last
@@ -71,8 +76,7 @@ def parse_batch(reports: object) -> list[BatchedReport]:
     try:
         batch = [BatchedReport.model_validate(r) for r in reports]
     except ValidationError as e:
-        where = ".".join(str(p) for p in e.errors()[0]["loc"])
-        raise Rejected(Reason.MALFORMED, f"report: {where}") from None
+        raise Rejected(Reason.MALFORMED, f"report: {_where(e)}") from None
     actions = [r.action for r in batch]
     if BuildAction.START in actions[1:] or BuildAction.FINISH in actions[:-1]:
         raise Rejected(Reason.MALFORMED, "build.start may only come first and "
@@ -107,8 +111,7 @@ class ReportWriter:
                 for action, payload in reports:
                     ended = await self._one(w, build_id, hostname, action, payload) or ended
         except ValidationError as e:
-            where = ".".join(str(p) for p in e.errors()[0]["loc"])
-            raise Rejected(Reason.MALFORMED, f"{action} payload: {where}") from None
+            raise Rejected(Reason.MALFORMED, f"{action} payload: {_where(e)}") from None
         except NotFound as e:
             raise Rejected(Reason.MALFORMED, str(e)) from None
         if ended is not None:
