@@ -6,7 +6,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from vela.db.models import Secret
 from vela.db.store import StepSpec, Store, utcnow
@@ -154,10 +154,9 @@ async def test_secret_ciphertext_is_bound_to_its_row(store, engine):
     """Copying one secret's ciphertext onto another row does not decrypt."""
     await store.put_secret("repo", "octo", "a", "k", "alpha")
     await store.put_secret("repo", "octo", "b", "k", "beta")
-    async with store.session() as s, s.begin():
-        a = await s.scalar(select(Secret).where(Secret.target == "a"))
-        b = await s.scalar(select(Secret).where(Secret.target == "b"))
-        b.value_enc = a.value_enc
+    async with engine.begin() as conn:
+        a = (await conn.execute(select(Secret.value_enc).where(Secret.target == "a"))).scalar()
+        await conn.execute(update(Secret).where(Secret.target == "b").values(value_enc=a))
     with pytest.raises(VelaError, match="does not decrypt"):
         await store.secrets_for_repo("octo/b", ["k"])
 
@@ -201,3 +200,16 @@ async def test_registration_token_single_use(store):
     assert not await store.use_registration_token("e" * 64, used_by="w", now=now)
     row = await store.get_registration_token("h" * 64)
     assert row.used_at is not None and row.expires_at.tzinfo is not None
+
+
+async def test_package_rows_in_one_read(store):
+    b = await new_build(store, "octo/pkg")
+    await store.upsert_worker("w1", routes=["vela"], build_limit=1, sign_public_key="sig-key",
+                              seal_public_key="seal-key", key_thumbprint="thumb")
+    build, repo, worker = await store.package_rows(b.id, "w1")
+    assert (build.id, repo.full_name, worker.hostname, worker.seal_public_key) == (
+        b.id, "octo/pkg", "w1", "seal-key")
+    with pytest.raises(NotFound, match="worker nobody"):
+        await store.package_rows(b.id, "nobody")
+    with pytest.raises(NotFound, match="build 9999"):
+        await store.package_rows(9999, "w1")

@@ -3,22 +3,25 @@
 State changes are compare-and-set UPDATEs (``... WHERE status = :expected``):
 of two concurrent writers exactly one moves a build, the other gets
 :class:`~vela.errors.Conflict`. Returned rows are detached model instances.
+Each method is one unit of work run whole by :class:`~vela.db.engine.Database`
+(on SQLite in the process's database thread, on PostgreSQL through asyncpg).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
 
+from vela.db.engine import database
 from vela.db.models import (
     ApiCredential,
     Build,
@@ -41,6 +44,8 @@ from vela.domain import (
 )
 from vela.errors import Conflict, NotFound, VelaError
 from vela.security import atrest
+
+T = TypeVar("T")
 
 SECRET_SCOPES = ("repo", "org", "shared")
 # For each step status, the statuses a step may move to it from.
@@ -83,13 +88,11 @@ class Store:
     def __init__(self, engine: AsyncEngine, master_key: bytes) -> None:
         self.engine = engine
         self._master_key = master_key
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._db = database(engine)
+        self._dialect = engine.dialect.name
 
     def __repr__(self) -> str:
         return f"Store({self.engine.dialect.name})"
-
-    def session(self) -> AsyncSession:
-        return self._sessions()
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -97,68 +100,82 @@ class Store:
     # ------------------------------------------------------------------ repos
     async def get_or_create_repo(self, full_name: str, *, timeout_s: int = 3600) -> Repo:
         org, name = split_repo(full_name)
-        async with self.session() as s:
-            repo = await s.scalar(select(Repo).where(Repo.full_name == full_name))
+
+        def unit(s: Session) -> Repo:
+            repo = s.scalar(select(Repo).where(Repo.full_name == full_name))
             if repo is not None:
                 return repo
             repo = Repo(org=org, name=name, full_name=full_name, timeout_s=timeout_s,
                         counter=0, active=True, created_at=utcnow())
             s.add(repo)
             try:
-                await s.commit()
+                s.commit()
             except IntegrityError:  # created concurrently
-                await s.rollback()
-                repo = await s.scalar(select(Repo).where(Repo.full_name == full_name))
+                s.rollback()
+                repo = s.scalar(select(Repo).where(Repo.full_name == full_name))
                 assert repo is not None
             return repo
 
+        return await self._db.read(unit)
+
     async def get_repo(self, full_name: str) -> Repo:
-        async with self.session() as s:
-            repo = await s.scalar(select(Repo).where(Repo.full_name == full_name))
+        repo = await self._db.read(
+            lambda s: s.scalar(select(Repo).where(Repo.full_name == full_name)))
         if repo is None:
             raise NotFound(f"repository {full_name} not found")
         return repo
 
     async def list_repos(self) -> list[Repo]:
-        async with self.session() as s:
-            return list(await s.scalars(select(Repo).order_by(Repo.full_name)))
+        return await self._db.read(
+            lambda s: list(s.scalars(select(Repo).order_by(Repo.full_name))))
 
     # ----------------------------------------------------------------- builds
     async def create_build(self, repo_full_name: str, *, executable: str,
                            steps: Sequence[StepSpec], route: str = DEFAULT_ROUTE,
                            timeout_s: int | None = None,
                            parent_id: int | None = None) -> Build:
-        """A new ``pending`` build with its steps; the repo's counter gives the number."""
-        repo = await self.get_or_create_repo(repo_full_name)
+        """A new ``pending`` build with its steps; the repo's counter gives the number.
+        One transaction, the repo's row read and counted in one statement (a first
+        build of a repo creates the repo first)."""
+        split_repo(repo_full_name)
         now = utcnow()
-        async with self.session() as s, s.begin():
-            number = await s.scalar(
-                update(Repo).where(Repo.id == repo.id).values(counter=Repo.counter + 1)
-                .returning(Repo.counter)
-            )
-            build = Build(repo_id=repo.id, number=number, route=route,
+
+        def unit(s: Session) -> Build | None:
+            repo = s.execute(
+                update(Repo).where(Repo.full_name == repo_full_name)
+                .values(counter=Repo.counter + 1)
+                .returning(Repo.id, Repo.counter, Repo.timeout_s)
+            ).first()
+            if repo is None:
+                return None
+            build = Build(repo_id=repo.id, number=repo.counter, route=route,
                           status=BuildStatus.PENDING.value,
                           timeout_s=timeout_s or repo.timeout_s, attempts=0,
                           executable=executable, parent_id=parent_id, created_at=now)
             s.add(build)
-            await s.flush()
+            s.flush()
             for spec in steps:
                 s.add(Step(build_id=build.id, number=spec.number, name=spec.name,
                            image=spec.image, status=StepStatus.PENDING.value))
+            return build
+
+        build = await self._db.write(unit)
+        if build is None:
+            await self.get_or_create_repo(repo_full_name)
+            build = await self._db.write(unit)
+            assert build is not None
         return build
 
     async def get_build(self, build_id: int) -> Build:
-        async with self.session() as s:
-            build = await s.get(Build, build_id)
+        build = await self._db.read(lambda s: s.get(Build, build_id))
         if build is None:
             raise NotFound(f"build {build_id} not found")
         return build
 
     async def get_build_by_number(self, repo_full_name: str, number: int) -> Build:
-        async with self.session() as s:
-            build = await s.scalar(
-                select(Build).join(Repo, Repo.id == Build.repo_id)
-                .where(Repo.full_name == repo_full_name, Build.number == number))
+        build = await self._db.read(lambda s: s.scalar(
+            select(Build).join(Repo, Repo.id == Build.repo_id)
+            .where(Repo.full_name == repo_full_name, Build.number == number)))
         if build is None:
             raise NotFound(f"build {repo_full_name}#{number} not found")
         return build
@@ -166,18 +183,28 @@ class Store:
     async def build_and_worker_key(self, build_id: int) -> tuple[Build, str | None]:
         """A build and the signing key of the worker it names (None if none), in one
         query: what checking a request made with a build token needs."""
-        async with self.session() as s:
-            row = (await s.execute(
-                select(Build, Worker.sign_public_key)
-                .outerjoin(Worker, Worker.hostname == Build.worker)
-                .where(Build.id == build_id))).first()
+        row = await self._db.read(lambda s: s.execute(
+            select(Build, Worker.sign_public_key)
+            .outerjoin(Worker, Worker.hostname == Build.worker)
+            .where(Build.id == build_id)).first())
         if row is None:
             raise NotFound(f"build {build_id} not found")
         return row[0], row[1]
 
+    async def package_rows(self, build_id: int, hostname: str) -> tuple[Build, Repo, Worker]:
+        """A build, its repo and the worker ``hostname``, in one query: what sealing a
+        package for that worker needs."""
+        row = await self._db.read(lambda s: s.execute(
+            select(Build, Repo, Worker).join(Repo, Repo.id == Build.repo_id)
+            .join(Worker, Worker.hostname == hostname).where(Build.id == build_id)).first())
+        if row is None:
+            await self.get_build(build_id)  # NotFound for whichever is missing
+            await self.get_worker(hostname)
+            raise NotFound(f"build {build_id} or worker {hostname} not found")
+        return row[0], row[1], row[2]
+
     async def repo_of(self, build: Build) -> Repo:
-        async with self.session() as s:
-            repo = await s.get(Repo, build.repo_id)
+        repo = await self._db.read(lambda s: s.get(Repo, build.repo_id))
         assert repo is not None
         return repo
 
@@ -195,19 +222,16 @@ class Store:
             q = q.where(Build.status.in_([BuildStatus(x).value for x in status]))
         if worker is not None:
             q = q.where(Build.worker == worker)
-        async with self.session() as s:
-            return list(await s.scalars(q))
+        return await self._db.read(lambda s: list(s.scalars(q)))
 
     async def count_builds(self, status: BuildStatus) -> int:
-        async with self.session() as s:
-            return int(await s.scalar(
-                select(func.count()).select_from(Build).where(Build.status == status.value)
-            ) or 0)
+        return int(await self._db.read(lambda s: s.scalar(
+            select(func.count()).select_from(Build).where(Build.status == status.value)
+        )) or 0)
 
     async def set_build_fields(self, build_id: int, **fields: Any) -> None:
         """Bookkeeping fields that are not part of the state machine (e.g. enqueued_at)."""
-        async with self.writes() as w:
-            await w.set_build_fields(build_id, **fields)
+        await self.write(lambda w: w.set_build_fields(build_id, **fields))
 
     async def transition_build(self, build_id: int, expected: BuildStatus,
                                new: BuildStatus, *, only_if: dict[str, Any] | None = None,
@@ -216,30 +240,26 @@ class Store:
 
         ``only_if`` adds equality guards (e.g. ``{"token_jti": jti}``) to the CAS.
         """
-        async with self.writes() as w:
-            return await w.transition_build(build_id, expected, new, only_if=only_if, **fields)
+        return await self.write(
+            lambda w: w.transition_build(build_id, expected, new, only_if=only_if, **fields))
 
-    @contextlib.asynccontextmanager
-    async def writes(self) -> AsyncIterator[Writes]:
-        """Several writes in one transaction: all of them or, if one raises, none."""
-        async with self.session() as s, s.begin():
-            yield Writes(s, self.engine.dialect.name)
+    async def write(self, unit: Callable[[Writes], T]) -> T:
+        """Several build, step and log writes in one transaction: all of them or, if
+        ``unit`` raises, none."""
+        return await self._db.write(lambda s: unit(Writes(s, self._dialect)))
 
     # ------------------------------------------------------------------ steps
     async def get_steps(self, build_id: int) -> list[Step]:
-        async with self.session() as s:
-            return list(await s.scalars(
-                select(Step).where(Step.build_id == build_id).order_by(Step.number)
-            ))
+        return await self._db.read(lambda s: list(s.scalars(
+            select(Step).where(Step.build_id == build_id).order_by(Step.number))))
 
     async def update_step(self, build_id: int, number: int, status: StepStatus, *,
                           exit_code: int | None = None, reason: str | None = None,
                           at: datetime | None = None) -> Step:
         """Move a step to ``status``: one compare-and-set from any status that may precede
         it; raises :class:`NotFound`, :class:`InvalidTransition` or :class:`Conflict`."""
-        async with self.writes() as w:
-            return await w.update_step(build_id, number, status, exit_code=exit_code,
-                                       reason=reason, at=at)
+        return await self.write(lambda w: w.update_step(
+            build_id, number, status, exit_code=exit_code, reason=reason, at=at))
 
     # ------------------------------------------------------------------- logs
     async def append_log(self, build_id: int, number: int, lines: Sequence[str], *,
@@ -249,8 +269,7 @@ class Store:
         With ``seq`` (the sender's chunk number) the append is idempotent: a chunk
         already stored under that number is not stored again.
         """
-        async with self.writes() as w:
-            return await w.append_log(build_id, number, lines, seq=seq)
+        return await self.write(lambda w: w.append_log(build_id, number, lines, seq=seq))
 
     async def get_logs(self, build_id: int, *, number: int | None = None,
                        after_id: int = 0) -> list[tuple[int, int, str]]:
@@ -260,8 +279,7 @@ class Store:
              .order_by(Step.number, Log.seq))
         if number is not None:
             q = q.where(Step.number == number)
-        async with self.session() as s:
-            return [(r[0], r[1], r[2]) for r in await s.execute(q)]
+        return await self._db.read(lambda s: [(r[0], r[1], r[2]) for r in s.execute(q)])
 
     # ---------------------------------------------------------------- secrets
     @staticmethod
@@ -278,8 +296,9 @@ class Store:
         blob = atrest.encrypt(self._master_key, value.encode(),
                               self._secret_aad(scope, org, target, name))
         now = utcnow()
-        async with self.session() as s, s.begin():
-            row = await s.scalar(select(Secret).where(
+
+        def unit(s: Session) -> SecretInfo:
+            row = s.scalar(select(Secret).where(
                 Secret.scope == scope, Secret.org == org, Secret.target == target,
                 Secret.name == name))
             if row is None:
@@ -289,25 +308,25 @@ class Store:
             else:
                 row.value_enc = blob
                 row.updated_at = now
-            await s.flush()
+            s.flush()
             return _secret_info(row)
+
+        return await self._db.write(unit)
 
     async def list_secrets(self, *, org: str | None = None) -> list[SecretInfo]:
         q = select(Secret).order_by(Secret.org, Secret.scope, Secret.target, Secret.name)
         if org is not None:
             q = q.where(Secret.org == org)
-        async with self.session() as s:
-            return [_secret_info(r) for r in await s.scalars(q)]
+        return await self._db.read(lambda s: [_secret_info(r) for r in s.scalars(q)])
 
     async def delete_secret(self, scope: str, org: str, target: str, name: str) -> None:
         if scope == "org":
             target = "*"
-        async with self.session() as s, s.begin():
-            res = await s.execute(delete(Secret).where(
-                Secret.scope == scope, Secret.org == org, Secret.target == target,
-                Secret.name == name))
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                raise NotFound(f"secret {scope}/{org}/{target}/{name} not found")
+        deleted = await self._db.write(lambda s: _rowcount(s.execute(delete(Secret).where(
+            Secret.scope == scope, Secret.org == org, Secret.target == target,
+            Secret.name == name))))
+        if deleted != 1:
+            raise NotFound(f"secret {scope}/{org}/{target}/{name} not found")
 
     async def secrets_for_repo(self, full_name: str, names: Iterable[str]) -> dict[str, str]:
         """Clear values of the named secrets a build of ``full_name`` may use.
@@ -319,11 +338,10 @@ class Store:
         wanted = set(names)
         if not wanted:
             return {}
-        async with self.session() as s:
-            rows = list(await s.scalars(select(Secret).where(
-                Secret.org == org, Secret.name.in_(wanted),
-                ((Secret.scope == "repo") & (Secret.target == repo)) | (Secret.scope == "org"),
-            )))
+        rows = await self._db.read(lambda s: list(s.scalars(select(Secret).where(
+            Secret.org == org, Secret.name.in_(wanted),
+            ((Secret.scope == "repo") & (Secret.target == repo)) | (Secret.scope == "org"),
+        ))))
         rows.sort(key=lambda r: r.scope == "repo")  # repo scope last, so it wins
         return {r.name: atrest.decrypt(self._master_key, r.value_enc,
                                        self._secret_aad(r.scope, r.org, r.target, r.name)
@@ -340,8 +358,9 @@ class Store:
                       key_thumbprint=key_thumbprint, address=address,
                       ray_node_id=ray_node_id, actor_name=actor_name,
                       last_checked_in=now, last_status_update=now)
-        async with self.session() as s, s.begin():
-            row = await s.scalar(select(Worker).where(Worker.hostname == hostname))
+
+        def unit(s: Session) -> Worker:
+            row = s.scalar(select(Worker).where(Worker.hostname == hostname))
             if row is None:
                 row = Worker(hostname=hostname, active=True, status=WorkerStatus.IDLE.value,
                              running_builds=[], registered_at=now, **fields)
@@ -349,117 +368,115 @@ class Store:
             else:
                 for k, v in fields.items():
                     setattr(row, k, v)
-            await s.flush()
-        return row
+            s.flush()
+            return row
+
+        return await self._db.write(unit)
 
     async def get_worker(self, hostname: str) -> Worker:
-        async with self.session() as s:
-            row = await s.scalar(select(Worker).where(Worker.hostname == hostname))
+        row = await self.find_worker(hostname)
         if row is None:
             raise NotFound(f"worker {hostname} is not registered")
         return row
 
     async def find_worker(self, hostname: str) -> Worker | None:
-        async with self.session() as s:
-            return await s.scalar(select(Worker).where(Worker.hostname == hostname))
+        return await self._db.read(
+            lambda s: s.scalar(select(Worker).where(Worker.hostname == hostname)))
 
     async def list_workers(self) -> list[Worker]:
-        async with self.session() as s:
-            return list(await s.scalars(select(Worker).order_by(Worker.hostname)))
+        return await self._db.read(
+            lambda s: list(s.scalars(select(Worker).order_by(Worker.hostname))))
 
     async def update_worker(self, hostname: str, **fields: Any) -> None:
         if "status" in fields:
             fields["status"] = WorkerStatus(fields["status"]).value
             fields.setdefault("last_status_update", utcnow())
-        async with self.session() as s, s.begin():
-            res = await s.execute(update(Worker).where(Worker.hostname == hostname)
-                                  .values(**fields))
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                raise NotFound(f"worker {hostname} is not registered")
+        updated = await self._db.write(lambda s: _rowcount(s.execute(
+            update(Worker).where(Worker.hostname == hostname).values(**fields))))
+        if updated != 1:
+            raise NotFound(f"worker {hostname} is not registered")
 
     # ---------------------------------------------------- registration tokens
     async def create_registration_token(self, *, token_hash: str, routes: list[str],
                                         hostname: str | None, expires_at: datetime) -> int:
-        async with self.session() as s, s.begin():
+        def unit(s: Session) -> int:
             row = RegistrationToken(token_hash=token_hash, routes=list(routes),
                                     hostname=hostname, created_at=utcnow(),
                                     expires_at=expires_at)
             s.add(row)
-            await s.flush()
+            s.flush()
             return row.id
 
+        return await self._db.write(unit)
+
     async def get_registration_token(self, token_hash: str) -> RegistrationToken | None:
-        async with self.session() as s:
-            return await s.scalar(
-                select(RegistrationToken).where(RegistrationToken.token_hash == token_hash))
+        return await self._db.read(lambda s: s.scalar(
+            select(RegistrationToken).where(RegistrationToken.token_hash == token_hash)))
 
     async def use_registration_token(self, token_hash: str, *, used_by: str,
                                      now: datetime) -> bool:
         """Compare-and-set: marks the token used only if unused and unexpired."""
-        async with self.session() as s, s.begin():
-            res = await s.execute(
-                update(RegistrationToken)
-                .where(RegistrationToken.token_hash == token_hash,
-                       RegistrationToken.used_at.is_(None),
-                       RegistrationToken.expires_at > now)
-                .values(used_at=now, used_by=used_by))
-            return res.rowcount == 1  # type: ignore[attr-defined]
+        return await self._db.write(lambda s: _rowcount(s.execute(
+            update(RegistrationToken)
+            .where(RegistrationToken.token_hash == token_hash,
+                   RegistrationToken.used_at.is_(None),
+                   RegistrationToken.expires_at > now)
+            .values(used_at=now, used_by=used_by)))) == 1
 
     # -------------------------------------------------------- api credentials
     async def add_api_credential(self, *, name: str, secret_hash: str,
                                  scopes: Sequence[str]) -> bool:
         """Store a credential's hash; False if ``name`` exists already (first one wins)."""
         try:
-            async with self.session() as s, s.begin():
-                s.add(ApiCredential(name=name, secret_hash=secret_hash, scopes=list(scopes),
-                                    created_at=utcnow()))
+            await self._db.write(lambda s: s.add(ApiCredential(
+                name=name, secret_hash=secret_hash, scopes=list(scopes),
+                created_at=utcnow())))
         except IntegrityError:
             return False
         return True
 
     async def find_api_credential(self, secret_hash: str) -> ApiCredential | None:
-        async with self.session() as s:
-            return await s.scalar(
-                select(ApiCredential).where(ApiCredential.secret_hash == secret_hash))
+        return await self._db.read(lambda s: s.scalar(
+            select(ApiCredential).where(ApiCredential.secret_hash == secret_hash)))
 
     async def touch_api_credential(self, credential_id: int) -> None:
-        async with self.session() as s, s.begin():
-            await s.execute(update(ApiCredential).where(ApiCredential.id == credential_id)
-                            .values(last_used_at=utcnow()))
+        await self._db.write(lambda s: s.execute(
+            update(ApiCredential).where(ApiCredential.id == credential_id)
+            .values(last_used_at=utcnow())))
 
     # ------------------------------------------------------------ server keys
     async def save_server_key(self, *, kid: str, purpose: str, private_enc: bytes,
                               public_key: str, created_at: datetime) -> None:
-        async with self.session() as s, s.begin():
-            s.add(ServerKey(kid=kid, purpose=purpose, private_enc=private_enc,
-                            public_key=public_key, created_at=created_at))
+        await self._db.write(lambda s: s.add(ServerKey(
+            kid=kid, purpose=purpose, private_enc=private_enc, public_key=public_key,
+            created_at=created_at)))
 
     async def list_server_keys(self, purpose: str) -> list[ServerKey]:
-        async with self.session() as s:
-            return list(await s.scalars(select(ServerKey).where(ServerKey.purpose == purpose)
-                                        .order_by(ServerKey.created_at)))
+        return await self._db.read(lambda s: list(s.scalars(
+            select(ServerKey).where(ServerKey.purpose == purpose)
+            .order_by(ServerKey.created_at))))
 
     async def retire_server_key(self, kid: str, *, retired_at: datetime,
                                 verify_until: datetime) -> None:
-        async with self.session() as s, s.begin():
-            await s.execute(update(ServerKey).where(ServerKey.kid == kid)
-                            .values(retired_at=retired_at, verify_until=verify_until))
+        await self._db.write(lambda s: s.execute(
+            update(ServerKey).where(ServerKey.kid == kid)
+            .values(retired_at=retired_at, verify_until=verify_until)))
 
 
 class Writes:
-    """The build, step and log writes of :meth:`Store.writes`, in its one transaction."""
+    """The build, step and log writes of :meth:`Store.write`, in its one transaction."""
 
-    def __init__(self, session: AsyncSession, dialect: str) -> None:
+    def __init__(self, session: Session, dialect: str) -> None:
         self._s = session
         self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
 
-    async def set_build_fields(self, build_id: int, **fields: Any) -> None:
+    def set_build_fields(self, build_id: int, **fields: Any) -> None:
         assert "status" not in fields, "use transition_build for status changes"
-        await self._s.execute(update(Build).where(Build.id == build_id).values(**fields))
+        self._s.execute(update(Build).where(Build.id == build_id).values(**fields))
 
-    async def transition_build(self, build_id: int, expected: BuildStatus,
-                               new: BuildStatus, *, only_if: dict[str, Any] | None = None,
-                               **fields: Any) -> Build:
+    def transition_build(self, build_id: int, expected: BuildStatus,
+                         new: BuildStatus, *, only_if: dict[str, Any] | None = None,
+                         **fields: Any) -> Build:
         check_build_transition(expected, new)
         q = update(Build).where(Build.id == build_id, Build.status == expected.value)
         for col, value in (only_if or {}).items():
@@ -469,17 +486,17 @@ class Writes:
         if new.terminal:
             values.setdefault("finished_at", now)
         s = self._s
-        build = await s.scalar(q.values(**values).returning(Build)
-                               .execution_options(synchronize_session=False))
+        build = s.scalar(q.values(**values).returning(Build)
+                         .execution_options(synchronize_session=False))
         if build is None:
-            current = await s.scalar(select(Build.status).where(Build.id == build_id))
+            current = s.scalar(select(Build.status).where(Build.id == build_id))
             if current is None:
                 raise NotFound(f"build {build_id} not found")
             raise Conflict(f"build {build_id} is {current}, not {expected.value}; "
                            f"it cannot move to {new.value}")
         if new.terminal:  # steps not run are skipped, a running one ends with the build
             pending, running = StepStatus.PENDING.value, StepStatus.RUNNING.value
-            await s.execute(
+            s.execute(
                 update(Step).where(Step.build_id == build_id,
                                    Step.status.in_([pending, running]))
                 .values(status=case((Step.status == pending, StepStatus.SKIPPED.value),
@@ -488,48 +505,52 @@ class Writes:
                                          else_=Step.finished_at)))
         return build
 
-    async def step_status(self, build_id: int, number: int) -> str | None:
-        return await self._s.scalar(
+    def step_status(self, build_id: int, number: int) -> str | None:
+        return self._s.scalar(
             select(Step.status).where(Step.build_id == build_id, Step.number == number))
 
-    async def update_step(self, build_id: int, number: int, status: StepStatus, *,
-                          exit_code: int | None = None, reason: str | None = None,
-                          at: datetime | None = None) -> Step:
+    def update_step(self, build_id: int, number: int, status: StepStatus, *,
+                    exit_code: int | None = None, reason: str | None = None,
+                    at: datetime | None = None) -> Step:
         at = at or utcnow()
         values: dict[str, Any] = {"status": status.value}
         if status == StepStatus.RUNNING:
             values["started_at"] = at
         if status.terminal:
             values.update(exit_code=exit_code, reason=reason, finished_at=at)
-        step = await self._s.scalar(
+        step = self._s.scalar(
             update(Step).where(Step.build_id == build_id, Step.number == number,
                                Step.status.in_(_STEP_FROM[status]))
             .values(**values).returning(Step).execution_options(synchronize_session=False))
         if step is None:
-            old = await self.step_status(build_id, number)
+            old = self.step_status(build_id, number)
             if old is None:
                 raise NotFound(f"build {build_id} has no step {number}")
             check_step_transition(StepStatus(old), status)
             raise Conflict(f"step {number} of build {build_id} changed concurrently")
         return step
 
-    async def append_log(self, build_id: int, number: int, lines: Sequence[str], *,
-                         seq: int | None = None) -> int:
+    def append_log(self, build_id: int, number: int, lines: Sequence[str], *,
+                   seq: int | None = None) -> int:
         s = self._s
-        step_id = await s.scalar(
+        step_id = s.scalar(
             select(Step.id).where(Step.build_id == build_id, Step.number == number))
         if step_id is None:
             raise NotFound(f"build {build_id} has no step {number}")
         row = {"build_id": build_id, "step_id": step_id,
                "data": "".join(line + "\n" for line in lines), "created_at": utcnow()}
         if seq is None:  # unnumbered (legacy workers): the next number
-            seq = int(await s.scalar(
+            seq = int(s.scalar(
                 select(func.coalesce(func.max(Log.seq), 0)).where(Log.step_id == step_id)
             ) or 0) + 1
-            await s.execute(insert(Log).values(seq=seq, **row))
+            s.execute(insert(Log).values(seq=seq, **row))
         else:  # a retried chunk that got through before stays stored once
-            await s.execute(self._insert(Log).values(seq=seq, **row).on_conflict_do_nothing())
+            s.execute(self._insert(Log).values(seq=seq, **row).on_conflict_do_nothing())
         return seq
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
 
 
 def _secret_info(row: Secret) -> SecretInfo:

@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
 
+from vela.db.engine import database
 from vela.db.models import QueueItem as QueueRow
 from vela.errors import NotFound
 from vela.queue.base import (
@@ -53,14 +55,14 @@ class DatabaseQueue(Queue):
                  sleep: Sleep = asyncio.sleep) -> None:
         super().__init__(clock=clock, poll_interval_s=poll_interval_s, sleep=sleep)
         self._engine = engine
+        self._db = database(engine)
         self._owns = owns_engine
 
     async def _push(self, route: str, payload: bytes) -> str:
-        async with self._engine.begin() as conn:
-            new_id = (await conn.execute(
-                insert(t).values(route=route, payload=payload, state=READY, deliveries=0,
-                                 created_at=self._clock()).returning(t.c.id)
-            )).scalar_one()
+        new_id = await self._db.write(lambda s: s.execute(
+            insert(t).values(route=route, payload=payload, state=READY, deliveries=0,
+                             created_at=self._clock()).returning(t.c.id)
+        ).scalar_one())
         return str(new_id)
 
     async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None:
@@ -83,8 +85,7 @@ class DatabaseQueue(Queue):
                         deliveries=t.c.deliveries + 1)
                 .returning(t.c.id, t.c.payload, t.c.deliveries)
             )
-            async with self._engine.begin() as conn:
-                row = (await conn.execute(stmt)).first()
+            row = await self._db.write(lambda s, stmt=stmt: s.execute(stmt).first())
             if row is not None:
                 return Reservation(id=str(row.id), route=route, payload=bytes(row.payload),
                                    lease_id=lease_id, deadline=deadline,
@@ -94,46 +95,41 @@ class DatabaseQueue(Queue):
     def _current(self, res: Reservation):  # type: ignore[no-untyped-def]
         return (t.c.id == int(res.id), t.c.state == LEASED, t.c.lease_id == res.lease_id)
 
+    async def _changed(self, stmt: Any) -> int:
+        """Rows one write statement changed, in its own transaction."""
+        return await self._db.write(lambda s: int(s.execute(stmt).rowcount))
+
     async def ack(self, res: Reservation) -> bool:
-        async with self._engine.begin() as conn:
-            result = await conn.execute(delete(t).where(*self._current(res)))
-        return result.rowcount == 1
+        return await self._changed(delete(t).where(*self._current(res))) == 1
 
     async def release(self, res: Reservation) -> bool:
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(t).where(*self._current(res)).values(
-                    state=READY, lease_id=None, lease_until=None,
-                    deliveries=t.c.deliveries - 1,
-                )
+        return await self._changed(
+            update(t).where(*self._current(res)).values(
+                state=READY, lease_id=None, lease_until=None,
+                deliveries=t.c.deliveries - 1,
             )
-        return result.rowcount == 1
+        ) == 1
 
     async def dead_letter(self, res: Reservation, reason: str, detail: str = "") -> bool:
         reason, detail = clip_reason(reason, detail)
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(t).where(*self._current(res)).values(
-                    state=DEAD, lease_id=None, lease_until=None, reason=reason, detail=detail,
-                    dead_at=self._clock(),
-                )
+        return await self._changed(
+            update(t).where(*self._current(res)).values(
+                state=DEAD, lease_id=None, lease_until=None, reason=reason, detail=detail,
+                dead_at=self._clock(),
             )
-        return result.rowcount == 1
+        ) == 1
 
     async def reclaim_expired(self, now: float | None = None) -> int:
         now = self._now(now)
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                update(t).where(t.c.state == LEASED, t.c.lease_until <= now)
-                .values(state=READY, lease_id=None, lease_until=None)
-            )
-        return int(result.rowcount)
+        return await self._changed(
+            update(t).where(t.c.state == LEASED, t.c.lease_until <= now)
+            .values(state=READY, lease_id=None, lease_until=None)
+        )
 
     async def depth(self) -> dict[str, RouteDepth]:
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(
-                select(t.c.route, t.c.state, func.count()).group_by(t.c.route, t.c.state)
-            )).all()
+        rows = await self._db.read(lambda s: s.execute(
+            select(t.c.route, t.c.state, func.count()).group_by(t.c.route, t.c.state)
+        ).all())
         counts: dict[str, dict[str, int]] = {}
         for route, state, n in rows:
             counts.setdefault(route, {})[state] = int(n)
@@ -146,11 +142,10 @@ class DatabaseQueue(Queue):
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         if limit <= 0:
             return []
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(
-                select(t).where(t.c.state == DEAD)
-                .order_by(t.c.dead_at.desc(), t.c.id.desc()).limit(limit)
-            )).all()
+        rows = await self._db.read(lambda s: s.execute(
+            select(t).where(t.c.state == DEAD)
+            .order_by(t.c.dead_at.desc(), t.c.id.desc()).limit(limit)
+        ).all())
         return [
             DeadLetter(id=str(r.id), route=r.route, payload=bytes(r.payload),
                        reason=r.reason or "", detail=r.detail or "", dead_at=float(r.dead_at or 0),
@@ -163,22 +158,25 @@ class DatabaseQueue(Queue):
         if old is None:
             raise NotFound(f"no dead letter with id {dead_id!r}")
         missing = NotFound(f"no dead letter with id {dead_id!r}")
-        async with self._engine.begin() as conn:
-            row = (await conn.execute(
+
+        def unit(s: Session) -> int:
+            row = s.execute(
                 select(t.c.route, t.c.payload).where(t.c.id == old, t.c.state == DEAD)
                 .with_for_update()
-            )).first()
+            ).first()
             if row is None:
                 raise missing
             # Insert before deleting: SQLite reuses the highest rowid once it is freed.
-            new_id = (await conn.execute(
+            new_id = s.execute(
                 insert(t).values(route=row.route, payload=row.payload, state=READY,
                                  deliveries=0, created_at=self._clock()).returning(t.c.id)
-            )).scalar_one()
-            gone = await conn.execute(delete(t).where(t.c.id == old, t.c.state == DEAD))
+            ).scalar_one()
+            gone = s.execute(delete(t).where(t.c.id == old, t.c.state == DEAD))
             if gone.rowcount != 1:
                 raise missing  # requeued concurrently; rolls back our insert
-        return str(new_id)
+            return int(new_id)
+
+        return str(await self._db.write(unit))
 
     async def close(self) -> None:
         if self._owns:

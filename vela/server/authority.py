@@ -94,9 +94,7 @@ class Authority:
         """Mint a token for ``build_id`` bound to ``hostname``'s registered key and seal
         the package to it. Secrets are read here and leave only sealed."""
         now = self._clock()
-        build = await self.store.get_build(build_id)
-        repo = await self.store.repo_of(build)
-        worker = await self.store.get_worker(hostname)
+        build, repo, worker = await self.store.package_rows(build_id, hostname)
         executable = Executable.from_json(build.executable)
         secrets = await self.store.secrets_for_repo(repo.full_name, executable.secret_names())
         token, claims = mint_build_token(

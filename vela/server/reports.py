@@ -105,55 +105,58 @@ class ReportWriter:
         A payload that does not parse, or a step or status change that cannot
         happen, is refused as ``malformed``.
         """
-        ended: BuildStatus | None = None
+        def unit(w: Writes) -> BuildStatus | None:
+            ended: BuildStatus | None = None
+            for action, payload in reports:
+                try:
+                    ended = self._one(w, build_id, hostname, action, payload) or ended
+                except ValidationError as e:
+                    raise Rejected(Reason.MALFORMED, f"{action} payload: {_where(e)}") from None
+            return ended
+
         try:
-            async with self.store.writes() as w:
-                for action, payload in reports:
-                    ended = await self._one(w, build_id, hostname, action, payload) or ended
-        except ValidationError as e:
-            raise Rejected(Reason.MALFORMED, f"{action} payload: {_where(e)}") from None
+            ended = await self.store.write(unit)
         except NotFound as e:
             raise Rejected(Reason.MALFORMED, str(e)) from None
         if ended is not None:
             self.metrics.build_finished(ended.value)
         return ended is not None
 
-    async def _one(self, w: Writes, build_id: int, hostname: str, action: str,
-                   payload: dict[str, Any]) -> BuildStatus | None:
+    def _one(self, w: Writes, build_id: int, hostname: str, action: str,
+             payload: dict[str, Any]) -> BuildStatus | None:
         if action == BuildAction.START:
-            await w.set_build_fields(build_id, started_at=self._now())
+            w.set_build_fields(build_id, started_at=self._now())
         elif action == BuildAction.STEP_UPDATE:
-            await self._step(w, build_id, StepReport.model_validate(payload))
+            self._step(w, build_id, StepReport.model_validate(payload))
         elif action == BuildAction.LOG_APPEND:
             logs = LogReport.model_validate(payload)
             lines = [line[:MAX_LOG_LINE_CHARS] for line in logs.lines]
             if lines:
-                await w.append_log(build_id, logs.number, lines, seq=logs.seq)
+                w.append_log(build_id, logs.number, lines, seq=logs.seq)
         elif action == BuildAction.FINISH:
-            return await self._finish(w, build_id, hostname,
-                                      FinishReport.model_validate(payload))
+            return self._finish(w, build_id, hostname, FinishReport.model_validate(payload))
         else:
             raise Rejected(Reason.FORBIDDEN_ACTION, f"{str(action)[:40]!r}")
         return None
 
-    async def _step(self, w: Writes, build_id: int, r: StepReport) -> None:
+    def _step(self, w: Writes, build_id: int, r: StepReport) -> None:
         try:
-            await w.update_step(build_id, r.number, r.status, exit_code=r.exit_code,
-                                reason=r.reason)
+            w.update_step(build_id, r.number, r.status, exit_code=r.exit_code,
+                          reason=r.reason)
         except (InvalidTransition, Conflict):
             # A retried report that already took effect is fine; anything else is not.
-            if await w.step_status(build_id, r.number) != r.status.value:
+            if w.step_status(build_id, r.number) != r.status.value:
                 raise Rejected(Reason.MALFORMED, f"step {r.number} cannot become "
                                f"{r.status.value}") from None
 
-    async def _finish(self, w: Writes, build_id: int, hostname: str,
-                      r: FinishReport) -> BuildStatus | None:
+    def _finish(self, w: Writes, build_id: int, hostname: str,
+                r: FinishReport) -> BuildStatus | None:
         if not r.status.terminal:
             raise Rejected(Reason.MALFORMED, f"{r.status.value} is not a final status")
         try:
-            await w.transition_build(build_id, BuildStatus.RUNNING, r.status,
-                                     only_if={"worker": hostname}, reason=r.reason,
-                                     message=r.message)
+            w.transition_build(build_id, BuildStatus.RUNNING, r.status,
+                               only_if={"worker": hostname}, reason=r.reason,
+                               message=r.message)
         except Conflict:
             return None  # ended meanwhile (canceled, lost): the first end stands
         return r.status

@@ -1,0 +1,97 @@
+"""Database: units of work run whole, off the event loop on SQLite, all or nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from sqlalchemy import func, select
+
+from vela.db.engine import Database, create_engine, database
+from vela.db.models import Repo
+from vela.db.store import Store, utcnow
+
+
+def _add_repo(s, name: str) -> None:  # type: ignore[no-untyped-def]
+    s.add(Repo(org="o", name=name, full_name=f"o/{name}", timeout_s=60, counter=0,
+               active=True, created_at=utcnow()))
+
+
+async def _repos(db: Database) -> int:
+    return int(await db.read(lambda s: s.scalar(select(func.count()).select_from(Repo))))
+
+
+async def test_a_unit_that_raises_writes_nothing(engine):
+    db = database(engine)
+
+    def unit(s):  # type: ignore[no-untyped-def]
+        _add_repo(s, "a")
+        s.flush()
+        raise RuntimeError("half way")
+
+    with pytest.raises(RuntimeError, match="half way"):
+        await db.write(unit)
+    assert await _repos(db) == 0
+    await db.write(lambda s: _add_repo(s, "b"))
+    assert await _repos(db) == 1
+
+
+async def test_sqlite_units_run_in_the_database_thread_not_on_the_loop(engine):
+    db = database(engine)
+    loop_thread = threading.current_thread().name
+    ran_in = await db.read(lambda s: threading.current_thread().name)
+    if engine.dialect.name == "sqlite":
+        assert ran_in.startswith("vela-db") and ran_in != loop_thread
+        # A slow unit leaves the event loop free.
+        started, release = threading.Event(), threading.Event()
+
+        def slow(s):  # type: ignore[no-untyped-def]
+            started.set()
+            assert release.wait(10)
+            return 1
+
+        task = asyncio.ensure_future(db.read(slow))
+        assert await asyncio.to_thread(started.wait, 10)
+        assert not task.done()  # the loop runs on while the unit waits
+        release.set()
+        assert await task == 1
+    else:
+        assert ran_in == loop_thread  # asyncpg: on the loop, never blocking it
+
+
+async def test_one_database_per_engine_and_dispose_closes_it(engine):
+    db = database(engine)
+    assert database(engine) is db
+    await db.write(lambda s: _add_repo(s, "a"))
+    thread = db._thread
+    await engine.dispose()
+    assert db._thread is None and (thread is None or thread._shutdown)
+    # Like the engine, it opens again on next use.
+    assert database(engine) is db and await _repos(db) == 1
+
+
+def test_in_memory_sqlite_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="give the database a file"):
+        Database(create_engine("sqlite+aiosqlite:///:memory:"))
+
+
+async def test_stores_and_queues_of_one_engine_share_its_database(engine, master_key):
+    from vela.queue.db_queue import DatabaseQueue
+
+    store, queue = Store(engine, master_key), DatabaseQueue(engine)
+    assert store._db is queue._db is database(engine)
+
+
+async def test_an_engine_no_one_holds_is_freed_with_its_database(tmp_path):
+    import gc
+    import weakref
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'gone.db'}")
+    db = weakref.ref(database(engine))
+    await database(engine).read(lambda s: 1)
+    await engine.dispose()
+    gone = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert gone() is None and db() is None
