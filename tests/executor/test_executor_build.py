@@ -400,3 +400,25 @@ async def test_read_only_leftovers_are_still_removed(build, runtime):
     )
     assert result.status == BuildStatus.SUCCESS
     # the build fixture asserts the build directory is gone
+
+
+def test_steps_run_on_uvloop_without_forking_the_worker(build, runtime):
+    """Ray runs async actors on uvloop, whose own spawn is a full fork() of the worker
+    process (4-5 ms of CPU per step there). A step starts by vfork + exec instead — no
+    at-fork handler runs — and its output, exit code and ending work on uvloop too."""
+    import os
+
+    import uvloop
+
+    forks: list[int] = []
+    os.register_at_fork(before=lambda: forks.append(1))
+    loop = uvloop.new_event_loop()
+    try:
+        result, rec = loop.run_until_complete(build(
+            steps("  - name: one\n    commands: [echo on uvloop, sleep 30 &, exit 3]\n"),
+            runtime=runtime))
+    finally:
+        loop.close()
+    assert [(s.status, s.exit_code) for s in result.steps] == [(StepStatus.FAILURE, 3)]
+    assert rec.lines[1] == ["on uvloop"]
+    assert forks == []

@@ -480,7 +480,7 @@ async def test_transient_report_errors_are_retried(core, server):
 async def test_step_reports_do_not_hold_up_the_build(core, server, tmp_path):
     """Only build.start and build.finish wait for the server: with the server stalled
     after the start, the step still runs; its reports follow, in order, once it answers."""
-    marker = tmp_path / "ran"
+    go, marker = tmp_path / "go", tmp_path / "ran"
     original = server.send_reports
 
     async def stall_after_start(**kw: Any) -> None:
@@ -489,8 +489,11 @@ async def test_step_reports_do_not_hold_up_the_build(core, server, tmp_path):
         await original(**kw)
 
     server.send_reports = stall_after_start  # type: ignore[method-assign]
-    assert (await core.execute_package(server.package(1, one_step(f"touch '{marker}'")))).accepted
-    await eventually(marker.exists)  # ran while its "running" report hung
+    script = f"while [ ! -e '{go}' ]; do sleep 0.01; done; touch '{marker}'"
+    assert (await core.execute_package(server.package(1, one_step(script)))).accepted
+    await eventually(lambda: server.hang is not None)  # its "running" report hangs...
+    go.touch()
+    await eventually(marker.exists)  # ...and the step runs to its end meanwhile
     assert [r.action for r in server.of(1)] == [START]
     assert server.hang is not None
     server.hang.set()

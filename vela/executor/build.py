@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict
 from vela.domain import BuildStatus, StepStatus
 from vela.executor.logs import LinePump
 from vela.executor.masking import Masker
-from vela.executor.runtime import DEFAULT_PATH, BuildDirs, Runtime
+from vela.executor.runtime import DEFAULT_PATH, BuildDirs, Runtime, StepProcess
 from vela.pipeline import Executable, Step, secret_env_name
 
 logger = logging.getLogger("vela.executor")
@@ -262,13 +262,13 @@ class _BuildRun:
         return StepResult(number=number, name=step.name, status=status, exit_code=exit_code,
                           reason=reason, started_at=started, finished_at=_now())
 
-    async def _wait(self, proc: asyncio.subprocess.Process, step: Step) -> Reason | None:
+    async def _wait(self, proc: StepProcess, step: Step) -> Reason | None:
         """Wait for the process; on timeout or cancel kill it and say why."""
         remaining = self.deadline - self.loop.time()
         limit, why = remaining, Reason.BUILD_TIMEOUT
         if step.timeout is not None and step.timeout < remaining:
             limit, why = step.timeout, Reason.STEP_TIMEOUT
-        exited = asyncio.ensure_future(_exited(proc))
+        exited = asyncio.ensure_future(proc.exited())
         canceled = asyncio.ensure_future(self.cancel.wait())
         try:
             done, _ = await asyncio.wait(
@@ -326,37 +326,8 @@ class _BuildRun:
                            steps=list(self.results), started_at=started, finished_at=_now())
 
 
-async def _exited(proc: asyncio.subprocess.Process) -> None:
-    """Return once the process has exited.
-
-    ``proc.wait()`` is no good here: it also waits for the output pipe to
-    close, which a background job of the step can hold open indefinitely.
-    """
-    loop = asyncio.get_running_loop()
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except ProcessLookupError:
-        return  # already exited and reaped
-    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux)
-        while proc.returncode is None:  # noqa: ASYNC110 - no event to wait on here
-            await asyncio.sleep(0.05)
-        return
-    gone: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not gone.done():
-            gone.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await gone
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
 async def _reap(
-    proc: asyncio.subprocess.Process, pump: LinePump, pumping: asyncio.Task[None], name: str
+    proc: StepProcess, pump: LinePump, pumping: asyncio.Task[None], name: str
 ) -> int:
     """After the kill: deliver the rest of the output, collect the exit status.
 
@@ -376,11 +347,7 @@ async def _reap(
                 logger.warning("step %s: a process outlived the step and holds its output; "
                                "the rest of its output is dropped", name)
                 pumping.cancel()
-                # Close our end now rather than when the stray process dies:
-                # asyncio offers no public way, its transport is the owner.
-                transport = getattr(proc, "_transport", None)
-                if transport is not None:
-                    transport.close()
+                proc.close_output()  # now, not when the stray process dies
                 break
     try:
         await pumping  # bounded by the reporter, not by the step
