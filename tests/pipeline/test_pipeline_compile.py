@@ -153,7 +153,8 @@ def test_top_level_shapes():
 
 
 def test_hostile_yaml_is_contained():
-    assert "nests too deeply" in error("[" * 5000 + "]" * 5000)
+    deep = error("[" * 5000 + "]" * 5000)  # libyaml stops it first, PyYAML's parser later
+    assert "nests too deeply" in deep or "exceeded maximum nesting depth" in deep
     bomb = "a: &a [x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(20)
     )
