@@ -213,3 +213,24 @@ async def test_package_rows_in_one_read(store):
         await store.package_rows(b.id, "nobody")
     with pytest.raises(NotFound, match="build 9999"):
         await store.package_rows(9999, "w1")
+
+
+async def test_reused_statements_bind_each_calls_values(store):
+    """Statements are built once per shape and reused: each call's values apply to its
+    own rows only."""
+    a, b = await new_build(store, "octo/a"), await new_build(store, "octo/b")
+    for build, worker in ((a, "wa"), (b, "wb")):
+        await store.transition_build(build.id, BuildStatus.PENDING, BuildStatus.RUNNING,
+                                     worker=worker, token_jti=f"j-{worker}")
+        await store.update_step(build.id, 1, StepStatus.RUNNING)
+    await store.set_build_fields(a.id, enqueued_at=utcnow())
+    with pytest.raises(Conflict):  # b's guard value, not a's, is checked for b
+        await store.transition_build(b.id, BuildStatus.RUNNING, BuildStatus.SUCCESS,
+                                     only_if={"token_jti": "j-wa"})
+    await store.transition_build(a.id, BuildStatus.RUNNING, BuildStatus.SUCCESS,
+                                 only_if={"token_jti": "j-wa"})
+    ra, rb = await store.get_build(a.id), await store.get_build(b.id)
+    assert (ra.status, ra.worker, rb.status, rb.worker) == ("success", "wa", "running", "wb")
+    assert ra.enqueued_at is not None and rb.enqueued_at is None
+    assert [s.status for s in await store.get_steps(a.id)] == ["success", "skipped"]
+    assert [s.status for s in await store.get_steps(b.id)] == ["running", "pending"]

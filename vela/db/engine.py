@@ -122,6 +122,20 @@ class Database:
             self._sync.dispose()
 
 
+# Statements by shape (see :func:`shaped`); the keys come from code, never from data.
+_SHAPES: dict[tuple[object, ...], object] = {}
+
+
+def shaped(key: tuple[object, ...], build: Callable[[], T]) -> T:
+    """The statement ``build()`` makes, built once per ``key`` and then reused with new
+    bound parameters: building a statement and its cache key costs more CPU than
+    running it on SQLite (~0.45 ms against ~0.3 ms for a small UPDATE here)."""
+    stmt = _SHAPES.get(key)
+    if stmt is None:
+        stmt = _SHAPES[key] = build()
+    return stmt  # type: ignore[return-value]
+
+
 _DATABASES: weakref.WeakKeyDictionary[AsyncEngine, Database] = weakref.WeakKeyDictionary()
 
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
-from vela.db.engine import database
+from vela.db.engine import database, shaped
 from vela.db.models import (
     ApiCredential,
     Build,
@@ -183,10 +183,10 @@ class Store:
     async def build_and_worker_key(self, build_id: int) -> tuple[Build, str | None]:
         """A build and the signing key of the worker it names (None if none), in one
         query: what checking a request made with a build token needs."""
-        row = await self._db.read(lambda s: s.execute(
-            select(Build, Worker.sign_public_key)
-            .outerjoin(Worker, Worker.hostname == Build.worker)
-            .where(Build.id == build_id)).first())
+        stmt = shaped(("build_and_worker_key",), lambda: select(Build, Worker.sign_public_key)
+                      .outerjoin(Worker, Worker.hostname == Build.worker)
+                      .where(Build.id == bindparam("_id")))
+        row = await self._db.read(lambda s: s.execute(stmt, {"_id": build_id}).first())
         if row is None:
             raise NotFound(f"build {build_id} not found")
         return row[0], row[1]
@@ -194,9 +194,12 @@ class Store:
     async def package_rows(self, build_id: int, hostname: str) -> tuple[Build, Repo, Worker]:
         """A build, its repo and the worker ``hostname``, in one query: what sealing a
         package for that worker needs."""
-        row = await self._db.read(lambda s: s.execute(
-            select(Build, Repo, Worker).join(Repo, Repo.id == Build.repo_id)
-            .join(Worker, Worker.hostname == hostname).where(Build.id == build_id)).first())
+        stmt = shaped(("package_rows",), lambda: select(Build, Repo, Worker)
+                      .join(Repo, Repo.id == Build.repo_id)
+                      .join(Worker, Worker.hostname == bindparam("_hostname"))
+                      .where(Build.id == bindparam("_id")))
+        row = await self._db.read(
+            lambda s: s.execute(stmt, {"_id": build_id, "_hostname": hostname}).first())
         if row is None:
             await self.get_build(build_id)  # NotFound for whichever is missing
             await self.get_worker(hostname)
@@ -464,30 +467,38 @@ class Store:
 
 
 class Writes:
-    """The build, step and log writes of :meth:`Store.write`, in its one transaction."""
+    """The build, step and log writes of :meth:`Store.write`, in its one transaction;
+    each statement built once per shape (:func:`~vela.db.engine.shaped`)."""
 
     def __init__(self, session: Session, dialect: str) -> None:
         self._s = session
-        self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        self._dialect = dialect
 
     def set_build_fields(self, build_id: int, **fields: Any) -> None:
         assert "status" not in fields, "use transition_build for status changes"
-        self._s.execute(update(Build).where(Build.id == build_id).values(**fields))
+        stmt = shaped(("set_build", *sorted(fields)), lambda: update(Build).where(
+            Build.id == bindparam("_id")).values({k: bindparam(k) for k in fields}))
+        self._s.execute(stmt, {"_id": build_id, **fields})
 
     def transition_build(self, build_id: int, expected: BuildStatus,
                          new: BuildStatus, *, only_if: dict[str, Any] | None = None,
                          **fields: Any) -> Build:
         check_build_transition(expected, new)
-        q = update(Build).where(Build.id == build_id, Build.status == expected.value)
-        for col, value in (only_if or {}).items():
-            q = q.where(getattr(Build, col) == value)
+        guards = only_if or {}
+        assert None not in guards.values(), "a guard compares with =, never IS NULL"
         values = {"status": new.value, **fields}
         now = utcnow()
         if new.terminal:
             values.setdefault("finished_at", now)
+        stmt = shaped(("transition", *sorted(guards), "|", *sorted(values)), lambda: (
+            update(Build)
+            .where(Build.id == bindparam("_id"), Build.status == bindparam("_expected"),
+                   *[getattr(Build, c) == bindparam(f"_if_{c}") for c in guards])
+            .values({k: bindparam(k) for k in values}).returning(Build)
+            .execution_options(synchronize_session=False)))
         s = self._s
-        build = s.scalar(q.values(**values).returning(Build)
-                         .execution_options(synchronize_session=False))
+        build = s.scalar(stmt, {"_id": build_id, "_expected": expected.value, **values,
+                                **{f"_if_{c}": v for c, v in guards.items()}})
         if build is None:
             current = s.scalar(select(Build.status).where(Build.id == build_id))
             if current is None:
@@ -495,14 +506,8 @@ class Writes:
             raise Conflict(f"build {build_id} is {current}, not {expected.value}; "
                            f"it cannot move to {new.value}")
         if new.terminal:  # steps not run are skipped, a running one ends with the build
-            pending, running = StepStatus.PENDING.value, StepStatus.RUNNING.value
-            s.execute(
-                update(Step).where(Step.build_id == build_id,
-                                   Step.status.in_([pending, running]))
-                .values(status=case((Step.status == pending, StepStatus.SKIPPED.value),
-                                    else_=_step_status_for(new).value),
-                        finished_at=case((Step.status == running, now),
-                                         else_=Step.finished_at)))
+            s.execute(shaped(("end_steps", new), lambda: _end_steps(new)),
+                      {"_build_id": build_id, "_now": now})
         return build
 
     def step_status(self, build_id: int, number: int) -> str | None:
@@ -518,10 +523,13 @@ class Writes:
             values["started_at"] = at
         if status.terminal:
             values.update(exit_code=exit_code, reason=reason, finished_at=at)
-        step = self._s.scalar(
-            update(Step).where(Step.build_id == build_id, Step.number == number,
-                               Step.status.in_(_STEP_FROM[status]))
-            .values(**values).returning(Step).execution_options(synchronize_session=False))
+        stmt = shaped(("update_step", status), lambda: (
+            update(Step)
+            .where(Step.build_id == bindparam("_build_id"), Step.number == bindparam("_number"),
+                   Step.status.in_(_STEP_FROM[status]))
+            .values({k: bindparam(k) for k in values}).returning(Step)
+            .execution_options(synchronize_session=False)))
+        step = self._s.scalar(stmt, {"_build_id": build_id, "_number": number, **values})
         if step is None:
             old = self.step_status(build_id, number)
             if old is None:
@@ -533,8 +541,9 @@ class Writes:
     def append_log(self, build_id: int, number: int, lines: Sequence[str], *,
                    seq: int | None = None) -> int:
         s = self._s
-        step_id = s.scalar(
-            select(Step.id).where(Step.build_id == build_id, Step.number == number))
+        step_id = s.scalar(shaped(("step_id",), lambda: select(Step.id).where(
+            Step.build_id == bindparam("_build_id"), Step.number == bindparam("_number"))),
+            {"_build_id": build_id, "_number": number})
         if step_id is None:
             raise NotFound(f"build {build_id} has no step {number}")
         row = {"build_id": build_id, "step_id": step_id,
@@ -545,8 +554,23 @@ class Writes:
             ) or 0) + 1
             s.execute(insert(Log).values(seq=seq, **row))
         else:  # a retried chunk that got through before stays stored once
-            s.execute(self._insert(Log).values(seq=seq, **row).on_conflict_do_nothing())
+            dialect_insert = pg_insert if self._dialect == "postgresql" else sqlite_insert
+            s.execute(shaped(("log_once", self._dialect), lambda: dialect_insert(Log).values(
+                {k: bindparam(k) for k in ("seq", *row)}).on_conflict_do_nothing()),
+                {"seq": seq, **row})
         return seq
+
+
+def _end_steps(build: BuildStatus) -> Any:
+    """What ending a build does to its steps: those not run are skipped, a running one
+    ends as :func:`_step_status_for` says."""
+    pending, running = StepStatus.PENDING.value, StepStatus.RUNNING.value
+    return (update(Step)
+            .where(Step.build_id == bindparam("_build_id"), Step.status.in_([pending, running]))
+            .values(status=case((Step.status == pending, StepStatus.SKIPPED.value),
+                                else_=_step_status_for(build).value),
+                    finished_at=case((Step.status == running, bindparam("_now")),
+                                     else_=Step.finished_at)))
 
 
 def _rowcount(result: Any) -> int:

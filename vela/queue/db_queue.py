@@ -22,11 +22,11 @@ import time
 import uuid
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
-from vela.db.engine import database
+from vela.db.engine import database, shaped
 from vela.db.models import QueueItem as QueueRow
 from vela.errors import NotFound
 from vela.queue.base import (
@@ -42,6 +42,8 @@ from vela.queue.base import (
 READY, LEASED, DEAD = "ready", "leased", "dead"
 
 t = cast(Table, QueueRow.__table__)
+# The item a reservation holds, while it still holds it (parameters: _lease()).
+_HELD = (t.c.id == bindparam("_id"), t.c.state == LEASED, t.c.lease_id == bindparam("_lease_id"))
 
 
 def _int_id(item_id: str) -> int | None:
@@ -68,55 +70,45 @@ class DatabaseQueue(Queue):
     async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None:
         # One statement per route keeps each lookup on the route index and
         # gives routes their priority order.
+        stmt = shaped(("queue_reserve",), _reserve_statement)
         for route in routes:
             lease_id, deadline = uuid.uuid4().hex, self._clock() + lease_s
-            head = (
-                select(t.c.id)
-                .where(t.c.state == READY, t.c.route == route)
-                .order_by(t.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-                .scalar_subquery()
-            )
-            stmt = (
-                update(t)
-                .where(t.c.id == head, t.c.state == READY)
-                .values(state=LEASED, lease_id=lease_id, lease_until=deadline,
-                        deliveries=t.c.deliveries + 1)
-                .returning(t.c.id, t.c.payload, t.c.deliveries)
-            )
-            row = await self._db.write(lambda s, stmt=stmt: s.execute(stmt).first())
+            params = {"_route": route, "_lease_id": lease_id, "_until": deadline}
+            row = await self._db.write(lambda s, p=params: s.execute(stmt, p).first())
             if row is not None:
                 return Reservation(id=str(row.id), route=route, payload=bytes(row.payload),
                                    lease_id=lease_id, deadline=deadline,
                                    deliveries=int(row.deliveries))
         return None
 
-    def _current(self, res: Reservation):  # type: ignore[no-untyped-def]
-        return (t.c.id == int(res.id), t.c.state == LEASED, t.c.lease_id == res.lease_id)
+    @staticmethod
+    def _lease(res: Reservation) -> dict[str, object]:
+        """The parameters of :data:`_HELD` for ``res``."""
+        return {"_id": int(res.id), "_lease_id": res.lease_id}
 
-    async def _changed(self, stmt: Any) -> int:
+    async def _changed(self, stmt: Any, params: dict[str, object] | None = None) -> int:
         """Rows one write statement changed, in its own transaction."""
-        return await self._db.write(lambda s: int(s.execute(stmt).rowcount))
+        return await self._db.write(lambda s: int(s.execute(stmt, params).rowcount))
 
     async def ack(self, res: Reservation) -> bool:
-        return await self._changed(delete(t).where(*self._current(res))) == 1
+        stmt = shaped(("queue_ack",), lambda: delete(t).where(*_HELD))
+        return await self._changed(stmt, self._lease(res)) == 1
 
     async def release(self, res: Reservation) -> bool:
         return await self._changed(
-            update(t).where(*self._current(res)).values(
+            update(t).where(*_HELD).values(
                 state=READY, lease_id=None, lease_until=None,
                 deliveries=t.c.deliveries - 1,
-            )
+            ), self._lease(res),
         ) == 1
 
     async def dead_letter(self, res: Reservation, reason: str, detail: str = "") -> bool:
         reason, detail = clip_reason(reason, detail)
         return await self._changed(
-            update(t).where(*self._current(res)).values(
+            update(t).where(*_HELD).values(
                 state=DEAD, lease_id=None, lease_until=None, reason=reason, detail=detail,
                 dead_at=self._clock(),
-            )
+            ), self._lease(res),
         ) == 1
 
     async def reclaim_expired(self, now: float | None = None) -> int:
@@ -181,3 +173,22 @@ class DatabaseQueue(Queue):
     async def close(self) -> None:
         if self._owns:
             await self._engine.dispose()
+
+
+def _reserve_statement() -> Any:
+    """Lease the oldest ready item of one route, in one statement (see the module)."""
+    head = (
+        select(t.c.id)
+        .where(t.c.state == READY, t.c.route == bindparam("_route"))
+        .order_by(t.c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return (
+        update(t)
+        .where(t.c.id == head, t.c.state == READY)
+        .values(state=LEASED, lease_id=bindparam("_lease_id"),
+                lease_until=bindparam("_until"), deliveries=t.c.deliveries + 1)
+        .returning(t.c.id, t.c.payload, t.c.deliveries)
+    )
