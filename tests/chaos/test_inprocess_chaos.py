@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import jwt
 import pytest
 
-from tests.server.conftest import pipeline
+from tests.server.conftest import pipeline, report_one
 from vela.domain import BuildStatus
 from vela.security import BuildAction, Rejected, make_proof
 
@@ -48,9 +48,9 @@ async def test_tokens_of_ended_builds_are_dead_after_chaos(system):
         proof = make_proof(system.identity(hostname), token=token,
                            action=BuildAction.LOG_APPEND, build_id=build_id, now=now)
         with pytest.raises(Rejected):
-            await system.scheduler.report(build_id=build_id, action=BuildAction.LOG_APPEND,
-                                          payload={"number": 1, "lines": ["late"]},
-                                          token=token, proof=proof)
+            await report_one(system.scheduler, build_id=build_id, action=BuildAction.LOG_APPEND,
+                             payload={"number": 1, "lines": ["late"]},
+                             token=token, proof=proof)
     for b in ids:
         text = "".join(t for _, _, t in await system.store.get_logs(b))
         assert text.count("RUN") <= 1 and "late" not in text

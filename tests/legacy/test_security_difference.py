@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.legacy.conftest import WORKER_SECRET
-from tests.server.conftest import pipeline
+from tests.server.conftest import pipeline, report_one
 from vela.config import Settings
 from vela.db.store import Store
 from vela.errors import ConfigError
@@ -60,17 +60,18 @@ async def test_queueless_worker_loot_reads_no_secret_legacy_secret_reads_all(mix
     for action in SECRET_ACTIONS:
         for target in (mine, theirs):
             with pytest.raises(Rejected) as e:
-                await mixed.scheduler.report(
-                    build_id=target, action=action, token=token, proof=proof(action, target),
+                await report_one(
+                    mixed.scheduler, build_id=target, action=action, token=token,
+                    proof=proof(action, target),
                     payload={"repo": "other/vault", "names": ["deploy_key"]})
             assert e.value.reason in ({Reason.FORBIDDEN_ACTION} if target == mine
                                       else OTHER_BUILD)
     # 2. The token cannot act on another build, even with a valid proof for it.
     for action in BuildAction:
         with pytest.raises(Rejected) as e:
-            await mixed.scheduler.report(build_id=theirs, action=action, token=token,
-                                         proof=proof(action, theirs),
-                                         payload={"status": "success"})
+            await report_one(mixed.scheduler, build_id=theirs, action=action, token=token,
+                             proof=proof(action, theirs),
+                             payload={"status": "success"})
         assert e.value.reason in OTHER_BUILD
     assert (await mixed.store.get_build(theirs)).status == "pending"
     # 3. The legacy secrets entry point takes none of it as the worker secret.

@@ -220,3 +220,10 @@ async def system(engine, tmp_path, master_key):
         yield sys_
     finally:
         await sys_.close()
+
+
+async def report_one(scheduler: Any, *, build_id: int, action: str, payload: dict[str, Any],
+                     token: str, proof: str) -> None:
+    """One report through :meth:`Scheduler.reports`, as a worker sends a single one."""
+    await scheduler.reports(build_id=build_id, token=token,
+                            reports=[{"action": action, "payload": payload, "proof": proof}])

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.server.conftest import HELLO, pipeline
+from tests.server.conftest import HELLO, pipeline, report_one
 from vela.domain import BuildStatus
 from vela.queue.item import QueueItem
 from vela.queue.listener import Outcome
@@ -116,9 +116,9 @@ async def test_worker_killed_mid_build_ends_worker_lost_and_token_dies(system):
     proof = make_proof(system.identity(victim), token=token, action=BuildAction.LOG_APPEND,
                        build_id=slow, now=datetime.now(UTC))
     with pytest.raises(Rejected) as e:
-        await system.scheduler.report(build_id=slow, action=BuildAction.LOG_APPEND,
-                                      payload={"number": 1, "lines": ["forged"]},
-                                      token=token, proof=proof)
+        await report_one(system.scheduler, build_id=slow, action=BuildAction.LOG_APPEND,
+                         payload={"number": 1, "lines": ["forged"]},
+                         token=token, proof=proof)
     assert e.value.reason is Reason.BUILD_ENDED
     assert "forged" not in await logs_of(system, slow)
     # Other builds still flow on the surviving worker.
@@ -187,8 +187,8 @@ async def test_forged_reports_are_rejected(system, forgery):
     else:
         tok, proof, target = token, "", a
     with pytest.raises(Rejected):
-        await system.scheduler.report(build_id=target, action=BuildAction.FINISH,
-                                      payload={"status": "success"}, token=tok, proof=proof)
+        await report_one(system.scheduler, build_id=target, action=BuildAction.FINISH,
+                         payload={"status": "success"}, token=tok, proof=proof)
     assert (await system.store.get_build(b)).status == "pending"
     assert (await system.store.get_build(a)).status == "running"
     await system.scheduler.cancel(a)
@@ -323,8 +323,8 @@ async def test_metrics_follow_the_builds(system):
     assert m.gauges["workers"] == {"idle": 1}
     assert m.gauges["running_builds"] == {"": 0}
     with pytest.raises(Rejected):
-        await system.scheduler.report(build_id=ok, action=BuildAction.FINISH,
-                                      payload={"status": "success"}, token="x.y.z", proof="")
+        await report_one(system.scheduler, build_id=ok, action=BuildAction.FINISH,
+                         payload={"status": "success"}, token="x.y.z", proof="")
     assert sum(m.rejections.values()) == 1
 
 

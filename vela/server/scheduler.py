@@ -334,12 +334,6 @@ class Scheduler:
 
     # -- what workers report ---------------------------------------------------------
 
-    async def report(self, *, build_id: int, action: str, payload: dict[str, Any],
-                     token: str, proof: str) -> None:
-        """One report: :meth:`reports` with a single item."""
-        await self.reports(build_id=build_id, token=token,
-                           reports=[{"action": action, "payload": payload, "proof": proof}])
-
     async def reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
                       ) -> None:
         """A worker's updates on its build, in the order made, each with its own proof
