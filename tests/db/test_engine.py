@@ -95,3 +95,29 @@ async def test_an_engine_no_one_holds_is_freed_with_its_database(tmp_path):
     del engine
     gc.collect()
     assert gone() is None and db() is None
+
+
+async def test_a_postgres_connection_that_died_idle_is_replaced_not_used(
+        engine_postgres, monkeypatch):
+    """A pooled connection idle past PING_AFTER_IDLE_S is pinged before use: one the
+    server dropped meanwhile (a restart) is replaced, and the unit runs. Without the
+    ping the unit fails, which shows the test reaches the dead connection."""
+    from sqlalchemy.exc import DBAPIError
+
+    import vela.db.engine as eng
+    from tests.conftest import pg_exec
+
+    db = database(engine_postgres)
+
+    async def kill_pooled() -> None:
+        await engine_postgres.dispose()  # an empty pool: the read below leaves one in it
+        pid = await db.read(lambda s: s.scalar(select(func.pg_backend_pid())))
+        pg_exec(f"SELECT pg_terminate_backend({int(pid)})")
+
+    monkeypatch.setattr(eng, "PING_AFTER_IDLE_S", 3600.0)  # never pinged
+    await kill_pooled()
+    with pytest.raises(DBAPIError):
+        await _repos(db)
+    monkeypatch.setattr(eng, "PING_AFTER_IDLE_S", 0.0)  # always pinged
+    await kill_pooled()
+    assert await _repos(db) == 0

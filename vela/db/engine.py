@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from typing import TypeVar
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,7 +36,36 @@ def create_engine(url: str, *, echo: bool = False, schema: str | None = None) ->
         _sqlite_pragmas(engine.sync_engine)
         return engine
     connect_args = {"server_settings": {"search_path": schema}} if schema else {}
-    return create_async_engine(url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+    engine = create_async_engine(url, echo=echo, connect_args=connect_args)
+    _ping_if_idle(engine)
+    return engine
+
+
+# A pooled PostgreSQL connection idle longer than this is pinged before use.
+PING_AFTER_IDLE_S = 1.0
+
+
+def _ping_if_idle(engine: AsyncEngine) -> None:
+    """Check a pooled connection before use only if it sat idle: ``pool_pre_ping`` on
+    every checkout cost a round trip per unit of work (a read unit 3.1 ms of CPU with
+    it, 1.8 ms without). A connection in steady use is not pinged; if the server
+    restarted under it, its statement fails like any statement in flight would, and
+    SQLAlchemy then replaces every pooled connection."""
+    sync = engine.sync_engine
+
+    @event.listens_for(sync, "checkin")
+    def _checked_in(_dbapi_conn, record):  # type: ignore[no-untyped-def]
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(sync, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):  # type: ignore[no-untyped-def]
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return
+        try:
+            sync.dialect.do_ping(dbapi_conn)
+        except Exception as e:  # the pool discards it and checks out another
+            raise DisconnectionError(f"pooled connection is dead: {type(e).__name__}") from e
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
