@@ -123,7 +123,7 @@ class StepProcess:
         self._transport = transport
 
     def __repr__(self) -> str:
-        return f"StepProcess(pid={self.pid}, returncode={self.returncode})"
+        return f"StepProcess(pid={self.pid}, returncode={self._popen.returncode})"
 
     @property
     def returncode(self) -> int | None:
