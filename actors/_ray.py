@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from vela.coalesce import BatchingAuthority
 from vela.errors import WorkerGone
 
 if TYPE_CHECKING:  # the server's types; a worker process never imports SQLAlchemy or redis
     from vela.queue.item import QueueItem
     from vela.queue.listener import Capacity, SubmitResult
-    from vela.server.authority import IssuedPackage
 
 T = TypeVar("T")
 
@@ -87,19 +87,13 @@ class RayWorkerDirectory:
         return RayWorkerClient(handle) if handle is not None else None
 
 
-class RayAuthority:
+class RayAuthority(BatchingAuthority):
     """The Scheduler's view of the TokenAuthority actor."""
 
     def __init__(self, handle: Any) -> None:
         self._h = handle
-
-    async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage:
-        return await _await(self._h.issue_package.remote(build_id, hostname))
-
-    async def authorize(self, *, build_id: int, token: object,
-                        requests: list[tuple[str, object]]) -> str:
-        return await _await(self._h.authorize.remote(build_id=build_id, token=token,
-                                                     requests=requests))
+        super().__init__(lambda batch: _await(handle.issue_packages.remote(batch)),
+                         lambda batch: _await(handle.authorize_many.remote(batch)))
 
     async def key_set(self) -> dict[str, Any]:
         return await _await(self._h.key_set.remote())
@@ -124,8 +118,8 @@ class RayDispatcher:
     async def capacity(self, wait_s: float = 0.0, seen_work: int | None = None) -> Capacity:
         return await _await(self._h.capacity.remote(wait_s, seen_work))
 
-    async def submit(self, item: QueueItem) -> SubmitResult:
-        return await _await(self._h.submit.remote(item))
+    async def submit_many(self, items: list[QueueItem]) -> list[SubmitResult | Exception]:
+        return await _await(self._h.submit_many.remote(items))
 
 
 class RayServerLink:

@@ -82,8 +82,8 @@ class SchedulerActor:
     async def capacity(self, wait_s: float = 0.0, seen_work: int | None = None) -> Capacity:
         return await (await self._get()).capacity(wait_s, seen_work)
 
-    async def submit(self, item: QueueItem) -> SubmitResult:
-        return await (await self._get()).submit(item)
+    async def submit_many(self, items: list[QueueItem]) -> list[SubmitResult | Exception]:
+        return await (await self._get()).submit_many(items)
 
     # -- workers -------------------------------------------------------------------
     async def register(self, registration: dict[str, Any], *, token: str,

@@ -28,13 +28,13 @@ class TokenAuthorityActor:
     def __repr__(self) -> str:
         return f"TokenAuthority({self._settings.server.id})"
 
-    async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage:
-        return await (await self._get()).issue_package(build_id, hostname)
+    # The Scheduler sends what its builds need at the same moment together (vela.coalesce).
+    async def issue_packages(self, requests: list[tuple[int, str]]
+                             ) -> list[IssuedPackage | Exception]:
+        return await (await self._get()).issue_packages(requests)
 
-    async def authorize(self, *, build_id: int, token: object,
-                        requests: list[tuple[str, object]]) -> str:
-        return await (await self._get()).authorize(build_id=build_id, token=token,
-                                                   requests=requests)
+    async def authorize_many(self, requests: list[dict[str, Any]]) -> list[str | Exception]:
+        return await (await self._get()).authorize_many(requests)
 
     async def key_set(self) -> dict[str, Any]:
         return await (await self._get()).key_set()

@@ -32,6 +32,7 @@ from vela.queue import (
     SubmitResult,
 )
 from vela.queue.db_queue import DatabaseQueue
+from vela.queue.listener import submit_each
 from vela.queue.redis_queue import RedisQueue
 
 BACKENDS = [("fakeredis", "sqlite"), ("redis", "sqlite"), ("sqlite", "sqlite"),
@@ -153,6 +154,9 @@ class FakeScheduler:
 
     async def capacity(self, wait_s: float = 0.0, seen_work: int | None = None) -> Capacity:
         return Capacity(dict.fromkeys(self.free, 1), total=len(self.free))
+
+    async def submit_many(self, items: list[QueueItem]) -> list[SubmitResult | Exception]:
+        return await submit_each(self.submit, items)
 
     async def submit(self, item: QueueItem) -> SubmitResult:
         self.submitted.append(item)

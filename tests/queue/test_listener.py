@@ -468,7 +468,7 @@ async def test_dispatcher_failure_makes_the_listener_unhealthy_not_dead(verifier
         async def capacity(self, wait_s=0.0, seen_work=None):
             raise RuntimeError("actor died")
 
-        async def submit(self, item):  # pragma: no cover - never reached
+        async def submit_many(self, items):  # pragma: no cover - never reached
             raise AssertionError
 
     class NoQueue(QueueProxy):
@@ -599,6 +599,43 @@ async def test_a_pass_places_a_batch_concurrently_but_never_more_than_the_free_s
     assert await listener.run_once() is Step.DISPATCHED
     assert sorted(sched.dispatched) == [1, 2, 3]
     assert listener.stats.acked == 3 and (await queue.depth())["vela"].ready == 2
+
+
+@on_all_backends
+async def test_a_pass_hands_its_items_over_in_one_call_and_settles_each_by_its_outcome(
+        queue, verifier, signer, clock):
+    """One ``submit_many`` per pass, however many items; an item's own failure
+    releases only that item."""
+    calls: list[list[int]] = []
+
+    class Batches(FakeScheduler):
+        async def capacity(self, wait_s=0.0, seen_work=None):
+            return Capacity({"vela": 8}, total=8)
+
+        async def submit_many(self, items):
+            calls.append([i.build_id for i in items])
+            return await super().submit_many(items)
+
+    sched = Batches()
+
+    async def fail_four(item):
+        if item.build_id == 4:
+            raise RuntimeError("placing this one failed")
+        return None
+
+    sched.answer = fail_four
+    sched.add(1)
+    sched.add(2, status="running")  # 3 is unknown
+    sched.add(4)
+    for build in (1, 2, 3, 4):
+        await queue.push("vela", signed(signer, build))
+    listener = make_listener(queue, verifier, sched, clock, batch=8)
+    assert await listener.run_once() is Step.DISPATCHED
+    assert calls == [[1, 2, 3, 4]]
+    assert sched.dispatched == [1]
+    assert [d.reason for d in await queue.dead_letters()] == ["build_not_found"]
+    assert listener.stats.acked == 2 and listener.stats.submit_errors == 1
+    assert (await queue.depth())["vela"].ready == 1  # 4, released
 
 
 @on_all_backends

@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import REDIS_URL
+from vela.coalesce import BatchingAuthority
 from vela.config import Settings
 from vela.db.store import Store
 from vela.domain import BuildStatus
@@ -127,7 +128,7 @@ class System:
     async def start(self) -> None:
         await self.ctx.bootstrap_keys()
         self.authority = await self.ctx.authority()
-        self.scheduler = await self.ctx.scheduler(self.queue, authority=self.authority,
+        self.scheduler = await self.ctx.scheduler(self.queue, authority=self.batching(),
                                                   directory=self.directory,
                                                   metrics=self.metrics)
         self.listener = await self.ctx.listener(self.queue, self.scheduler)
@@ -137,10 +138,17 @@ class System:
 
     async def restart_scheduler(self) -> None:
         """A new Scheduler on the same DB and workers, as after a Ray restart."""
-        self.scheduler = await self.ctx.scheduler(self.queue, authority=self.authority,
+        self.scheduler = await self.ctx.scheduler(self.queue, authority=self.batching(),
                                                   directory=self.directory)
         self.listener.dispatcher = self.scheduler
         await self.scheduler.recover()
+
+    def batching(self) -> BatchingAuthority:
+        """The authority as the Scheduler sees it in production (actors/_ray.py:
+        RayAuthority): one-build calls coalesced into its batch calls."""
+        client = BatchingAuthority(self.authority.issue_packages, self.authority.authorize_many)
+        client.key_set = self.authority.key_set  # type: ignore[attr-defined]
+        return client
 
     def identity(self, hostname: str):
         return load_or_create_identity(self.tmp / "workers" / hostname)

@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.server.conftest import HELLO, pipeline, report_one
+from vela.coalesce import MAX_BATCH as MAX_REQUESTS
 from vela.domain import BuildStatus
+from vela.errors import NotFound
 from vela.queue.item import QueueItem
 from vela.queue.listener import Outcome
 from vela.security import BuildAction, Reason, Rejected, make_proof
@@ -308,6 +310,58 @@ async def test_the_authority_checks_each_request_of_a_call(system):
     with pytest.raises(Rejected):  # and never twice
         await system.authority.authorize(build_id=a, token=token, requests=ok)
     await system.scheduler.cancel(a)
+
+
+async def test_a_batch_of_report_checks_answers_each_on_its_own(system):
+    """Reports of several builds checked in one call (how the Scheduler sends them
+    under load): a forged, swapped, replayed or malformed request is refused without
+    the good ones in the same call failing or passing with it."""
+    await system.add_worker("w1")
+    await system.add_worker("w2")
+    a = await system.submit(pipeline("sleep 30"))
+    b = await system.submit(pipeline("sleep 30"))
+    builds = await system.pump([a, b], until=lambda x: all(
+        x[i].started_at is not None for i in (a, b)))
+    on = {i: builds[i].worker for i in (a, b)}
+    log = BuildAction.LOG_APPEND
+
+    def request(build_id: int, token: str, hostname: str) -> dict:
+        proof = make_proof(system.identity(hostname), token=token, action=log,
+                           build_id=build_id, now=datetime.now(UTC))
+        return {"build_id": build_id, "token": token, "requests": [(log, proof)]}
+
+    good_a = request(a, system.tokens[a], on[a])
+    header, claims, sig = system.tokens[b].split(".")
+    forged = ".".join([header, claims, base64.urlsafe_b64encode(b"x" * 64).decode()])
+    answers = await system.authority.authorize_many([
+        good_a,
+        request(b, system.tokens[a], on[a]),       # a's token on build b
+        request(b, system.tokens[b], on[a]),       # b's token, proof by a's worker
+        request(b, forged, on[b]),                 # b's token, signature not the server's
+        good_a,                                    # the same proof again: a replay
+        {"build_id": b, "token": system.tokens[b]},   # no requests
+        "not a request",
+        request(b, system.tokens[b], on[b]),
+    ])
+    assert answers[0] == on[a] and answers[-1] == on[b]
+    refused = answers[1:-1]
+    assert all(isinstance(r, Rejected) for r in refused), refused
+    assert [r.reason for r in refused[-2:]] == [Reason.MALFORMED, Reason.MALFORMED]
+    with pytest.raises(Rejected) as e:  # no more than one call may carry
+        await system.authority.authorize_many([good_a] * (MAX_REQUESTS + 1))
+    assert e.value.reason is Reason.MALFORMED
+    for build_id in (a, b):
+        await system.scheduler.cancel(build_id)
+
+
+async def test_a_batch_of_packages_answers_each_on_its_own(system):
+    await system.add_worker("w1")
+    build_id = await system.submit(pipeline("true"))
+    issued, unknown, malformed = await system.authority.issue_packages(
+        [(build_id, "w1"), (build_id + 1000, "w1"), ("1", "w1")])
+    assert issued.build_id == build_id and issued.worker == "w1"
+    assert isinstance(unknown, NotFound)
+    assert isinstance(malformed, Rejected) and malformed.reason is Reason.MALFORMED
 
 
 async def test_metrics_follow_the_builds(system):

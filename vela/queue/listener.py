@@ -11,9 +11,9 @@ One pass (:meth:`Listener.run_once`):
    up to ``batch`` items, no more than there are free slots, from routes with
    a free slot only, so items that cannot be placed stay in the queue;
 4. verify each item; a refused item is dead-lettered with its reason code;
-5. ``submit`` them concurrently and settle each by outcome: DISPATCHED and
-   NOT_PENDING ack, NO_CAPACITY and RETRY release, REJECTED dead-letters;
-   ``submit`` raising releases.
+5. submit them in one call (``submit_many``) and settle each by outcome:
+   DISPATCHED and NOT_PENDING ack, NO_CAPACITY and RETRY release, REJECTED
+   dead-letters; an item whose submit raised (or all, if the call did) is released.
 
 No polling while idle: with ``wait_s > 0`` the capacity call is a long poll.
 The dispatcher answers at once if a slot is free and work was queued since
@@ -107,9 +107,21 @@ class Dispatcher(Protocol):
         slot is free and, if ``seen_work`` is given, ``work`` differs from it."""
         ...
 
-    async def submit(self, item: QueueItem) -> SubmitResult:
-        """Place the build. Return DISPATCHED only once it is durably recorded."""
+    async def submit_many(self, items: list[QueueItem]) -> list[SubmitResult | Exception]:
+        """Place each build (one call per pass, however many items it holds); answer in
+        order, DISPATCHED only once durably recorded, an exception where placing that
+        one failed (the item is released)."""
         ...
+
+
+async def submit_each(submit: Callable[[QueueItem], Awaitable[SubmitResult]],
+                      items: list[QueueItem]) -> list[SubmitResult | Exception]:
+    """:meth:`Dispatcher.submit_many` from a one-build ``submit``, concurrently."""
+    results = await asyncio.gather(*(submit(i) for i in items), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, Exception):
+            raise r  # cancellation and the like are not a build's outcome
+    return results  # type: ignore[return-value]
 
 
 class Step(StrEnum):
@@ -286,7 +298,8 @@ class Listener:
                 self._seen_work = cap.work
                 return Step.IDLE
             self._seen_work = None
-            results = await asyncio.gather(*(self._handle(r) for r in reserved),
+            results = await asyncio.gather(*(self._settle(x) for x in
+                                             await self._settlements(reserved)),
                                            return_exceptions=True)
             for r in results:  # a settlement that failed is retried next pass
                 if isinstance(r, BaseException):
@@ -322,38 +335,56 @@ class Listener:
 
     # -- one item ------------------------------------------------------------
 
-    async def _handle(self, res: Reservation) -> Step:
+    async def _settlements(self, reserved: list[Reservation]) -> list[_Settlement]:
+        """What to do with each reserved item, in order: items that fail their checks
+        are dead-lettered, the rest submitted together and settled by outcome."""
+        out: list[_Settlement | QueueItem] = [self._check(res) for res in reserved]
+        todo = [(i, x) for i, x in enumerate(out) if isinstance(x, QueueItem)]
+        if not todo:
+            return out  # type: ignore[return-value]
+        try:
+            results = await self.dispatcher.submit_many([item for _, item in todo])
+            if len(results) != len(todo):
+                raise RuntimeError(f"{len(results)} outcomes for {len(todo)} items")
+        except Exception as e:  # noqa: BLE001 - e.g. the scheduler died; the items come back
+            results = [e] * len(todo)
+        for (i, item), result in zip(todo, results, strict=True):
+            out[i] = self._by_outcome(reserved[i], item, result)
+        return out  # type: ignore[return-value]
+
+    def _check(self, res: Reservation) -> _Settlement | QueueItem:
         try:
             item = self.verifier.verify(res.payload, route=res.route)
         except QueueItemInvalid as e:
             log.warning("dead-lettering queue item %s on %s: %s", res.id, res.route, e)
-            return await self._settle(_dead(res, e.reason.value, str(e)))
+            return _dead(res, e.reason.value, str(e))
         if self.max_deliveries is not None and res.deliveries > self.max_deliveries:
-            return await self._settle(_dead(
-                res, MAX_DELIVERIES_REASON,
-                f"delivered {res.deliveries} times without being settled"))
-        try:
-            result = await self.dispatcher.submit(item)
-        except Exception as e:  # noqa: BLE001 - e.g. the scheduler died; the item comes back
+            return _dead(res, MAX_DELIVERIES_REASON,
+                         f"delivered {res.deliveries} times without being settled")
+        return item
+
+    def _by_outcome(self, res: Reservation, item: QueueItem,
+                    result: SubmitResult | Exception) -> _Settlement:
+        if isinstance(result, Exception):
             self.stats.submit_errors += 1
-            log.warning("submit of build %s failed, releasing: %r", item.build_id, e)
-            return await self._settle(_release(res))
+            log.warning("submit of build %s failed, releasing: %r", item.build_id, result)
+            return _release(res)
         if isinstance(result, Rejected):
-            return await self._settle(_dead(res, result.reason, result.detail))
+            return _dead(res, result.reason, result.detail)
         try:
             outcome = Outcome(result)
         except ValueError:
             self.stats.submit_errors += 1
             log.error("dispatcher returned %r for build %s; releasing", result, item.build_id)
-            return await self._settle(_release(res))
+            return _release(res)
         if outcome is Outcome.DISPATCHED:
             self.stats.dispatched += 1
-            return await self._settle(_ack(res, Step.DISPATCHED))
+            return _ack(res, Step.DISPATCHED)
         if outcome is Outcome.NOT_PENDING:
-            return await self._settle(_ack(res, Step.SKIPPED))
+            return _ack(res, Step.SKIPPED)
         if outcome is Outcome.REJECTED:
-            return await self._settle(_dead(res, "rejected", ""))
-        return await self._settle(_release(res))  # NO_CAPACITY, RETRY
+            return _dead(res, "rejected", "")
+        return _release(res)  # NO_CAPACITY, RETRY
 
     async def _settle(self, s: _Settlement) -> Step:
         """Settle, or remember it for the next pass if the back end is down."""

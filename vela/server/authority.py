@@ -12,11 +12,12 @@ so ending, re-queueing or re-dispatching a build kills its token at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
+from vela.coalesce import MAX_BATCH as MAX_REQUESTS
 from vela.config import Settings
 from vela.db.store import Store
 from vela.domain import BuildStatus
@@ -39,6 +40,8 @@ from vela.server.builds import build_meta
 from vela.server.reports import MAX_BATCH
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _utcnow() -> datetime:
@@ -111,6 +114,17 @@ class Authority:
         return IssuedPackage(package=package.to_wire(), jti=claims.jti, worker=hostname,
                              build_id=build.id)
 
+    async def issue_packages(self, requests: Sequence[object]
+                             ) -> list[IssuedPackage | Exception]:
+        """:meth:`issue_package` for each ``(build_id, hostname)``, answered in order;
+        one that fails gets its error and the others go on."""
+        return await _each(requests, lambda r: self.issue_package(*_pair(r)))
+
+    async def authorize_many(self, requests: Sequence[object]) -> list[str | Exception]:
+        """:meth:`authorize` for each ``{"build_id", "token", "requests"}`` (the reports
+        of several builds), answered in order, each on its own."""
+        return await _each(requests, lambda r: self.authorize(**_report_request(r)))
+
     async def authorize(self, *, build_id: int, token: object,
                         requests: Sequence[tuple[str, object]]) -> str:
         """Check a worker's requests on ``build_id``, each an ``(action, proof)`` made with
@@ -158,3 +172,30 @@ class Authority:
                                        scopes=scopes, ttl_s=ttl_s, now=self._clock())
         return {"token": token, "subject": claims.sub, "scopes": claims.scp,
                 "expires_at": claims.exp}
+
+
+async def _each(requests: Sequence[object], one: Callable[[object], Awaitable[T]]
+                ) -> list[T | Exception]:
+    if not isinstance(requests, list | tuple) or len(requests) > MAX_REQUESTS:
+        raise Rejected(Reason.MALFORMED, f"up to {MAX_REQUESTS} requests at a time")
+    out: list[T | Exception] = []
+    for request in requests:
+        try:
+            out.append(await one(request))
+        except Exception as e:  # noqa: BLE001 - answered to its own caller, not the batch
+            out.append(e)
+    return out
+
+
+def _pair(request: object) -> tuple[int, str]:
+    if not (isinstance(request, list | tuple) and len(request) == 2
+            and isinstance(request[0], int) and not isinstance(request[0], bool)
+            and isinstance(request[1], str)):
+        raise Rejected(Reason.MALFORMED, "a request is (build_id, hostname)")
+    return request[0], request[1]
+
+
+def _report_request(request: object) -> dict[str, Any]:
+    if not isinstance(request, dict) or set(request) != {"build_id", "token", "requests"}:
+        raise Rejected(Reason.MALFORMED, "a request is build_id, token and requests")
+    return request

@@ -39,7 +39,7 @@ from vela.errors import Conflict, NotFound, WorkerGone
 from vela.legacy.modes import check_queueless_routes
 from vela.metrics import Metrics
 from vela.queue.item import QueueItem
-from vela.queue.listener import Capacity, Outcome, SubmitResult
+from vela.queue.listener import Capacity, Outcome, SubmitResult, submit_each
 from vela.queue.listener import Rejected as ItemRejected
 from vela.scheduling import WorkerRegistry
 from vela.security import (
@@ -180,6 +180,9 @@ class Scheduler:
     def _work_queued(self) -> None:
         self._work += 1
         self._signal()
+
+    async def submit_many(self, items: list[QueueItem]) -> list[SubmitResult | Exception]:
+        return await submit_each(self.submit, items)
 
     async def submit(self, item: QueueItem) -> SubmitResult:
         try:

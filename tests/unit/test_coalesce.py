@@ -1,0 +1,92 @@
+"""Concurrent calls coalesced into batch calls (vela.coalesce)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from vela.coalesce import Coalescer
+
+
+class Far:
+    """A batch call that holds each batch until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.arrived = asyncio.Event()
+
+    async def send(self, batch: list[int]) -> list[int | BaseException]:
+        self.batches.append(batch)
+        self.arrived.set()
+        await self.gate.wait()
+        return [ValueError(f"odd {n}") if n % 2 else n * 10 for n in batch]
+
+
+async def test_calls_made_together_go_in_one_batch_and_each_gets_its_own_answer():
+    far = Far()
+    far.gate.set()
+    c = Coalescer(far.send)
+    results = await asyncio.gather(*(c.call(n) for n in range(4)), return_exceptions=True)
+    assert far.batches == [[0, 1, 2, 3]]
+    assert results[0] == 0 and results[2] == 20
+    assert [str(r) for r in results[1::2]] == ["odd 1", "odd 3"]  # only their own callers
+
+
+async def test_calls_made_while_a_batch_is_in_flight_wait_for_the_next():
+    far = Far()
+    c = Coalescer(far.send)
+    first = asyncio.ensure_future(c.call(2))
+    await far.arrived.wait()
+    later = [asyncio.ensure_future(c.call(n)) for n in (4, 6)]
+    await asyncio.sleep(0)  # let them queue (they must not start a second call)
+    assert far.batches == [[2]]
+    far.gate.set()
+    assert await first == 20 and [await t for t in later] == [40, 60]
+    assert far.batches == [[2], [4, 6]]
+    assert (c.batches, c.requests) == (2, 3)
+
+
+async def test_batches_never_exceed_the_limit():
+    far = Far()
+    far.gate.set()
+    c = Coalescer(far.send, max_batch=3)
+    assert await asyncio.gather(*(c.call(2 * n) for n in range(7))) == [
+        20 * n for n in range(7)]
+    assert [len(b) for b in far.batches] == [3, 3, 1]
+
+
+async def test_a_failed_call_fails_each_caller_and_the_next_call_goes_out():
+    calls = 0
+
+    async def send(batch: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TimeoutError("actor unavailable")
+        if calls == 2:
+            return batch[:-1]  # an answer short: nobody may get someone else's
+        return batch
+
+    c = Coalescer(send)
+    for _ in range(2):
+        results = await asyncio.gather(c.call(1), c.call(2), return_exceptions=True)
+        assert all(isinstance(r, Exception) for r in results)
+    assert await c.call(3) == 3
+
+
+async def test_a_caller_that_gave_up_is_not_sent():
+    far = Far()
+    c = Coalescer(far.send)
+    first = asyncio.ensure_future(c.call(2))
+    await far.arrived.wait()
+    gone = asyncio.ensure_future(c.call(4))
+    kept = asyncio.ensure_future(c.call(6))
+    await asyncio.sleep(0)
+    gone.cancel()
+    far.gate.set()
+    assert await first == 20 and await kept == 60
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert far.batches == [[2], [6]]

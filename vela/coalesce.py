@@ -1,0 +1,94 @@
+"""Many concurrent calls to one actor method sent as one call.
+
+Each actor call costs CPU in both processes whatever it carries (measured: about
+as much as the token work it asks for), so where many requests go to the same
+actor at once — the Scheduler's package and report checks to the TokenAuthority —
+they travel together. :class:`Coalescer` sends one batch at a time: requests made
+while a batch is in flight wait and go in the next, so an idle system sends each
+request at once (one event-loop turn later) and a busy one sends them in batches
+as large as the load makes them. Plain asyncio; the Ray call is the ``send``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+# The most requests one call carries; the receiving side refuses more.
+MAX_BATCH = 64
+
+# ``send`` answers each request, in order, with its result or the error to raise.
+Send = Callable[[list[Req]], Awaitable[Sequence["Res | BaseException"]]]
+
+
+class Coalescer(Generic[Req, Res]):
+    def __init__(self, send: Send[Req, Res], *, max_batch: int = MAX_BATCH) -> None:
+        self._send = send
+        self.max_batch = max_batch
+        self._pending: list[tuple[Req, asyncio.Future[Res]]] = []
+        self._sender: asyncio.Task[None] | None = None
+        self.batches = 0  # calls made, for tests and the curious
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        return f"Coalescer(pending={len(self._pending)}, batches={self.batches})"
+
+    async def call(self, request: Req) -> Res:
+        future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._drain(), name="vela-coalescer")
+        return await future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch = self._pending[:self.max_batch]
+            del self._pending[:len(batch)]
+            batch = [(r, f) for r, f in batch if not f.done()]  # callers gone: not sent
+            if not batch:
+                continue
+            self.batches += 1
+            self.requests += len(batch)
+            try:
+                results = await self._send([r for r, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(results)} answers to {len(batch)} requests")
+            except asyncio.CancelledError:
+                for _, f in batch + self._pending:
+                    f.cancel()
+                self._pending.clear()
+                raise
+            except Exception as e:  # noqa: BLE001 - the whole call failed: each caller sees it
+                results = [e] * len(batch)
+            for (_, f), r in zip(batch, results, strict=True):
+                if f.done():
+                    continue
+                if isinstance(r, BaseException):
+                    f.set_exception(r)
+                else:
+                    f.set_result(r)
+
+
+class BatchingAuthority:
+    """The Scheduler's one-build calls to the TokenAuthority (``issue_package``,
+    ``authorize``) made through its batch calls (``issue_packages``,
+    ``authorize_many``): what concurrent dispatches and reports ask for at the same
+    moment travels in one call."""
+
+    def __init__(self, issue_packages: Send[tuple[int, str], Any],
+                 authorize_many: Send[dict[str, Any], str]) -> None:
+        self._packages: Coalescer[tuple[int, str], Any] = Coalescer(issue_packages)
+        self._checks: Coalescer[dict[str, Any], str] = Coalescer(authorize_many)
+
+    async def issue_package(self, build_id: int, hostname: str) -> Any:
+        """An ``IssuedPackage`` (vela.server.authority, not imported: workers import this)."""
+        return await self._packages.call((build_id, hostname))
+
+    async def authorize(self, *, build_id: int, token: object,
+                        requests: list[tuple[str, object]]) -> str:
+        return await self._checks.call({"build_id": build_id, "token": token,
+                                        "requests": requests})
