@@ -236,6 +236,35 @@ async def test_bad_arguments(queue: Queue):
         await queue.reserve(["vela"], lease_s=0)
 
 
+async def test_a_push_within_a_transaction_of_the_queues_own_database_only(
+        queue: Queue, engine, backend_name):
+    """Only a queue that lives in the database can take part in its transactions: the
+    item appears with the commit, and never after a rollback."""
+    from vela.db.engine import database
+
+    other = object()
+    assert queue.pusher_within(other) is None
+    push = queue.pusher_within(engine)
+    if backend_name in ("fakeredis", "redis"):
+        assert push is None
+        return
+    assert push is not None
+    db = database(engine)
+    with pytest.raises(QueueError):
+        await db.write(lambda s: push(s, "", b"x"))
+
+    def then_fail(s):
+        push(s, "vela", b"rolled back")
+        raise RuntimeError("the rest of the transaction failed")
+
+    with pytest.raises(RuntimeError):
+        await db.write(then_fail)
+    assert await queue.depth() == {}
+    await db.write(lambda s: push(s, "vela", b"committed"))
+    res = await queue.reserve(["vela"], lease_s=LEASE)
+    assert res is not None and res.payload == b"committed"
+
+
 async def test_context_manager_closes(backend, clock):
     async with await backend.new(clock) as q:
         await q.push("vela", b"x")

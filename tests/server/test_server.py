@@ -410,8 +410,12 @@ async def test_queue_that_lost_its_contents_is_refilled(system):
 
 async def test_queue_outage_never_fails_or_loses_a_stored_build(system, monkeypatch):
     """Create and requeue during a queue outage: the build waits pending, unqueued,
-    and the watch loop's resync pushes it once the queue answers again."""
+    and the watch loop's resync pushes it once the queue answers again. (A queue in
+    the build's own database queues a new build in the build's transaction: only the
+    requeue has a push of its own to fail.)"""
     from redis.exceptions import ConnectionError as RedisConnectionError
+
+    same_db = system.queue.pusher_within(system.store.engine) is not None
 
     async def down(route, payload):
         raise RedisConnectionError("queue restarting")
@@ -423,20 +427,39 @@ async def test_queue_outage_never_fails_or_loses_a_stored_build(system, monkeypa
     monkeypatch.setattr(system.queue, "_push", down)
     build_id = await system.submit(pipeline("echo queued late"))
     build = await system.store.get_build(build_id)
-    assert build.status == "pending" and build.enqueued_at is None
+    assert build.status == "pending" and (build.enqueued_at is not None) is same_db
     # A requeue (of a build pushed before) that fails marks the build unqueued too.
     assert await system.scheduler.builds.enqueue(await system.store.get_build(early)) is False
     assert (await system.store.get_build(early)).enqueued_at is None
     assert await system.scheduler.resync_queue() == 0  # still down: nothing pushed
 
     monkeypatch.setattr(system.queue, "_push", real_push)
-    assert await system.scheduler.resync_queue() == 2
+    assert await system.scheduler.resync_queue() == (1 if same_db else 2)
     assert await system.scheduler.resync_queue() == 0  # pushed once
     for b in (early, build_id):
         assert (await system.store.get_build(b)).enqueued_at is not None
     await system.add_worker("w1")
     builds = await system.pump([early, build_id])
     assert {b.status for b in builds.values()} == {"success"}
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)  # the database queue
+async def test_a_queue_in_the_builds_database_queues_it_in_the_same_transaction(
+        system, monkeypatch):
+    """Embedded default: the build and its queue item commit together or not at all."""
+    assert system.queue.pusher_within(system.store.engine) is not None
+    kept = await system.submit(pipeline("true"))
+    assert (await system.store.get_build(kept)).enqueued_at is not None
+    assert (await system.queue.depth())["vela"].ready == 1
+
+    def broken(item):
+        raise RuntimeError("signing failed")
+
+    monkeypatch.setattr(system.scheduler.builds.signer, "sign", broken)
+    with pytest.raises(RuntimeError):
+        await system.submit(pipeline("true"))
+    assert [b.id for b in await system.store.list_builds()] == [kept]
+    assert (await system.queue.depth())["vela"].ready == 1
 
 
 async def test_capacity_long_poll_wakes_on_a_freed_slot_and_on_new_work(system):

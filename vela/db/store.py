@@ -133,10 +133,13 @@ class Store:
     async def create_build(self, repo_full_name: str, *, executable: str,
                            steps: Sequence[StepSpec], route: str = DEFAULT_ROUTE,
                            timeout_s: int | None = None,
-                           parent_id: int | None = None) -> Build:
+                           parent_id: int | None = None,
+                           enqueued_at: datetime | None = None,
+                           then: Callable[[Session, Build], None] | None = None) -> Build:
         """A new ``pending`` build with its steps; the repo's counter gives the number.
         One transaction, the repo's row read and counted in one statement (a first
-        build of a repo creates the repo first)."""
+        build of a repo creates the repo first); ``then`` runs last in it (to queue the
+        build in the same transaction)."""
         split_repo(repo_full_name)
         now = utcnow()
 
@@ -151,12 +154,15 @@ class Store:
             build = Build(repo_id=repo.id, number=repo.counter, route=route,
                           status=BuildStatus.PENDING.value,
                           timeout_s=timeout_s or repo.timeout_s, attempts=0,
-                          executable=executable, parent_id=parent_id, created_at=now)
+                          executable=executable, parent_id=parent_id, created_at=now,
+                          enqueued_at=enqueued_at)
             s.add(build)
             s.flush()
             for spec in steps:
                 s.add(Step(build_id=build.id, number=spec.number, name=spec.name,
                            image=spec.image, status=StepStatus.PENDING.value))
+            if then is not None:
+                then(s, build)
             return build
 
         build = await self._db.write(unit)

@@ -87,10 +87,13 @@ class Queue(ABC):
 
     async def push(self, route: str, payload: bytes) -> str:
         """Append ``payload`` to ``route``; returns the new item's id."""
-        _check_route(route)
-        if not isinstance(payload, bytes | bytearray):
-            raise QueueError("queue payloads are bytes")
-        return await self._push(route, bytes(payload))
+        return await self._push(*check_push(route, payload))
+
+    def pusher_within(self, engine: object) -> Callable[[object, str, bytes], str] | None:
+        """A push that runs inside a transaction of ``engine``'s database — the item
+        then exists exactly when that transaction commits — as ``push(session, route,
+        payload) -> id``; None if this queue is not in that database."""
+        return None
 
     # -- consuming -------------------------------------------------------
 
@@ -195,3 +198,10 @@ def _check_route(route: str) -> None:
 def clip_reason(reason: str, detail: str) -> tuple[str, str]:
     """Reason codes and details are bounded so one bad item cannot bloat storage."""
     return str(reason)[:MAX_REASON_CHARS] or "unspecified", str(detail)[:MAX_DETAIL_CHARS]
+
+
+def check_push(route: str, payload: bytes) -> tuple[str, bytes]:
+    _check_route(route)
+    if not isinstance(payload, bytes | bytearray):
+        raise QueueError("queue payloads are bytes")
+    return route, bytes(payload)

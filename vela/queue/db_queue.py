@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, update
@@ -36,6 +37,7 @@ from vela.queue.base import (
     Reservation,
     RouteDepth,
     Sleep,
+    check_push,
     clip_reason,
 )
 
@@ -61,11 +63,17 @@ class DatabaseQueue(Queue):
         self._owns = owns_engine
 
     async def _push(self, route: str, payload: bytes) -> str:
-        new_id = await self._db.write(lambda s: s.execute(
-            insert(t).values(route=route, payload=payload, state=READY, deliveries=0,
-                             created_at=self._clock()).returning(t.c.id)
-        ).scalar_one())
-        return str(new_id)
+        return await self._db.write(lambda s: self._insert(s, route, payload))
+
+    def pusher_within(self, engine: object) -> Callable[[Session, str, bytes], str] | None:
+        if engine is not self._engine:
+            return None
+        return lambda s, route, payload: self._insert(s, *check_push(route, payload))
+
+    def _insert(self, s: Session, route: str, payload: bytes) -> str:
+        return str(s.execute(insert(t).values(
+            route=route, payload=payload, state=READY, deliveries=0,
+            created_at=self._clock()).returning(t.c.id)).scalar_one())
 
     async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None:
         # One statement per route keeps each lookup on the route index and

@@ -1,11 +1,12 @@
 """Creating builds and putting them on the queue.
 
-A build is stored ``pending`` with its compiled executable first, then a
-signed reference to it is pushed. ``enqueued_at`` is set only once the push
-succeeded, so a pending build without it is one whose push failed: the
-Scheduler's watch loop pushes it again (:meth:`BuildQueue.enqueue_pending`).
-A queue outage therefore never fails (or loses) a build that is stored: it
-waits, ``pending``, until the queue is back.
+A build is stored ``pending`` with its compiled executable and a signed
+reference to it is pushed. A queue in the same database (the embedded default)
+takes the item in the build's own transaction. Otherwise the push follows the
+commit and ``enqueued_at`` is set only once it succeeded, so a pending build
+without it is one whose push failed: the Scheduler's watch loop pushes it again
+(:meth:`BuildQueue.enqueue_pending`). A queue outage therefore never fails (or
+loses) a build that is stored: it waits, ``pending``, until the queue is back.
 """
 
 from __future__ import annotations
@@ -52,10 +53,8 @@ class BuildQueue:
         executable = compile_pipeline(pipeline)
         steps = [StepSpec(number=i, name=s.name, image=s.image or "")
                  for i, s in enumerate(executable.steps, start=1)]
-        build = await self.store.create_build(repo, executable=executable.to_json(), steps=steps,
-                                              route=route, timeout_s=timeout_s)
-        await self.enqueue(build)
-        return build
+        return await self._store_and_queue(repo, executable=executable.to_json(), steps=steps,
+                                           route=route, timeout_s=timeout_s)
 
     async def restart(self, build_id: int) -> Build:
         """A new build of the same repo with ``build_id``'s executable (Vela's restart);
@@ -64,10 +63,23 @@ class BuildQueue:
         repo = await self.store.repo_of(old)
         steps = [StepSpec(number=s.number, name=s.name, image=s.image)
                  for s in await self.store.get_steps(build_id)]
-        build = await self.store.create_build(repo.full_name, executable=old.executable,
-                                              steps=steps, route=old.route,
-                                              timeout_s=old.timeout_s, parent_id=old.id)
-        await self.enqueue(build)
+        return await self._store_and_queue(repo.full_name, executable=old.executable,
+                                           steps=steps, route=old.route,
+                                           timeout_s=old.timeout_s, parent_id=old.id)
+
+    async def _store_and_queue(self, repo: str, **fields: Any) -> Build:
+        """Store a new build and queue it: in the same transaction when the queue lives
+        in the same database (the embedded default: one commit, and no moment when the
+        build exists unqueued), else by a push after the commit."""
+        push = self.queue.pusher_within(self.store.engine)
+        if push is None:
+            build = await self.store.create_build(repo, **fields)
+            await self.enqueue(build)
+            return build
+        build = await self.store.create_build(
+            repo, enqueued_at=datetime.now(UTC), **fields,
+            then=lambda s, b: push(s, b.route, self._signed(b)))
+        self._enqueued()
         return build
 
     async def enqueue(self, build: Build) -> bool:
@@ -76,9 +88,8 @@ class BuildQueue:
         False if the queue back end is unreachable: the build is then marked
         unqueued (``enqueued_at`` cleared) for :meth:`enqueue_pending` to push later.
         """
-        item = QueueItem.new(build.id, build.route, attempt=build.attempts + 1)
         try:
-            await self.queue.push(build.route, self.signer.sign(item))
+            await self.queue.push(build.route, self._signed(build))
         except Exception as e:
             if not is_transient(e):
                 raise
@@ -89,9 +100,16 @@ class BuildQueue:
             return False
         if build.enqueued_at is None:
             await self.store.set_build_fields(build.id, enqueued_at=datetime.now(UTC))
+        self._enqueued()
+        return True
+
+    def _signed(self, build: Build) -> bytes:
+        return self.signer.sign(QueueItem.new(build.id, build.route,
+                                              attempt=build.attempts + 1))
+
+    def _enqueued(self) -> None:
         if self.on_enqueued is not None:
             self.on_enqueued()
-        return True
 
     async def enqueue_pending(self, *, unqueued_only: bool,
                               skip: Container[int] = ()) -> tuple[int, bool]:
