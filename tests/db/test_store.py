@@ -34,6 +34,23 @@ async def test_build_numbers_count_per_repo(store):
     assert [s.status for s in await store.get_steps(a1.id)] == ["pending", "pending"]
 
 
+async def test_written_rows_come_back_as_detached_objects_equal_to_a_fresh_read(store):
+    """The writes run as plain SQL and build their objects from the returned rows: the
+    objects must be what a read gives, and detached (never re-inserted if added)."""
+    from sqlalchemy import inspect
+
+    b = await new_build(store)
+    run = await store.transition_build(b.id, BuildStatus.PENDING, BuildStatus.RUNNING,
+                                       worker="w1", token_jti="j1", attempts=1)
+    step = await store.update_step(b.id, 1, StepStatus.RUNNING)
+    fresh = await store.get_build(b.id)
+    columns = [c.key for c in inspect(type(fresh)).columns]
+    assert [getattr(run, c) for c in columns] == [getattr(fresh, c) for c in columns]
+    assert (await store.get_steps(b.id))[0].started_at == step.started_at
+    for obj in (b, run, step):
+        assert inspect(obj).detached
+
+
 async def test_repo_name_must_have_org(store):
     with pytest.raises(VelaError, match="org/name"):
         await new_build(store, "nothing")

@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from vela.db.engine import database, shaped
 from vela.db.models import (
@@ -144,23 +144,25 @@ class Store:
         now = utcnow()
 
         def unit(s: Session) -> Build | None:
-            repo = s.execute(
-                update(Repo).where(Repo.full_name == repo_full_name)
-                .values(counter=Repo.counter + 1)
-                .returning(Repo.id, Repo.counter, Repo.timeout_s)
-            ).first()
+            repo = s.execute(shaped(("count_build",), lambda: (
+                update(_REPOS).where(_REPOS.c.full_name == bindparam("_name"))
+                .values(counter=_REPOS.c.counter + 1)
+                .returning(_REPOS.c.id, _REPOS.c.counter, _REPOS.c.timeout_s))),
+                {"_name": repo_full_name}).first()
             if repo is None:
                 return None
-            build = Build(repo_id=repo.id, number=repo.counter, route=route,
-                          status=BuildStatus.PENDING.value,
-                          timeout_s=timeout_s or repo.timeout_s, attempts=0,
-                          executable=executable, parent_id=parent_id, created_at=now,
-                          enqueued_at=enqueued_at)
-            s.add(build)
-            s.flush()
-            for spec in steps:
-                s.add(Step(build_id=build.id, number=spec.number, name=spec.name,
-                           image=spec.image, status=StepStatus.PENDING.value))
+            build = _detached(Build, s.execute(
+                shaped(("new_build",), lambda: insert(_BUILDS).returning(*_BUILDS.c)),
+                {"repo_id": repo.id, "number": repo.counter, "route": route,
+                 "status": BuildStatus.PENDING.value,
+                 "timeout_s": timeout_s or repo.timeout_s, "attempts": 0,
+                 "executable": executable, "parent_id": parent_id, "created_at": now,
+                 "enqueued_at": enqueued_at}).one())
+            if steps:
+                s.execute(insert(_STEPS), [
+                    {"build_id": build.id, "number": spec.number, "name": spec.name,
+                     "image": spec.image, "status": StepStatus.PENDING.value}
+                    for spec in steps])
             if then is not None:
                 then(s, build)
             return build
@@ -480,10 +482,14 @@ class Writes:
         self._s = session
         self._dialect = dialect
 
+    # Core statements on the tables, not ORM-enabled ones: the ORM's bulk-update path
+    # (synchronising the session, loading RETURNING rows into objects) cost more CPU
+    # than the statements themselves.
+
     def set_build_fields(self, build_id: int, **fields: Any) -> None:
         assert "status" not in fields, "use transition_build for status changes"
-        stmt = shaped(("set_build", *sorted(fields)), lambda: update(Build).where(
-            Build.id == bindparam("_id")).values({k: bindparam(k) for k in fields}))
+        stmt = shaped(("set_build", *sorted(fields)), lambda: update(_BUILDS).where(
+            _BUILDS.c.id == bindparam("_id")).values({k: bindparam(k) for k in fields}))
         self._s.execute(stmt, {"_id": build_id, **fields})
 
     def transition_build(self, build_id: int, expected: BuildStatus,
@@ -497,15 +503,15 @@ class Writes:
         if new.terminal:
             values.setdefault("finished_at", now)
         stmt = shaped(("transition", *sorted(guards), "|", *sorted(values)), lambda: (
-            update(Build)
-            .where(Build.id == bindparam("_id"), Build.status == bindparam("_expected"),
-                   *[getattr(Build, c) == bindparam(f"_if_{c}") for c in guards])
-            .values({k: bindparam(k) for k in values}).returning(Build)
-            .execution_options(synchronize_session=False)))
+            update(_BUILDS)
+            .where(_BUILDS.c.id == bindparam("_id"),
+                   _BUILDS.c.status == bindparam("_expected"),
+                   *[_BUILDS.c[c] == bindparam(f"_if_{c}") for c in guards])
+            .values({k: bindparam(k) for k in values}).returning(*_BUILDS.c)))
         s = self._s
-        build = s.scalar(stmt, {"_id": build_id, "_expected": expected.value, **values,
-                                **{f"_if_{c}": v for c, v in guards.items()}})
-        if build is None:
+        row = s.execute(stmt, {"_id": build_id, "_expected": expected.value, **values,
+                               **{f"_if_{c}": v for c, v in guards.items()}}).first()
+        if row is None:
             current = s.scalar(select(Build.status).where(Build.id == build_id))
             if current is None:
                 raise NotFound(f"build {build_id} not found")
@@ -514,7 +520,7 @@ class Writes:
         if new.terminal:  # steps not run are skipped, a running one ends with the build
             s.execute(shaped(("end_steps", new), lambda: _end_steps(new)),
                       {"_build_id": build_id, "_now": now})
-        return build
+        return _detached(Build, row)
 
     def step_status(self, build_id: int, number: int) -> str | None:
         return self._s.scalar(
@@ -530,19 +536,20 @@ class Writes:
         if status.terminal:
             values.update(exit_code=exit_code, reason=reason, finished_at=at)
         stmt = shaped(("update_step", status), lambda: (
-            update(Step)
-            .where(Step.build_id == bindparam("_build_id"), Step.number == bindparam("_number"),
-                   Step.status.in_(_STEP_FROM[status]))
-            .values({k: bindparam(k) for k in values}).returning(Step)
-            .execution_options(synchronize_session=False)))
-        step = self._s.scalar(stmt, {"_build_id": build_id, "_number": number, **values})
-        if step is None:
+            update(_STEPS)
+            .where(_STEPS.c.build_id == bindparam("_build_id"),
+                   _STEPS.c.number == bindparam("_number"),
+                   _STEPS.c.status.in_(_STEP_FROM[status]))
+            .values({k: bindparam(k) for k in values}).returning(*_STEPS.c)))
+        row = self._s.execute(stmt, {"_build_id": build_id, "_number": number,
+                                     **values}).first()
+        if row is None:
             old = self.step_status(build_id, number)
             if old is None:
                 raise NotFound(f"build {build_id} has no step {number}")
             check_step_transition(StepStatus(old), status)
             raise Conflict(f"step {number} of build {build_id} changed concurrently")
-        return step
+        return _detached(Step, row)
 
     def append_log(self, build_id: int, number: int, lines: Sequence[str], *,
                    seq: int | None = None) -> int:
@@ -571,12 +578,26 @@ def _end_steps(build: BuildStatus) -> Any:
     """What ending a build does to its steps: those not run are skipped, a running one
     ends as :func:`_step_status_for` says."""
     pending, running = StepStatus.PENDING.value, StepStatus.RUNNING.value
-    return (update(Step)
-            .where(Step.build_id == bindparam("_build_id"), Step.status.in_([pending, running]))
-            .values(status=case((Step.status == pending, StepStatus.SKIPPED.value),
+    c = _STEPS.c
+    return (update(_STEPS)
+            .where(c.build_id == bindparam("_build_id"), c.status.in_([pending, running]))
+            .values(status=case((c.status == pending, StepStatus.SKIPPED.value),
                                 else_=_step_status_for(build).value),
-                    finished_at=case((Step.status == running, bindparam("_now")),
-                                     else_=Step.finished_at)))
+                    finished_at=case((c.status == running, bindparam("_now")),
+                                     else_=c.finished_at)))
+
+
+_REPOS = cast(Table, Repo.__table__)
+_BUILDS = cast(Table, Build.__table__)
+_STEPS = cast(Table, Step.__table__)
+M = TypeVar("M", Build, Step)
+
+
+def _detached(model: type[M], row: Any) -> M:
+    """A row of ``model``'s table as the detached object a session would have given."""
+    obj = model(**row._mapping)
+    make_transient_to_detached(obj)
+    return obj
 
 
 def _rowcount(result: Any) -> int:
