@@ -24,3 +24,12 @@ def test_dispatch_quick_completes_and_prints_its_tables():
     for system in (["vela", "sqlite"], ["celery", "2"], ["ray", "floor"]):
         assert system in rows, system
     assert "NOT OK" not in out  # every build of the smoke run succeeded
+
+
+def test_tokens_bench_runs_and_prints_every_row():
+    res = subprocess.run([sys.executable, "bench/tokens.py", "--seconds", "0.05"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for row in ("mint build token", "verify build token", "full check",
+                "4 reports in one call"):
+        assert row in res.stdout, row

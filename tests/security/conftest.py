@@ -69,11 +69,14 @@ class Running:
                           build_id=self.build_id if build_id is None else build_id,
                           now=clock.now)
 
-    def check(self, clock, *, proof, action="step.update", token=None, build_id=None,
-              status=None, worker=None, jti=None):
+    def check(self, clock, *, proof, action="step.update", **kw):
+        return self.check_all(clock, requests=[(action, proof)], **kw)
+
+    def check_all(self, clock, *, requests, token=None, build_id=None, status=None,
+                  worker=None, jti=None):
         build_worker = self.worker if worker is None else worker
         return self.guard.check(
-            token=self.token if token is None else token, proof=proof, action=action,
+            token=self.token if token is None else token, requests=requests,
             keys=self.ring.verifying_keys(clock.now),
             build_id=self.build_id if build_id is None else build_id,
             build_status=status or self.status, build_worker=build_worker,

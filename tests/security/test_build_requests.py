@@ -33,6 +33,33 @@ def test_happy_path_every_allowed_action(running, clock):
         assert claims.build_id == 7 and claims.wkr == "a"
 
 
+def test_several_requests_one_token_check_but_every_proof_checked(running, clock, worker_b):
+    """A call's requests share the token's check; each still needs its own fresh proof,
+    made by the bound key for its own action and build, and one bad request refuses
+    the call."""
+    def good(action="log.append"):
+        return (action, running.proof(clock, action=action))
+
+    claims = running.check_all(clock, requests=[good(), good("step.update"), good()])
+    assert claims.wkr == "a"
+    again = good()
+    for requests, reason in [
+        ([good(), again, again], Reason.PROOF_REPLAYED),
+        ([good(), ("log.append", running.proof(clock, identity=worker_b, action="log.append"))],
+         Reason.PROOF_INVALID),
+        ([good(), ("log.append", running.proof(clock, action="log.append", build_id=8))],
+         Reason.WRONG_BUILD),
+        ([good(), ("build.finish", running.proof(clock, action="log.append"))],
+         Reason.PROOF_WRONG_ACTION),
+        ([good(), ("log.append",)], Reason.MALFORMED),
+        ([good(), "log.append"], Reason.MALFORMED),
+    ]:
+        rejected(reason, running.check_all, clock, requests=requests)
+    forged = running.token[:-4] + ("AAAA" if not running.token.endswith("AAAA") else "BBBB")
+    rejected(Reason.BAD_SIGNATURE, running.check_all, clock, token=forged,
+             requests=[good(), good()])
+
+
 def test_no_proof_rejected(running, clock):
     rejected(Reason.PROOF_MISSING, running.check, clock, proof=None)
     rejected(Reason.PROOF_MISSING, running.check, clock, proof="")

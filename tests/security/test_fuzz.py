@@ -85,12 +85,19 @@ def test_proof_verifier(proof):
 
 
 @settings(max_examples=100, deadline=None)
-@given(token=garbage | jws_like, proof=garbage | jws_like, action=st.text(max_size=20))
-def test_guard(token, proof, action):
+@given(token=garbage | jws_like, proof=garbage | jws_like, action=st.text(max_size=20),
+       shape=st.sampled_from(["one", "garbage", "empty"]), junk=garbage)
+def test_guard(token, proof, action, shape, junk):
     guard = BuildRequestGuard(issuer=ISSUER, proof_max_age_s=30, started_at=START)
-    only_rejected(guard.check, token=token, proof=proof, action=action, keys=KEYS, build_id=7,
+    requests = {"one": [(action, proof)], "garbage": junk, "empty": []}[shape]
+    only_rejected(guard.check, token=token, requests=requests, keys=KEYS, build_id=7,
                   build_status="running", build_worker="a", build_token_jti=CLAIMS.jti,
                   worker_sign_key=WORKER.sign_public_key, now=START)
+    # The real token without a request, or with requests that are not (action, proof):
+    only_rejected(guard.check, token=TOKEN, requests=[] if shape == "empty" else [junk],
+                  keys=KEYS, build_id=7, build_status="running", build_worker="a",
+                  build_token_jti=CLAIMS.jti, worker_sign_key=WORKER.sign_public_key,
+                  now=START)
 
 
 @settings(max_examples=150, deadline=None)

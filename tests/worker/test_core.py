@@ -129,7 +129,7 @@ class FakeServer:
                     raise err
                 now = self.clock()
                 self.guard.check(
-                    token=token, proof=r["proof"], action=action,
+                    token=token, requests=[(action, r["proof"])],
                     keys=self.ring.verifying_keys(now), build_id=build_id,
                     build_status=BuildStatus.SUCCESS if build_id in self.ended
                     else BuildStatus.RUNNING,

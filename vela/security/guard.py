@@ -9,12 +9,12 @@ build's state.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from vela.domain import BuildStatus
 from vela.security.authz import authorize_build_request
-from vela.security.errors import Rejected
+from vela.security.errors import Reason, Rejected
 from vela.security.proof import ReplayCache, verify_proof
 from vela.security.tokens import DEFAULT_LEEWAY_S, BuildClaims, verify_build_token
 
@@ -32,27 +32,38 @@ class BuildRequestGuard:
         self.replay = ReplayCache(max_age_s=proof_max_age_s, started_at=started_at,
                                   max_entries=max_replay_entries, skew_s=leeway_s)
 
-    def check(self, *, token: object, proof: object, action: str, keys: Mapping[str, str],
+    def check(self, *, token: object, requests: Sequence[object], keys: Mapping[str, str],
               build_id: int, build_status: BuildStatus | str, build_worker: str | None,
               build_token_jti: str | None, worker_sign_key: str | None,
               now: datetime) -> BuildClaims:
-        """Claims of the token if the request may proceed; :class:`Rejected` otherwise.
+        """Claims of the token if every request — an ``(action, proof)`` made with
+        ``token``, in the order sent — may proceed; :class:`Rejected` for the first that
+        may not. The token is checked once for all of them, each proof on its own.
 
         ``keys`` are the server's verifying keys; ``build_*`` come from the
         build row named by the request; ``worker_sign_key`` is the registered
         key of ``build_worker`` (None if it has none).
         """
+        action = ""
         try:
+            if not isinstance(requests, list | tuple) or not requests:
+                # Never a token alone: each request needs its proof.
+                raise Rejected(Reason.MALFORMED, "one or more (action, proof) requests")
             claims = verify_build_token(token, keys=keys, issuer=self.issuer, now=now,
                                         leeway_s=self.leeway_s)
             assert isinstance(token, str)
-            verify_proof(proof, token=token, claims=claims, worker_sign_key=worker_sign_key or "",
-                         action=action, build_id=build_id, cache=self.replay, now=now)
-            authorize_build_request(claims, action, build_id=build_id,
-                                    build_status=build_status, build_worker=build_worker,
-                                    build_token_jti=build_token_jti)
+            for request in requests:
+                if not isinstance(request, list | tuple) or len(request) != 2:
+                    raise Rejected(Reason.MALFORMED, "a request is (action, proof)")
+                action, proof = request
+                verify_proof(proof, token=token, claims=claims,
+                             worker_sign_key=worker_sign_key or "", action=action,
+                             build_id=build_id, cache=self.replay, now=now)
+                authorize_build_request(claims, action, build_id=build_id,
+                                        build_status=build_status, build_worker=build_worker,
+                                        build_token_jti=build_token_jti)
         except Rejected as e:
-            log.info("build request rejected",
-                     extra={"reason": e.reason.value, "build_id": build_id, "action": action})
+            log.info("build request rejected", extra={
+                "reason": e.reason.value, "build_id": build_id, "action": str(action)[:40]})
             raise
         return claims

@@ -142,16 +142,11 @@ class Authority:
                 build, worker_sign_key = await self.store.build_and_worker_key(build_id)
             except NotFound:
                 raise Rejected(Reason.WRONG_BUILD, f"no build {build_id}") from None
-            keys, status = self.ring.verifying_keys(now), BuildStatus(build.status)
-            for request in requests:
-                if not isinstance(request, list | tuple) or len(request) != 2:
-                    raise Rejected(Reason.MALFORMED, "a request is (action, proof)")
-                action, proof = request
-                claims = self.guard.check(
-                    token=token, proof=proof, action=action, keys=keys, build_id=build_id,
-                    build_status=status, build_worker=build.worker,
-                    build_token_jti=build.token_jti,
-                    worker_sign_key=worker_sign_key, now=now)
+            claims = self.guard.check(
+                token=token, requests=requests, keys=self.ring.verifying_keys(now),
+                build_id=build_id, build_status=BuildStatus(build.status),
+                build_worker=build.worker, build_token_jti=build.token_jti,
+                worker_sign_key=worker_sign_key, now=now)
         except Rejected as e:
             self.stats.rejected[e.reason.value] = self.stats.rejected.get(e.reason.value, 0) + 1
             raise
