@@ -120,6 +120,26 @@ def test_answer_is_domain_separated(worker_a, book, clock):
              sign_public_key=worker_a.sign_public_key, now=clock.now)
 
 
+def test_spent_and_unanswered_challenges_leave_the_book_after_two_windows(book, clock,
+                                                                         worker_a):
+    old = [book.issue(hostname="a", build_id=i, now=clock.now) for i in range(3)]
+    book.consume(old[0], answer_challenge(old[0], identity=worker_a, hostname="a",
+                                          free_slots=1),
+                 sign_public_key=worker_a.sign_public_key, now=clock.now)
+    clock.advance(15)
+    late = book.issue(hostname="a", build_id=9, now=clock.now)
+    assert len(book) == 4  # within two windows: a late answer is told it is stale
+    rejected(Reason.CHALLENGE_STALE, book.consume, old[1],
+             answer_challenge(old[1], identity=worker_a, hostname="a", free_slots=1),
+             sign_public_key=worker_a.sign_public_key, now=clock.now)
+    clock.advance(6)
+    book.issue(hostname="a", build_id=10, now=clock.now)
+    assert len(book) == 2  # the first three are gone, the later two stay
+    ans = answer_challenge(late, identity=worker_a, hostname="a", free_slots=1)
+    assert book.consume(late, ans, sign_public_key=worker_a.sign_public_key,
+                        now=clock.now) == 1
+
+
 def test_book_is_bounded_and_wire_types_pickle(clock, worker_a):
     book = ChallengeBook(server_id="srv", ttl_s=10, max_outstanding=5)
     first = book.issue(hostname="a", build_id=1, now=clock.now)

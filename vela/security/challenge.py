@@ -122,8 +122,13 @@ class ChallengeBook:
         return answer.free_slots
 
     def _purge(self, now: datetime) -> None:
-        # Kept for two windows so a late answer is reported stale, not unknown.
+        # Kept for two windows so a late answer is reported stale, not unknown. Entries
+        # are in issue order, so only the expired head is looked at, not every entry
+        # (after a clock step back, an entry may outlive its window behind a newer one:
+        # max_outstanding still bounds the book).
         horizon = timestamp(now) * 1000 - 2 * self.ttl_s * 1000
-        for nonce in [n for n, e in self._entries.items()
-                      if e.challenge.issued_at_ms < horizon]:
+        while self._entries:
+            nonce, oldest = next(iter(self._entries.items()))
+            if oldest.challenge.issued_at_ms >= horizon:
+                break
             del self._entries[nonce]
