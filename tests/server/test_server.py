@@ -99,8 +99,13 @@ async def test_redelivered_item_of_a_dispatched_build_is_not_run_twice(system):
     build_id = await system.submit(pipeline("true"))
     await system.pump([build_id])
     await core.wait_idle(10)
-    again = await system.scheduler.submit(QueueItem.new(build_id, "vela"))
-    assert again is Outcome.NOT_PENDING
+    waiting = await system.submit(pipeline("true"))  # pending, on route vela
+    again = await system.scheduler.submit_many([QueueItem.new(build_id, "vela"),
+                                                QueueItem.new(build_id + 99, "vela"),
+                                                QueueItem.new(waiting, "gpu")])
+    assert again[0] is Outcome.NOT_PENDING
+    assert [(r.outcome, r.reason) for r in again[1:]] == [  # type: ignore[union-attr]
+        (Outcome.REJECTED, "build_not_found"), (Outcome.REJECTED, "route_mismatch")]
     assert core.running == []
 
 

@@ -180,6 +180,14 @@ class Store:
             raise NotFound(f"build {build_id} not found")
         return build
 
+    async def get_builds(self, build_ids: Iterable[int]) -> dict[int, Build]:
+        """The builds of ``build_ids`` that exist, by id, in one query."""
+        wanted = sorted(set(build_ids))
+        if not wanted:
+            return {}
+        return await self._db.read(lambda s: {b.id: b for b in s.scalars(
+            select(Build).where(Build.id.in_(wanted)))})
+
     async def get_build_by_number(self, repo_full_name: str, number: int) -> Build:
         build = await self._db.read(lambda s: s.scalar(
             select(Build).join(Repo, Repo.id == Build.repo_id)

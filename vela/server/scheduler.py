@@ -1,6 +1,6 @@
 """The Scheduler's logic: place builds on workers that prove who they are.
 
-Per build (:meth:`Scheduler.submit`, called by the queue listener):
+Per build (:meth:`Scheduler.submit_many`, called by the queue listener with its pass):
 choose a worker (:class:`~vela.scheduling.WorkerRegistry`) → challenge it →
 have the authority mint a token bound to its key and seal the package →
 record the build ``running`` on it (compare-and-set from ``pending``) →
@@ -182,12 +182,13 @@ class Scheduler:
         self._signal()
 
     async def submit_many(self, items: list[QueueItem]) -> list[SubmitResult | Exception]:
-        return await submit_each(self.submit, items)
+        """The listener's pass: its builds read in one query, then placed concurrently."""
+        builds = await self.store.get_builds([item.build_id for item in items])
+        return await submit_each(lambda item: self._submit(item, builds.get(item.build_id)),
+                                 items)
 
-    async def submit(self, item: QueueItem) -> SubmitResult:
-        try:
-            build = await self.store.get_build(item.build_id)
-        except NotFound:
+    async def _submit(self, item: QueueItem, build: Build | None) -> SubmitResult:
+        if build is None:
             return ItemRejected("build_not_found", f"build {item.build_id}")
         if BuildStatus(build.status) is not BuildStatus.PENDING:
             return Outcome.NOT_PENDING
