@@ -50,6 +50,9 @@ class DatabaseSettings(_Section):
     # Empty means SQLite in ``server.data_dir/vela.db``.
     url: SecretStr | None = None
     echo: bool = False
+    # PostgreSQL connections each server process keeps open (10 more may open under a
+    # burst and close again). Below the Scheduler's concurrent work, connections churn.
+    pool_size: int = Field(default=20, gt=0, le=500)
 
 
 class QueueSettings(_Section):

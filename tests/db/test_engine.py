@@ -121,3 +121,32 @@ async def test_a_postgres_connection_that_died_idle_is_replaced_not_used(
     monkeypatch.setattr(eng, "PING_AFTER_IDLE_S", 0.0)  # always pinged
     await kill_pooled()
     assert await _repos(db) == 0
+
+
+async def test_postgres_connections_stay_open_up_to_the_pool_size(pg_schema):
+    """The Scheduler runs many units at once; connections beyond the pool size are
+    opened and closed again for each burst (a new TLS attempt and statement cache each
+    time). ``database.pool_size`` keeps that many open across bursts."""
+    from sqlalchemy import event
+
+    from tests.conftest import PG_URL
+    from vela.config import Settings
+
+    settings = Settings.model_validate({"database": {"pool_size": 12}})
+    engine = create_engine(PG_URL, schema=pg_schema, pool_size=settings.database.pool_size)
+    opened: list[int] = []
+    event.listen(engine.sync_engine, "connect", lambda *_: opened.append(1))
+    gate = asyncio.Barrier(12)
+
+    async def unit() -> None:
+        # Each holds its connection until all twelve are open at once.
+        async with engine.connect() as conn:
+            await gate.wait()
+            await conn.execute(select(1))
+
+    try:
+        for _ in range(3):
+            await asyncio.wait_for(asyncio.gather(*(unit() for _ in range(12))), 30)
+        assert len(opened) == 12  # the first burst opened them; the next two reused them
+    finally:
+        await engine.dispose()

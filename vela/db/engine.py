@@ -22,10 +22,12 @@ T = TypeVar("T")
 SQLITE_BUSY_TIMEOUT_S = 30
 
 
-def create_engine(url: str, *, echo: bool = False, schema: str | None = None) -> AsyncEngine:
+def create_engine(url: str, *, echo: bool = False, schema: str | None = None,
+                  pool_size: int = 5) -> AsyncEngine:
     """An async engine; SQLite gets WAL and a busy timeout for concurrent writers.
 
-    ``schema`` (PostgreSQL only) sets the search path, e.g. to isolate test runs.
+    ``schema`` (PostgreSQL only) sets the search path, e.g. to isolate test runs;
+    ``pool_size`` (PostgreSQL only) is how many connections stay open.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -36,7 +38,8 @@ def create_engine(url: str, *, echo: bool = False, schema: str | None = None) ->
         _sqlite_pragmas(engine.sync_engine)
         return engine
     connect_args = {"server_settings": {"search_path": schema}} if schema else {}
-    engine = create_async_engine(url, echo=echo, connect_args=connect_args)
+    engine = create_async_engine(url, echo=echo, connect_args=connect_args,
+                                 pool_size=pool_size)
     _ping_if_idle(engine)
     return engine
 

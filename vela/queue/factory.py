@@ -27,5 +27,6 @@ def open_queue(settings: Settings, *, engine: AsyncEngine | None = None,
 
     if engine is not None:
         return DatabaseQueue(engine, clock=clock)
-    return DatabaseQueue(create_engine(settings.database_url(), echo=settings.database.echo),
+    return DatabaseQueue(create_engine(settings.database_url(), echo=settings.database.echo,
+                                       pool_size=settings.database.pool_size),
                          owns_engine=True, clock=clock)

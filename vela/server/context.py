@@ -44,7 +44,8 @@ class ServerContext:
 
     @classmethod
     def open(cls, settings: Settings) -> ServerContext:
-        engine = create_engine(settings.database_url(), echo=settings.database.echo)
+        engine = create_engine(settings.database_url(), echo=settings.database.echo,
+                               pool_size=settings.database.pool_size)
         master_key = settings.master_key()
         return cls(settings=settings, engine=engine, store=Store(engine, master_key),
                    master_key=master_key)
