@@ -29,6 +29,7 @@ NAMESPACE = "vela"
 AUTHORITY = "vela-token-authority"
 SCHEDULER = "vela-scheduler"
 LISTENER = "vela-queue-listener"
+API = "vela-api"
 WORKER_PREFIX = "vela-worker-"
 # Legacy queue mode only (vela/legacy): classic Vela's worker API and pull workers.
 LEGACY_GATEWAY = "vela-legacy-gateway"

@@ -1,39 +1,37 @@
-"""The HTTP API on Ray Serve: a FastAPI ingress (``vela.api.create_app``) whose every
+"""The HTTP API: one detached actor on the head node (where `vela serve` runs) serving
+the FastAPI app (``vela.api.create_app``) with uvicorn in its own process. Every
 operation is one call on the Scheduler actor, which answers it with the one
-:class:`~vela.api.backend.ServerBackend`. Replicas hold no state: a token is
-checked in the replica against the TokenAuthority's public keys (fetched
-through the Scheduler and cached), everything else is the Scheduler's.
+:class:`~vela.api.backend.ServerBackend`; the actor holds no state: a token is
+checked here against the TokenAuthority's public keys (fetched through the
+Scheduler and cached), everything else is the Scheduler's.
+
+One process, started beside the control actors: Ray Serve (which it was until
+2026-12-02) took three started one after another (controller, proxy, replica) and one
+more actor call per request (docs/performance.md).
 
 `vela serve` submits it (:func:`begin_api`) and waits for it (:func:`wait_api`);
-:func:`deploy_api` does both; `vela stop` removes it (:func:`stop_api`).
+:func:`deploy_api` does both; `vela stop` removes it with the other actors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 import ray
-from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.schema import ApplicationStatus
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors._ray import NAMESPACE, SCHEDULER, get_actor
-from vela.api.app import create_app
-from vela.api.backend import RemoteBackend
+from actors._ray import API, SCHEDULER, get_actor
 from vela.api.errors import ApiError, Code
 from vela.config import Settings
 from vela.errors import VelaError
-
-APP = "vela-api"
-
-
-def app_name(namespace: str) -> str:
-    """One API per namespace (tests run several namespaces on one cluster)."""
-    return APP if namespace == NAMESPACE else f"{APP}-{namespace}"
 
 
 class SchedulerCall:
@@ -71,79 +69,109 @@ class SchedulerCall:
         return result
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1,
-                  # Followed logs hold a request open for a whole build.
-                  max_ongoing_requests=1000, health_check_period_s=10)
-@serve.ingress()
-class ApiIngress:
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._backend = RemoteBackend(SchedulerCall(settings.ray.namespace))
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``; a port in use is an error that says what
+    to do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise VelaError(f"the API cannot listen on {host}:{port} ({e.strerror}); set "
+                        "api.port (VELA_API_PORT) to a free port or stop what holds it"
+                        ) from None
+    return sock
 
-    def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self._backend)  # type: ignore[arg-type] # forwards every op
+
+class ApiServerActor:
+    """uvicorn on a thread of its own, on a socket bound before the constructor returns:
+    once Ray reports the actor ready, connections queue on the socket. If the server
+    stops by itself the process exits and Ray restarts the actor (``max_restarts=-1``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import uvicorn
+
+        from vela.api.app import create_app
+        from vela.api.backend import RemoteBackend
+
+        self._settings = settings
+        sock = listen(settings.api.host, settings.api.port)
+        app = create_app(RemoteBackend(SchedulerCall(settings.ray.namespace)))  # type: ignore[arg-type] # forwards every op
+        # Followed logs hold a request open for a whole build: no limit on those.
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                     access_log=False, lifespan="off"))
+        self._thread = threading.Thread(target=self._run, args=(sock,), name="vela-api",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, sock: socket.socket) -> None:
+        try:
+            self._server.run(sockets=[sock])
+        finally:
+            if not self._server.should_exit:
+                os._exit(1)  # uvicorn gave up: let Ray start a fresh actor
+
+    def status(self) -> dict[str, Any]:
+        return {"listening": f"{self._settings.api.host}:{self._settings.api.port}",
+                "started": bool(self._server.started), "pid": os.getpid()}
 
     def __repr__(self) -> str:
         return f"VelaApi({self._settings.server.id})"
 
 
 def deploy_api(settings: Settings, *, timeout_s: float = 120.0) -> str:
-    """Start Serve's proxy on ``api.host:api.port`` (on the head node, where `vela serve`
-    runs) and deploy the API (idempotent); returns the URL for clients once ``/health``
-    answers on the proxy."""
+    """Start the API on this driver's node (idempotent); returns the URL for clients
+    once ``/health`` answers."""
     begin_api(settings)
     return wait_api(settings, timeout_s=timeout_s)
 
 
-def begin_api(settings: Settings) -> None:
-    """Start Serve and submit the API without waiting for its replica: Serve's chain
-    (controller, proxy, replica: a process each) is the longest part of a cold start,
-    so `vela serve` starts it first and waits for it last (:func:`wait_api`)."""
-    serve.start(proxy_location="HeadOnly",
-                http_options={"host": settings.api.host, "port": settings.api.port})
-    app = ApiIngress.bind(settings)  # type: ignore[attr-defined] # Serve adds bind
-    serve.run_many([serve.RunTarget(app, name=app_name(settings.ray.namespace),
-                                    route_prefix="/")], wait_for_applications_running=False)
+def begin_api(settings: Settings) -> Any:
+    """Create (or find) the API actor, pinned to this driver's node (the head, where
+    `vela serve` runs and ``api.host`` is), without waiting for it."""
+    node = ray.get_runtime_context().get_node_id()
+    return ray.remote(ApiServerActor).options(
+        name=API, namespace=settings.ray.namespace, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_restarts=-1, max_task_retries=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+    ).remote(settings)
 
 
 def wait_api(settings: Settings, *, timeout_s: float = 120.0) -> str:
-    """Wait until the proxy answers ``/health`` (which also means the replica is up);
-    returns the URL for clients. A deployment that failed is reported at once."""
-    _wait_healthy(settings.api.listen_url(), timeout_s,
-                  app=app_name(settings.ray.namespace))
-    return settings.api.base_url()
-
-
-def _wait_healthy(url: str, timeout_s: float, *, app: str) -> None:
+    """Wait until the actor is up and ``/health`` answers; returns the URL for clients.
+    An actor that could not start (a port in use) is reported at once."""
     deadline = time.monotonic() + timeout_s
+    handle = get_actor(API, settings.ray.namespace)
+    if handle is None:
+        raise VelaError("the API actor is not running; start the server with `vela serve`")
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
+    except RayActorError as e:
+        raise VelaError(f"the API could not start: {_cause(e)}") from None
+    except GetTimeoutError:
+        raise VelaError(f"the API did not start within {timeout_s:.0f}s; its log in the "
+                        "Ray dashboard (actor vela-api) says why") from None
+    url = settings.api.listen_url()
     last = ""
-    next_status = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as r:  # noqa: S310 - ours
                 if r.status == 200:
-                    return
+                    return settings.api.base_url()
         except (urllib.error.URLError, OSError) as e:
             last = str(getattr(e, "reason", e))
-        if time.monotonic() >= next_status:  # Serve's own view, once a second
-            state = serve.status().applications.get(app)
-            if state is not None and state.status == ApplicationStatus.DEPLOY_FAILED:
-                why = (state.message.strip().splitlines() or ["no message"])[-1]
-                raise VelaError(f"the API failed to deploy on Ray Serve ({why}); the "
-                                "replica's log in the Ray dashboard has the details")
-            next_status = time.monotonic() + 1.0
         time.sleep(0.05)
-    raise VelaError(f"the API did not answer at {url} ({last}); if Serve already runs on "
-                    "this cluster with other HTTP options, `serve shutdown` it first")
+    raise VelaError(f"the API did not answer at {url} ({last}); its log in the Ray "
+                    "dashboard (actor vela-api) says why")
 
 
-def stop_api(namespace: str) -> bool:
-    """Delete our API; shut Serve down too if nothing else runs on it."""
-    apps = set(serve.status().applications)
-    name = app_name(namespace)
-    if name not in apps:
-        return False
-    serve.delete(name)
-    if not apps - {name}:
-        serve.shutdown()
-    return True
+def _cause(e: RayActorError) -> str:
+    """The constructor's own error, where Ray kept it (a VelaError says what to do)."""
+    text = str(getattr(e, "error_msg", "") or e)
+    for line in reversed(text.splitlines()):
+        if "VelaError:" in line:
+            return line.split("VelaError:", 1)[1].strip()
+    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__

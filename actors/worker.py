@@ -65,8 +65,10 @@ class WorkerActor:
         self._loop = asyncio.get_running_loop().create_task(self._checkin_loop())
 
     def __repr__(self) -> str:
-        return (f"WorkerActor({self.hostname}, {len(self.core.running)}/"
-                f"{self.core.build_limit} running)")
+        core = getattr(self, "core", None)  # None: the constructor failed
+        if core is None:
+            return f"WorkerActor({self.hostname}, not started)"
+        return f"WorkerActor({self.hostname}, {len(core.running)}/{core.build_limit} running)"
 
     # -- registration ---------------------------------------------------------------
     def _registration(self) -> dict[str, Any]:

@@ -107,7 +107,8 @@ class RaySettings(_Section):
 
 
 class ApiSettings(_Section):
-    # The HTTP API (Ray Serve's proxy) listens here; 0.0.0.0 to serve other hosts.
+    # The HTTP API (the vela-api actor, on the head node) listens here; 0.0.0.0 to serve
+    # other hosts.
     host: str = "127.0.0.1"
     port: int = Field(default=8080, gt=0, lt=65536)
     # What clients call; empty means http://<host>:<port> (127.0.0.1 for a wildcard host).

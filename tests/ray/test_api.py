@@ -1,4 +1,4 @@
-"""The HTTP API on Ray Serve, on the shared cluster: log in with the admin credential,
+"""The HTTP API actor, on the shared cluster: log in with the admin credential,
 store a secret, run a build through HTTP and follow it to the end."""
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ def _admin_credential(settings) -> str:
     return credential
 
 
-def test_build_end_to_end_through_the_serve_api(settings, server):
-    from actors.api import deploy_api, stop_api
+def test_build_end_to_end_through_the_http_api(settings, server):
+    import ray
+
+    from actors._ray import API, get_actor
+    from actors.api import deploy_api
 
     settings.api.port = _free_port()
     credential = _admin_credential(settings)
@@ -82,23 +85,58 @@ def test_build_end_to_end_through_the_serve_api(settings, server):
             listed = http.get("/api/v1/secrets/native/repo/acme/serve")
             assert SECRET not in listed.text and listed.json()[0]["name"] == "api_token"
     finally:
-        assert stop_api(settings.ray.namespace)
+        ray.kill(get_actor(API, settings.ray.namespace), no_restart=True)
 
 
-def test_a_failed_deployment_is_reported_at_once_not_after_the_timeout(monkeypatch):
-    """While waiting for /health, Serve's own status is read once a second: an API
-    whose replica cannot start is a clear error within seconds, not a 120 s timeout."""
+def test_a_port_in_use_is_reported_at_once_with_what_to_do(settings):
+    """The API actor binds its port in its constructor: a port someone else holds is a
+    clear error from `wait_api` within seconds, not a 120 s wait for /health."""
     import time
-    from types import SimpleNamespace
 
-    from actors import api
+    from actors._ray import API, get_actor
+    from actors.api import begin_api, wait_api
     from vela.errors import VelaError
 
-    failed = SimpleNamespace(status=api.ApplicationStatus.DEPLOY_FAILED,
-                             message="Traceback ...\nValueError: no such thing")
-    monkeypatch.setattr(api.serve, "status",
-                        lambda: SimpleNamespace(applications={"vela-api": failed}))
-    started = time.monotonic()
-    with pytest.raises(VelaError, match=r"failed to deploy on Ray Serve \(ValueError: no su"):
-        api._wait_healthy(f"http://127.0.0.1:{_free_port()}", 120.0, app="vela-api")
-    assert time.monotonic() - started < 10
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        settings.api.port = taken.getsockname()[1]
+        begin_api(settings)
+        started = time.monotonic()
+        with pytest.raises(VelaError, match=r"cannot listen on 127\.0\.0\.1:\d+ .*set "
+                                            r"api\.port"):
+            wait_api(settings)
+    assert time.monotonic() - started < 30
+    assert get_actor(API, settings.ray.namespace) is None  # nothing half-started stays
+
+
+def test_the_api_comes_back_on_its_port_after_its_process_dies(settings, server):
+    """A long-lived actor: killed, Ray restarts it and it serves the same port again."""
+    import ray
+
+    from actors._ray import API, get_actor
+    from actors.api import deploy_api
+
+    settings.api.port = _free_port()
+    url = deploy_api(settings)
+    handle = get_actor(API, settings.ray.namespace)
+    try:
+        pid = ray.get(handle.status.remote())["pid"]
+        ray.kill(handle, no_restart=False)
+        assert _wait_answer(url, timeout_s=60) == {"status": "ok"}
+        assert ray.get(handle.status.remote())["pid"] != pid
+    finally:
+        ray.kill(handle, no_restart=True)
+
+
+def _wait_answer(url: str, *, timeout_s: float) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return httpx.get(f"{url}/health", timeout=5).json()
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

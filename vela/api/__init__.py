@@ -1,4 +1,4 @@
-"""The HTTP API (FastAPI; deployed on Ray Serve by ``actors/api.py``) and its client.
+"""The HTTP API (FastAPI; served by the API actor of ``actors/api.py``) and its client.
 
 Names load on first use, so the CLI's client (``vela.api.client``) does not pay
 for importing FastAPI.

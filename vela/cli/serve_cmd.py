@@ -230,7 +230,7 @@ def serve(
                                 help="Return once everything is up; stop with `vela stop`."),
 ) -> None:
     """Start the server (TokenAuthority, Scheduler, QueueListener), local workers and the
-    HTTP API (Ray Serve)."""
+    HTTP API."""
     from actors._ray import AUTHORITY
     from actors.api import begin_api
     from actors.deploy import create_control_plane, default_hostname, wait_control_plane
@@ -276,8 +276,8 @@ def serve(
     credential = booted.result()
     console.print(f"database ready ({s.database_url().split(':', 1)[0]}), "
                   f"queue: {s.queue.backend}", highlight=False)
-    # The HTTP API (Ray Serve: three processes, one after the other) is submitted
-    # first, the control actors start meanwhile, and the API is waited for last.
+    # The HTTP API's actor starts beside the control actors; it is waited for first, as
+    # it logs the local CLI in.
     begin_api(s)
     handles = create_control_plane(s)
     api_url = _api_up(s, handles[AUTHORITY], credential)
@@ -309,7 +309,7 @@ def serve(
 
 
 def _api_up(s: Settings, authority: Any, credential: str | None) -> str:
-    """Wait for the HTTP API on Ray Serve. On the embedded default, log the local CLI in
+    """Wait for the HTTP API. On the embedded default, log the local CLI in
     as admin (a credentials file only this user can read)."""
     import ray
 
@@ -317,7 +317,7 @@ def _api_up(s: Settings, authority: Any, credential: str | None) -> str:
     from vela.api.client import Credentials, save_credentials
 
     url = wait_api(s)
-    console.print(f"API up at {url} (Ray Serve)", highlight=False)
+    console.print(f"API up at {url}", highlight=False)
     if credential:
         console.print(f"admin credential, shown this once (`vela login` exchanges it for an "
                       f"API token): {credential}", highlight=False, soft_wrap=True)
@@ -333,13 +333,11 @@ def _api_up(s: Settings, authority: Any, credential: str | None) -> str:
 
 
 def _teardown(s: Settings, *, stop_head: bool) -> None:
-    from actors.api import stop_api
     from actors.deploy import stop_all
 
-    if stop_api(s.ray.namespace):
-        console.print("stopped the API (Ray Serve)")
     stopped = stop_all(s.ray.namespace)
-    console.print(f"stopped {len(stopped)} actor(s)")
+    console.print(f"stopped {len(stopped)} actor(s){': ' if stopped else ''}"
+                  f"{', '.join(stopped)}", highlight=False)
     if stop_head:
         import ray
 
