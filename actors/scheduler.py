@@ -118,7 +118,7 @@ class SchedulerActor:
         return build.id
 
     async def put_secret(self, repo: str, name: str, value: str) -> None:
-        from vela.db.store import split_repo
+        from vela.domain import split_repo
 
         org, target = split_repo(repo)
         await (await self._get()).store.put_secret("repo", org, target, name, value)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from vela.errors import InvalidTransition
+from vela.errors import InvalidTransition, VelaError
 
 DEFAULT_ROUTE = "vela"
 
@@ -96,3 +96,11 @@ def check_build_transition(old: BuildStatus, new: BuildStatus) -> None:
 
 def check_step_transition(old: StepStatus, new: StepStatus) -> None:
     check_transition("step", STEP_TRANSITIONS, old, new)
+
+
+def split_repo(full_name: str) -> tuple[str, str]:
+    """``org/name`` into its two parts; anything else is a :class:`VelaError`."""
+    org, sep, name = full_name.partition("/")
+    if not sep or not org or not name or "/" in name:
+        raise VelaError(f"repository must look like 'org/name', got {full_name!r}")
+    return org, name

@@ -84,6 +84,16 @@ def test_build_end_to_end_through_the_http_api(settings, server):
             assert "vela-scheduler" in status["actors"]
             listed = http.get("/api/v1/secrets/native/repo/acme/serve")
             assert SECRET not in listed.text and listed.json()[0]["name"] == "api_token"
+        # Every operation runs in the Scheduler: the API's process starts light.
+
+        def server_libraries(_actor: object) -> list[str]:  # by value: runs in the actor
+            import sys
+
+            return sorted(m for m in ("sqlalchemy", "alembic", "redis", "aiosqlite",
+                                      "asyncpg") if m in sys.modules)
+
+        api = get_actor(API, settings.ray.namespace)
+        assert ray.get(api.__ray_call__.remote(server_libraries), timeout=60) == []
     finally:
         ray.kill(get_actor(API, settings.ray.namespace), no_restart=True)
 

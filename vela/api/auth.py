@@ -20,11 +20,13 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vela.api.errors import ApiError, Code, unauthenticated
-from vela.db.store import Store
 from vela.security import ApiClaims, Reason, Rejected, verify_api_token
+
+if TYPE_CHECKING:  # the API actor checks tokens without loading SQLAlchemy
+    from vela.db.store import Store
 
 log = logging.getLogger(__name__)
 

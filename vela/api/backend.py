@@ -14,17 +14,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vela.api.auth import Scope, TokenKeys, allows, check_credential
 from vela.api.errors import ApiError, Code, to_api_error
 from vela.config import Settings
-from vela.db.models import Build, Repo, Step, Worker
-from vela.db.store import SecretInfo, split_repo
-from vela.domain import BuildStatus, WorkerStatus
+from vela.domain import BuildStatus, WorkerStatus, split_repo
 from vela.errors import Conflict, NotFound
-from vela.queue import RouteDepth
-from vela.server.scheduler import Scheduler
+
+if TYPE_CHECKING:  # the API actor (RemoteBackend) loads neither SQLAlchemy nor the queue
+    from vela.db.models import Build, Repo, Step, Worker
+    from vela.db.store import SecretInfo
+    from vela.server.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,8 @@ class ServerBackend:
         }
 
     async def queue_stats(self) -> dict[str, Any]:
+        from vela.queue import RouteDepth
+
         rows = {r: RouteDepth() for r in self.settings.queue.routes}
         rows.update(await self.builds.queue.depth())
         return {"backend": self.settings.queue.backend,

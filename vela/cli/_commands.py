@@ -15,8 +15,6 @@ from vela.cli import (  # noqa: F401 - registers commands
 )
 from vela.cli._app import app, command, console, print_json, run, state
 from vela.config import redacted
-from vela.db import migrate
-from vela.db.engine import create_engine
 
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema: apply migrations, check the connection.",
@@ -43,6 +41,8 @@ def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON."
 
 
 def _engine():  # type: ignore[no-untyped-def]
+    from vela.db.engine import create_engine
+
     s = state.settings
     return create_engine(s.database_url(), echo=s.database.echo)
 
@@ -51,6 +51,7 @@ def _engine():  # type: ignore[no-untyped-def]
 @command
 def db_upgrade() -> None:
     """Apply every pending migration to the configured database."""
+    from vela.db import migrate
 
     async def go() -> tuple[str | None, str | None]:
         engine = _engine()
@@ -72,6 +73,7 @@ def db_upgrade() -> None:
 @command
 def db_check(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Connect to the configured database and report its schema version."""
+    from vela.db import migrate
 
     async def go() -> str | None:
         engine = _engine()

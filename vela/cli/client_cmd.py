@@ -27,7 +27,7 @@ from vela.api.client import (
 from vela.cli._app import app, command, console, err_console, fail, print_json, state
 from vela.cli.duration import parse_duration
 from vela.cli.serve_cmd import build_app
-from vela.db.store import split_repo
+from vela.domain import split_repo
 from vela.errors import VelaError
 
 TERMINAL = {"success", "failure", "error", "killed", "canceled"}

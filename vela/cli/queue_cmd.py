@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.table import Table
 
 from vela.cli._app import command, console, fail, print_json, run, state
-from vela.queue import Queue, RouteDepth, is_transient, open_queue
-from vela.queue.item import peek
+
+if TYPE_CHECKING:  # the queue's libraries (redis, SQLAlchemy) load when a command runs
+    from vela.queue import Queue
 
 T = TypeVar("T")
 
@@ -22,6 +23,8 @@ JSON_OPTION = typer.Option(False, "--json", help="Print JSON.")
 
 
 def _with_queue(action: Callable[[Queue], Awaitable[T]]) -> T:
+    from vela.queue import is_transient, open_queue
+
     async def go() -> T:
         queue = open_queue(state.settings)
         try:
@@ -50,6 +53,8 @@ def _when(ts: float) -> str:
 @command
 def stats(as_json: bool = JSON_OPTION) -> None:
     """Items ready, in flight and dead-lettered, per route."""
+    from vela.queue import RouteDepth
+
     depth = _with_queue(lambda q: q.depth())
     rows = {r: RouteDepth() for r in state.settings.queue.routes}
     rows.update(depth)
@@ -71,6 +76,8 @@ def stats(as_json: bool = JSON_OPTION) -> None:
 def dead_letters(limit: int = typer.Option(50, "--limit", "-n", min=1, help="Show at most N."),
                  as_json: bool = JSON_OPTION) -> None:
     """Items the listener refused, newest first, with the reason code."""
+    from vela.queue.item import peek
+
     letters = _with_queue(lambda q: q.dead_letters(limit))
     # Unverified: whatever the payload claims, to help find the build.
     builds = [(peek(d.payload) or {}).get("build_id") for d in letters]

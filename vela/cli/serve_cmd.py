@@ -41,17 +41,17 @@ def _address(s: Settings) -> str:
     return s.ray.address or f"127.0.0.1:{s.ray.head_port}"
 
 
-def _connect(s: Settings, *, start_local: bool = False) -> bool:
-    """Attach this process to the cluster; returns True if we started a local head."""
+def _connect(s: Settings, *, head: subprocess.Popen[str] | None = None) -> bool:
+    """Attach this process to the cluster, once ``head`` (a local head being started by
+    :func:`_spawn_local_head`) is up; returns True if we started a local head."""
     import ray
 
-    started = False
-    if not s.ray.address and not _head_is_up(s):
-        if not start_local:
-            raise VelaError(f"no local Ray head on port {s.ray.head_port}: the server is not "
-                            "running; start it with `vela serve`")
-        _start_local_head(s)
-        started = True
+    started = head is not None
+    if head is not None:
+        _await_local_head(head)
+    elif not s.ray.address and not _head_is_up(s):
+        raise VelaError(f"no local Ray head on port {s.ray.head_port}: the server is not "
+                        "running; start it with `vela serve`")
     try:
         ray.init(address=_address(s), namespace=s.ray.namespace, logging_level="WARNING",
                  log_to_driver=False)
@@ -106,19 +106,33 @@ def _private(token_file: Path) -> None:
         token_file.chmod(0o600)  # Ray writes it world-readable; it is the cluster's key
 
 
-def _start_local_head(s: Settings) -> None:
+def _spawn_local_head(s: Settings) -> subprocess.Popen[str] | None:
+    """Start ``ray start --head`` for the embedded default, without waiting for it (it
+    takes seconds: the caller imports and migrates meanwhile); None if there is
+    nothing to start (``ray.address`` is set, or our head already runs)."""
+    if s.ray.address or _head_is_up(s):
+        return None
     console.print(f"starting a local Ray head on port {s.ray.head_port} ...", highlight=False)
     ensure_ray_auth_token()
     cmd = [_ray_cli(), "start", "--head", f"--port={s.ray.head_port}",
            f"--dashboard-port={s.ray.dashboard_port}", "--include-dashboard=true",
            "--disable-usage-stats"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    if res.returncode != 0:
-        tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-5:])
-        raise VelaError(f"`ray start --head` failed:\n{tail}")
-    # Recorded at once, so `vela stop` finds this head even if connecting fails.
+    # Recorded at once, so `vela stop` finds this head even if starting it fails midway.
     s.server.data_dir.mkdir(parents=True, exist_ok=True)
     (s.server.data_dir / HEAD_MARKER).write_text(json.dumps({"port": s.ray.head_port}))
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _await_local_head(head: subprocess.Popen[str]) -> None:
+    try:
+        out, err = head.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.communicate()
+        raise VelaError("`ray start --head` did not finish within 180 s") from None
+    if head.returncode != 0:
+        tail = "\n".join((err or out).strip().splitlines()[-5:])
+        raise VelaError(f"`ray start --head` failed:\n{tail}")
 
 
 
@@ -231,17 +245,32 @@ def serve(
 ) -> None:
     """Start the server (TokenAuthority, Scheduler, QueueListener), local workers and the
     HTTP API."""
-    from actors._ray import AUTHORITY
-    from actors.api import begin_api
-    from actors.deploy import create_control_plane, default_hostname, wait_control_plane
-    from vela.server.context import ServerContext
-
     s = state.settings
     n_workers = local_workers if local_workers >= 0 else (0 if s.ray.address else 2)
     _check_modes(s, serve=True, routes=list(s.worker.routes) if n_workers else [])
     if n_workers:
         _check_sandbox(s)
     t0 = time.monotonic()
+    # Ray's head takes seconds to start: it starts first, the libraries load and the
+    # migrations run meanwhile.
+    head = _spawn_local_head(s)
+    try:
+        started, credential = _boot_and_connect(s, head)
+    except BaseException:
+        if head is not None:
+            with contextlib.suppress(Exception):
+                head.kill()
+                _stop_local_head(s)
+        raise
+    _start_actors(s, credential, n_workers=n_workers, started=started, detach=detach, t0=t0)
+
+
+def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
+                      ) -> tuple[bool, str | None]:
+    """Migrate the database (in a thread) while connecting to Ray; a database that is
+    not ready stops everything before any actor exists. Returns whether we started the
+    head, and the admin credential if this boot created it."""
+    from vela.server.context import ServerContext
 
     async def boot() -> str | None:
         from sqlalchemy.engine import make_url
@@ -261,19 +290,25 @@ def serve(
         finally:
             await ctx.close()
 
-    # The migrations run while Ray's head starts (each takes seconds); a database
-    # that is not ready stops everything before any actor exists.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         booted = pool.submit(run, boot())
         try:
-            started = _connect(s, start_local=True)
+            started = _connect(s, head=head)
         finally:
             error = booted.exception()
         if error is not None:
             with contextlib.suppress(Exception):
                 _teardown(s, stop_head=started)
             raise error
-    credential = booted.result()
+    return started, booted.result()
+
+
+def _start_actors(s: Settings, credential: str | None, *, n_workers: int, started: bool,
+                  detach: bool, t0: float) -> None:
+    from actors._ray import AUTHORITY
+    from actors.api import begin_api
+    from actors.deploy import create_control_plane, default_hostname, wait_control_plane
+
     console.print(f"database ready ({s.database_url().split(':', 1)[0]}), "
                   f"queue: {s.queue.backend}", highlight=False)
     # The HTTP API's actor starts beside the control actors; it is waited for first, as
@@ -425,7 +460,7 @@ def build_run(
     import ray
 
     from actors._ray import SCHEDULER, get_actor
-    from vela.db.store import split_repo
+    from vela.domain import split_repo
 
     s = state.settings
     split_repo(repo)

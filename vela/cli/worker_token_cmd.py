@@ -8,9 +8,6 @@ import typer
 
 from vela.cli._app import command, console, err_console, print_json, run, state
 from vela.cli.duration import parse_duration
-from vela.db.engine import create_engine
-from vela.db.store import Store
-from vela.security import create_registration_token
 
 app = typer.Typer(help="One-time registration tokens that onboard new workers.",
                   no_args_is_help=True)
@@ -36,6 +33,10 @@ def create(
     if unknown:
         err_console.print(f"[yellow]warning:[/yellow] route(s) {', '.join(unknown)} are not in "
                           "queue.routes; no build will be queued there until they are.")
+
+    from vela.db.engine import create_engine
+    from vela.db.store import Store
+    from vela.security import create_registration_token
 
     async def go() -> str:
         engine = create_engine(s.database_url(), echo=s.database.echo)

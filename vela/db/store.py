@@ -41,6 +41,7 @@ from vela.domain import (
     WorkerStatus,
     check_build_transition,
     check_step_transition,
+    split_repo,
 )
 from vela.errors import Conflict, NotFound, VelaError
 from vela.security import atrest
@@ -75,13 +76,6 @@ class StepSpec:
     number: int
     name: str
     image: str = ""
-
-
-def split_repo(full_name: str) -> tuple[str, str]:
-    org, sep, name = full_name.partition("/")
-    if not sep or not org or not name or "/" in name:
-        raise VelaError(f"repository must look like 'org/name', got {full_name!r}")
-    return org, name
 
 
 class Store:
