@@ -101,7 +101,7 @@ async def test_a_postgres_connection_that_died_idle_is_replaced_not_used(
         engine_postgres, monkeypatch):
     """A pooled connection idle past PING_AFTER_IDLE_S is pinged before use: one the
     server dropped meanwhile (a restart) is replaced, and the unit runs. Without the
-    ping the unit fails, which shows the test reaches the dead connection."""
+    ping a write fails, which shows the test reaches the dead connection."""
     from sqlalchemy.exc import DBAPIError
 
     import vela.db.engine as eng
@@ -117,10 +117,35 @@ async def test_a_postgres_connection_that_died_idle_is_replaced_not_used(
     monkeypatch.setattr(eng, "PING_AFTER_IDLE_S", 3600.0)  # never pinged
     await kill_pooled()
     with pytest.raises(DBAPIError):
-        await _repos(db)
+        await db.write(lambda s: s.execute(select(1)))
     monkeypatch.setattr(eng, "PING_AFTER_IDLE_S", 0.0)  # always pinged
     await kill_pooled()
     assert await _repos(db) == 0
+    await kill_pooled()
+    assert await db.write(lambda s: s.scalar(select(1))) == 1
+
+
+async def test_a_read_on_a_connection_dropped_in_steady_use_runs_once_more(
+        engine_postgres, monkeypatch):
+    """A connection in steady use is not pinged: when the server drops it (a restart),
+    the read in flight fails and runs again on a new connection, so an API read does
+    not answer 503 once after every PostgreSQL restart. A write would not run again."""
+    import vela.db.engine as eng
+    from tests.conftest import pg_exec
+
+    monkeypatch.setattr(eng, "PING_AFTER_IDLE_S", 3600.0)  # never pinged
+    db = database(engine_postgres)
+    await engine_postgres.dispose()
+    pid = await db.read(lambda s: s.scalar(select(func.pg_backend_pid())))
+    pg_exec(f"SELECT pg_terminate_backend({int(pid)})")
+    runs: list[int] = []
+
+    def unit(s):  # type: ignore[no-untyped-def]
+        runs.append(1)
+        return s.scalar(select(func.pg_backend_pid()))
+
+    assert await db.read(unit) != pid
+    assert len(runs) == 2  # the first met the dropped connection
 
 
 async def test_postgres_connections_stay_open_up_to_the_pool_size(pg_schema):

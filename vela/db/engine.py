@@ -13,7 +13,7 @@ from typing import TypeVar
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -53,7 +53,8 @@ def _ping_if_idle(engine: AsyncEngine) -> None:
     every checkout cost a round trip per unit of work (a read unit 3.1 ms of CPU with
     it, 1.8 ms without). A connection in steady use is not pinged; if the server
     restarted under it, its statement fails like any statement in flight would, and
-    SQLAlchemy then replaces every pooled connection."""
+    SQLAlchemy then replaces every pooled connection (a read then runs once more:
+    :meth:`Database.read`)."""
     sync = engine.sync_engine
 
     @event.listens_for(sync, "checkin")
@@ -118,7 +119,15 @@ class Database:
         return f"Database({self._dialect})"
 
     async def read(self, unit: Callable[[Session], T]) -> T:
-        """``unit`` without a transaction of its own (it may commit itself)."""
+        """``unit`` without a transaction of its own (it may commit itself, if running it
+        twice does no harm). A read that met a connection the server dropped (a
+        PostgreSQL restart) runs once more on a new one: SQLAlchemy has replaced the
+        pool by then. A write is never run twice: its commit may have landed."""
+        try:
+            return await self._run(unit, write=False)
+        except DBAPIError as e:
+            if not e.connection_invalidated:
+                raise
         return await self._run(unit, write=False)
 
     async def write(self, unit: Callable[[Session], T]) -> T:
