@@ -658,3 +658,15 @@ async def test_an_empty_queue_is_remembered_for_the_long_poll(queue, verifier, s
     assert await listener.run_once() is Step.DISPATCHED
     assert await listener.run_once() is Step.IDLE
     assert seen == [None, 1, 2, None]
+
+
+def test_transient_errors_are_the_back_ends_being_unreachable_not_bad_items():
+    import redis.exceptions
+
+    from vela.queue.listener import is_transient
+
+    for e in (RedisConnectionError("down"), redis.exceptions.TimeoutError(),
+              OperationalError("SELECT 1", {}, Exception("gone")), ConnectionRefusedError()):
+        assert is_transient(e), e
+    for e in (ValueError("bad"), redis.exceptions.ResponseError("WRONGTYPE"), KeyError("x")):
+        assert not is_transient(e), e

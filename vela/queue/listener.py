@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -44,8 +45,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError
 
 from vela.queue.base import Clock, Queue, Reservation, Sleep
@@ -53,17 +52,19 @@ from vela.queue.item import ItemVerifier, QueueItem, QueueItemInvalid
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "the back end is unreachable right now", not "this item is bad".
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError, RedisTimeoutError, DBAPIError, OSError,
-)
 
 MAX_DELIVERIES_REASON = "too_many_deliveries"
 SUBMIT_FAILED = "submit_failed"
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT_ERRORS)
+    """The back end is unreachable right now (not: this item is bad). Redis's errors
+    count only where redis is loaded: a process on the database queue never loads it."""
+    if isinstance(exc, DBAPIError | OSError):
+        return True
+    redis_errors = sys.modules.get("redis.exceptions")
+    return redis_errors is not None and isinstance(
+        exc, redis_errors.ConnectionError | redis_errors.TimeoutError)
 
 
 class Outcome(StrEnum):

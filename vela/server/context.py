@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vela.config import Settings
-from vela.db import migrate
 from vela.db.engine import create_engine
 from vela.db.store import Store
 from vela.metrics import Metrics
@@ -53,6 +52,8 @@ class ServerContext:
     async def bootstrap(self) -> None:
         """Migrations and first keys, done once before any actor starts (so no two
         actors race to create a first key)."""
+        from vela.db import migrate  # alembic: only `vela serve` and `vela db` migrate
+
         await migrate.upgrade(self.engine)
         await self.bootstrap_keys()
 
