@@ -16,7 +16,8 @@ from tests.server.conftest import System
 from vela.config import Settings
 from vela.db.store import Store
 from vela.executor import choose_runtime
-from vela.legacy import LegacyGateway, LegacyWorker
+from vela.legacy.gateway import LegacyGateway
+from vela.legacy.worker import LegacyWorker
 from vela.queue.db_queue import DatabaseQueue
 from vela.queue.redis_queue import RedisQueue
 from vela.server.context import ServerContext

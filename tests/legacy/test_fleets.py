@@ -101,7 +101,7 @@ async def test_cancel_reaches_either_kind_of_worker(mixed, route):
 
 
 async def test_legacy_worker_stops_popping_when_the_gateway_is_away(mixed, monkeypatch):
-    from vela.legacy import Poll
+    from vela.legacy.worker import Poll
 
     worker = mixed.add_legacy_worker("legacy")
     await worker.connect()

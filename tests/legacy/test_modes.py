@@ -10,7 +10,7 @@ from tests.legacy.conftest import WORKER_SECRET
 from vela.cli import app
 from vela.config import Settings, load_settings
 from vela.errors import ConfigError
-from vela.legacy import check_server_modes, check_worker_modes
+from vela.legacy.modes import check_server_modes, check_worker_modes
 from vela.security import Reason, Registration, Rejected, hash_registration_token
 
 

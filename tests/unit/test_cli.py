@@ -137,13 +137,13 @@ def test_a_fresh_machine_gets_a_ray_auth_token_once(tmp_path, monkeypatch):
 
 def test_the_cli_loads_no_server_library_until_a_command_needs_one():
     """Every `vela` command starts by importing the CLI: the database, queue and Ray
-    libraries load only inside the commands that use them (`vela serve` starts Ray's
-    head while they load)."""
+    libraries load only inside the commands that use them. `vela serve` checks the
+    queue modes and the sandbox, starts Ray's head, and loads them meanwhile."""
     import subprocess
     import sys
 
-    code = ("import sys, vela.cli; print(sorted(m for m in ('sqlalchemy', 'alembic', "
-            "'redis', 'ray', 'fastapi') if m in sys.modules))")
+    code = ("import sys, vela.cli, vela.legacy.modes, vela.executor; print(sorted(m for m "
+            "in ('sqlalchemy', 'alembic', 'redis', 'ray', 'fastapi') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"
