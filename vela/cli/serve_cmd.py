@@ -135,7 +135,6 @@ def _await_local_head(head: subprocess.Popen[str]) -> None:
         raise VelaError(f"`ray start --head` failed:\n{tail}")
 
 
-
 def _stop_local_head(s: Settings) -> None:
     """Stop the head `vela serve` started — only that one (`ray stop` would kill
     every Ray on the machine): its processes name its session directory or its
