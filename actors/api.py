@@ -148,12 +148,17 @@ def wait_api(settings: Settings, *, timeout_s: float = 120.0) -> str:
     if handle is None:
         raise VelaError("the API actor is not running; start the server with `vela serve`")
     try:
-        ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
+        listening = ray.get(handle.status.remote(), timeout=timeout_s)["listening"]
     except RayActorError as e:
         raise VelaError(f"the API could not start: {_cause(e)}") from None
     except GetTimeoutError:
         raise VelaError(f"the API did not start within {timeout_s:.0f}s; its log in the "
                         "Ray dashboard (actor vela-api) says why") from None
+    wanted = f"{settings.api.host}:{settings.api.port}"
+    if listening != wanted:  # an API started earlier, with other settings
+        raise VelaError(f"the API already runs on this cluster at {listening}, not at "
+                        f"{wanted}: `vela stop` it first, or set api.host and api.port "
+                        "to where it runs")
     url = settings.api.listen_url()
     last = ""
     while time.monotonic() < deadline:

@@ -139,6 +139,31 @@ def test_the_api_comes_back_on_its_port_after_its_process_dies(settings, server)
         ray.kill(handle, no_restart=True)
 
 
+def test_an_api_already_running_elsewhere_is_named_not_waited_for(settings):
+    """`vela serve` finds the API actor by name: one started with another port is an
+    error at once that says where it runs, not a 120 s wait on the new port."""
+    import time
+
+    import ray
+
+    from actors._ray import API, get_actor
+    from actors.api import begin_api, deploy_api, wait_api
+    from vela.errors import VelaError
+
+    settings.api.port = first = _free_port()
+    deploy_api(settings)
+    try:
+        settings.api.port = _free_port()
+        begin_api(settings)  # finds the running one
+        started = time.monotonic()
+        with pytest.raises(VelaError, match=rf"already runs on this cluster at "
+                                            rf"127\.0\.0\.1:{first}, not at .*`vela stop`"):
+            wait_api(settings)
+        assert time.monotonic() - started < 30
+    finally:
+        ray.kill(get_actor(API, settings.ray.namespace), no_restart=True)
+
+
 def _wait_answer(url: str, *, timeout_s: float) -> dict:
     import time
 
