@@ -130,8 +130,8 @@ class SchedulerActor:
         return (await self._get()).status()
 
     async def api(self, op: str, kwargs: dict[str, Any]) -> Any:
-        """One HTTP API operation (``vela.api.backend.OPS``) for the API's Serve
-        replicas; failures come back as :class:`~vela.api.errors.ApiError`."""
+        """One HTTP API operation (``vela.api.backend.OPS``) for the API actor
+        (``actors/api.py``); failures come back as :class:`~vela.api.errors.ApiError`."""
         from vela.api.backend import ServerBackend, TokenIssuer, dispatch
         from vela.api.errors import to_api_error
 

@@ -2,7 +2,7 @@
 
 :class:`ServerBackend` does the work over the Store, the Scheduler core and a
 token issuer (the Authority). In production it lives inside the Scheduler
-actor and the API's Serve replicas reach it through
+actor and the API actor reaches it through
 :class:`RemoteBackend` (one actor call per operation, see ``actors/api.py``);
 in tests the same forwarding reaches it in another thread's event loop.
 Every operation takes keyword arguments and returns plain JSON-able data,
