@@ -41,10 +41,9 @@ def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON."
 
 
 def _engine():  # type: ignore[no-untyped-def]
-    from vela.db.engine import create_engine
+    from vela.db.engine import engine_from
 
-    s = state.settings
-    return create_engine(s.database_url(), echo=s.database.echo)
+    return engine_from(state.settings)
 
 
 @db_app.command("upgrade")

@@ -34,12 +34,12 @@ def create(
         err_console.print(f"[yellow]warning:[/yellow] route(s) {', '.join(unknown)} are not in "
                           "queue.routes; no build will be queued there until they are.")
 
-    from vela.db.engine import create_engine
+    from vela.db.engine import engine_from
     from vela.db.store import Store
     from vela.security import create_registration_token
 
     async def go() -> str:
-        engine = create_engine(s.database_url(), echo=s.database.echo)
+        engine = engine_from(s)
         try:
             store = Store(engine, s.master_key())
             return await create_registration_token(store, routes=route_list, hostname=hostname,

@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as create_sync_engine
@@ -16,6 +16,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from vela.config import Settings
 
 T = TypeVar("T")
 
@@ -42,6 +45,12 @@ def create_engine(url: str, *, echo: bool = False, schema: str | None = None,
                                  pool_size=pool_size)
     _ping_if_idle(engine)
     return engine
+
+
+def engine_from(settings: Settings) -> AsyncEngine:
+    """The engine ``settings`` configure (``database.url``, ``echo``, ``pool_size``)."""
+    db = settings.database
+    return create_engine(settings.database_url(), echo=db.echo, pool_size=db.pool_size)
 
 
 # A pooled PostgreSQL connection idle longer than this is pinged before use.

@@ -25,11 +25,9 @@ def open_queue(settings: Settings, *, engine: AsyncEngine | None = None,
 
         return RedisQueue.from_url(settings.queue.redis_url.get_secret_value(),
                                    prefix=redis_prefix or DEFAULT_PREFIX, clock=clock)
-    from vela.db.engine import create_engine
+    from vela.db.engine import engine_from
     from vela.queue.db_queue import DatabaseQueue
 
     if engine is not None:
         return DatabaseQueue(engine, clock=clock)
-    return DatabaseQueue(create_engine(settings.database_url(), echo=settings.database.echo,
-                                       pool_size=settings.database.pool_size),
-                         owns_engine=True, clock=clock)
+    return DatabaseQueue(engine_from(settings), owns_engine=True, clock=clock)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vela.config import Settings
-from vela.db.engine import create_engine
+from vela.db.engine import engine_from
 from vela.db.store import Store
 from vela.metrics import Metrics
 from vela.queue import Queue, open_queue
@@ -43,8 +43,7 @@ class ServerContext:
 
     @classmethod
     def open(cls, settings: Settings) -> ServerContext:
-        engine = create_engine(settings.database_url(), echo=settings.database.echo,
-                               pool_size=settings.database.pool_size)
+        engine = engine_from(settings)
         master_key = settings.master_key()
         return cls(settings=settings, engine=engine, store=Store(engine, master_key),
                    master_key=master_key)
