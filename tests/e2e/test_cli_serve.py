@@ -64,6 +64,15 @@ def test_serve_build_run_stop(env):
         assert status.returncode == 0 and "vela-scheduler" in status.stdout
         again = vela("serve", "--detach", env=env)  # idempotent
         assert again.returncode == 0, again.stderr
+        # A second `vela serve` that cannot reach its database fails alone: the server
+        # already running keeps its actors and still runs builds.
+        unreachable = {**env, "VELA_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/x"}
+        failed = vela("serve", "--detach", env=unreachable)
+        assert failed.returncode == 1
+        assert "cannot reach the database" in failed.stdout + failed.stderr
+        assert "stopped" not in failed.stdout + failed.stderr
+        ok = vela("build", "run", "examples/hello.yml", "--repo", "demo/hello", env=env)
+        assert ok.returncode == 0 and "build 5 success" in ok.stdout, ok.stdout + ok.stderr
     finally:
         down = vela("stop", env=env)
     assert down.returncode == 0, down.stderr

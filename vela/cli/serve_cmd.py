@@ -299,8 +299,14 @@ def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
         finally:
             error = booted.exception()
         if error is not None:
-            with contextlib.suppress(Exception):
-                _teardown(s, stop_head=started)
+            # Nothing of this run exists yet; actors that do belong to a server already
+            # running on this cluster, which a failed second `vela serve` leaves alone.
+            if started:
+                with contextlib.suppress(Exception):
+                    import ray
+
+                    ray.shutdown()
+                    _stop_local_head(s)
             raise error
     return started, booted.result()
 
