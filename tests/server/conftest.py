@@ -56,9 +56,10 @@ def pipeline(*commands: str, secrets: tuple[str, ...] = ()) -> str:
 class LocalWorkerClient:
     """What RayWorkerClient does, in process; ``kill()`` plays a dead actor."""
 
-    def __init__(self, core: WorkerCore) -> None:
+    def __init__(self, core: WorkerCore, tokens: dict[int, str]) -> None:
         self.core = core
         self.dead = False
+        self.tokens = tokens
 
     def _alive(self) -> None:
         if self.dead:
@@ -70,6 +71,8 @@ class LocalWorkerClient:
 
     async def execute_package(self, package: dict[str, Any]) -> dict[str, Any]:
         self._alive()
+        if isinstance(package, dict) and isinstance(package.get("build_id"), int):
+            self.tokens[package["build_id"]] = package.get("build_token")  # as a thief sees
         return (await self.core.execute_package(package)).as_dict()
 
     async def status(self) -> dict[str, Any]:
@@ -162,7 +165,7 @@ class System:
                           identity=identity, pinned_server_keys={}, runtime=runtime,
                           server=DirectLink(self), workspace_root=state_dir / "ws",
                           flush_s=0.05, report_retry_s=0.01, report_deadline_s=5.0)
-        self.directory.clients[hostname] = LocalWorkerClient(core)
+        self.directory.clients[hostname] = LocalWorkerClient(core, self.tokens)
         token = await self.authority.registration_token(routes=list(routes), hostname=hostname)
         reg = Registration(hostname=hostname, routes=list(routes), build_limit=build_limit,
                            sign_public_key=identity.sign_public_key,

@@ -165,6 +165,26 @@ async def test_scheduler_restart_adopts_running_builds(system):
     assert system.scheduler.registry.free_slots() == {"vela": 2}
 
 
+async def test_a_restarted_scheduler_records_the_start_it_missed(system):
+    """The Scheduler went down after a worker accepted a build but before it recorded
+    the start in the receipt: the new one adopts the running build as started (were
+    its worker lost later, it would end ``worker_lost``, not run a second time)."""
+    await system.add_worker("w1")
+    client = system.directory.clients["w1"]
+    honest = client.execute_package
+
+    async def start_lost(package: dict) -> dict:
+        return {**await honest(package), "start": None}
+
+    client.execute_package = start_lost  # type: ignore[method-assign]
+    build_id = await system.submit(pipeline("echo begun", "sleep 2"))
+    await system.pump([build_id], until=lambda b: b[build_id].status == "running")
+    assert (await system.store.get_build(build_id)).started_at is None
+    await system.restart_scheduler()
+    assert (await system.store.get_build(build_id)).started_at is not None
+    assert (await system.pump([build_id]))[build_id].status == "success"
+
+
 async def test_cancel_running_build(system):
     core = await system.add_worker("w1")
     build_id = await system.submit(pipeline("sleep 30"))
@@ -200,6 +220,60 @@ async def test_forged_reports_are_rejected(system, forgery):
     assert (await system.store.get_build(a)).status == "running"
     await system.scheduler.cancel(a)
     await system.scheduler.cancel(b)
+
+
+@pytest.mark.parametrize("forgery", ["tampered", "other_build", "no_proof", "replayed"])
+async def test_a_forged_start_in_the_receipt_ends_the_build(system, forgery):
+    """The start comes back with the receipt of ``execute_package``; it is checked like
+    any report. A forged one ends the build ``error`` with the reason, frees the slot
+    and stops the build on the worker, whose later reports are refused."""
+    core = await system.add_worker("w1", build_limit=2)
+    client = system.directory.clients["w1"]
+    honest = client.execute_package
+    seen: list[dict] = []
+
+    async def forging(package: dict) -> dict:
+        receipt = await honest(package)
+        start = receipt["start"]
+        seen.append(dict(start))
+        if forgery == "tampered":
+            start["proof"] = start["proof"][:-4] + ("AAAA" if start["proof"][-4:] != "AAAA"
+                                                    else "BBBB")
+        elif forgery == "other_build":
+            start["proof"] = make_proof(system.identity("w1"), token=package["build_token"],
+                                        action=BuildAction.START,
+                                        build_id=package["build_id"] + 1,
+                                        now=datetime.now(UTC))
+        elif forgery == "no_proof":
+            del start["proof"]
+        elif len(seen) > 1:  # replayed: the first build's start, proof and all
+            receipt["start"] = seen[0]
+        return receipt
+
+    client.execute_package = forging  # type: ignore[method-assign]
+    if forgery == "replayed":
+        first = await system.submit(pipeline("sleep 30"))
+        await system.pump([first], until=lambda b: b[first].started_at is not None)
+    build_id = await system.submit(pipeline("sleep 30"))
+    build = (await system.pump([build_id]))[build_id]
+    assert build.status == "error" and build.started_at is None
+    assert build.reason == {"tampered": "proof_invalid", "other_build": "wrong_build",
+                            "no_proof": "malformed", "replayed": "proof_invalid"}[forgery]
+    assert "refused" in (build.message or "")
+    await eventually_idle(core, build_id)
+    assert sum(system.scheduler.stats.report_rejections.values()) >= 1
+    assert build_id not in system.scheduler.registry.get("w1").running
+    assert (await system.store.get_build(build_id)).status == "error"  # nothing overwrote it
+    if forgery == "replayed":
+        await system.scheduler.cancel(first)
+
+
+async def eventually_idle(core, build_id: int) -> None:
+    for _ in range(200):
+        if build_id not in core.running:
+            return
+        await asyncio.sleep(0.05)  # poll with a deadline
+    raise AssertionError(f"build {build_id} still runs on the worker")
 
 
 BAD_BATCHES = ["one_forged", "other_workers_key", "replayed_within", "action_swapped",

@@ -114,19 +114,35 @@ class FakeServer:
         """As when the server re-dispatches the build: its token is no longer current."""
         self.jtis[build_id] = "revoked"
 
+    async def execute(self, core: WorkerCore, package: dict[str, Any]) -> Receipt:
+        """``execute_package`` as the Scheduler calls it: the start that comes back with
+        an accepted receipt is checked and recorded like any report, before the build's
+        later reports; a refused one stops the build on the worker."""
+        receipt = await core.execute_package(package)
+        if receipt.accepted and receipt.start is not None:
+            try:
+                self._record(receipt.build_id, package["build_token"], [receipt.start])
+            except Rejected:
+                core.cancel(receipt.build_id)
+        return receipt
+
     async def send_reports(self, *, build_id: int, token: str,
                            reports: list[dict[str, Any]]) -> None:
         """All of a call's reports are checked before any is recorded, as the server does."""
         self.attempt_proofs.append([r["proof"] for r in reports])
         if self.hang is not None:
             await self.hang.wait()
+        for r in reports:
+            if self.fail is not None and (err := self.fail(build_id, r["action"])) is not None:
+                self.failed_calls += 1
+                raise err
+        self._record(build_id, token, reports)
+
+    def _record(self, build_id: int, token: str, reports: list[dict[str, Any]]) -> None:
         action = ""
         try:
             for r in reports:
                 action = r["action"]
-                if self.fail is not None and (err := self.fail(build_id, action)) is not None:
-                    self.failed_calls += 1
-                    raise err
                 now = self.clock()
                 self.guard.check(
                     token=token, requests=[(action, r["proof"])],
@@ -141,8 +157,11 @@ class FakeServer:
             self.refused.append((build_id, action, e.reason.value))
             raise
         finally:
-            async with self.changed:
-                self.changed.notify_all()
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
 
     async def until(self, predicate: Callable[[], Any], timeout_s: float = 10.0) -> Any:
         async with self.changed:
@@ -246,10 +265,13 @@ async def test_accepted_build_reports_in_order_with_fresh_proofs(core, server, c
                  'echo "$VELA_BUILD_ID $VELA_REPO $VELA_BUILD_NUMBER $VELA_ROUTE"']),
         ("two", ["echo two"]), secrets=("api_key",))
     pkg = server.package(1, text, secrets={"api_key": SECRET})
-    receipt = await core.execute_package(pkg)
-    assert receipt == Receipt(True, 1)
+    receipt = await server.execute(core, pkg)
+    assert (receipt.accepted, receipt.build_id, receipt.reason) == (True, 1, None)
     assert receipt.as_dict() == {"accepted": True, "build_id": 1, "reason": None,
-                                 "message": None}
+                                 "message": None, "start": receipt.start}
+    # The build's start came back with the receipt, signed like any report.
+    assert receipt.start is not None and receipt.start["action"] == START
+    assert receipt.start["proof"] not in repr(receipt)
     await server.until(lambda: server.finish(1))
     await core.wait_idle(5)
     assert core.running == [] and core.free_slots == 2
@@ -312,7 +334,7 @@ async def test_tampered_package_refused(core, server, part, caplog):
 
 
 async def test_package_for_another_worker_refused(core, server):
-    receipt = await core.execute_package(server.package(1, one_step("echo hi"), worker="w2"))
+    receipt = await server.execute(core, server.package(1, one_step("echo hi"), worker="w2"))
     assert (receipt.accepted, receipt.reason) == (False, Reason.PACKAGE_NOT_FOR_ME.value)
     assert core.running == []
 
@@ -331,7 +353,7 @@ async def test_unpinned_signer_refused_until_pinned(make_core, server, ring, clo
     receipt = await core.execute_package(pkg)
     assert receipt.reason == "package_unknown_signer"
     core.pin(ring.verifying_keys(clock()))
-    assert (await core.execute_package(server.package(2, one_step("echo hi")))).accepted
+    assert (await server.execute(core, server.package(2, one_step("echo hi")))).accepted
     await server.until(lambda: server.finish(2))
 
 
@@ -344,10 +366,10 @@ async def test_malformed_package_refused_without_raising(core, package, build_id
 
 async def test_replayed_package_and_second_package_for_a_running_build(core, server, gate):
     pkg = server.package(1, one_step(gate.wait))
-    assert (await core.execute_package(pkg)).accepted
+    assert (await server.execute(core, pkg)).accepted
     again = await core.execute_package(pkg)
     assert (again.accepted, again.reason) == (False, "duplicate_package")
-    other = await core.execute_package(server.package(1, one_step("echo hi"), current=False))
+    other = await server.execute(core, server.package(1, one_step("echo hi"), current=False))
     assert (other.accepted, other.reason) == (False, "already_running")
     gate.open()
     await core.wait_idle(10)
@@ -359,7 +381,7 @@ async def test_replayed_package_and_second_package_for_a_running_build(core, ser
 
 async def test_build_limit_holds_under_concurrent_packages(core, server, gate):
     pkgs = [server.package(10 + i, one_step(gate.wait)) for i in range(10)]
-    receipts = await asyncio.gather(*(core.execute_package(p) for p in pkgs))
+    receipts = await asyncio.gather(*(server.execute(core, p) for p in pkgs))
     accepted = [r.build_id for r in receipts if r.accepted]
     assert len(accepted) == 2
     assert {r.reason for r in receipts if not r.accepted} == {"no_free_slot"}
@@ -373,11 +395,11 @@ async def test_build_limit_holds_under_concurrent_packages(core, server, gate):
 
 
 async def test_drain_refuses_new_packages_and_waits_for_running_builds(core, server, gate):
-    assert (await core.execute_package(server.package(1, one_step(gate.wait)))).accepted
+    assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
     await server.until(lambda: server.of(1, STEP))
     draining = asyncio.create_task(core.drain(10))
     await eventually(lambda: core.draining)
-    late = await core.execute_package(server.package(2, one_step("echo hi")))
+    late = await server.execute(core, server.package(2, one_step("echo hi")))
     assert (late.accepted, late.reason) == (False, "draining")
     assert core.free_slots == 0 and core.status()["draining"] is True
     assert not draining.done()
@@ -388,7 +410,7 @@ async def test_drain_refuses_new_packages_and_waits_for_running_builds(core, ser
 
 
 async def test_drain_times_out_while_a_build_runs(core, server, gate):
-    assert (await core.execute_package(server.package(1, one_step(gate.wait)))).accepted
+    assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
     with pytest.raises(TimeoutError):
         await core.drain(0.05)
     assert core.running == [1]
@@ -407,7 +429,7 @@ async def test_availability_answer_verifies_and_carries_free_slots(core, server,
                             sign_public_key=identity.sign_public_key, now=clock())
 
     assert ask() == 2 and ask(as_object=True) == 2
-    assert (await core.execute_package(server.package(1, one_step(gate.wait)))).accepted
+    assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
     assert ask() == 1
     other = WorkerIdentity.generate()
     challenge = book.issue(hostname=HOST, build_id=5, now=clock())
@@ -423,7 +445,7 @@ async def test_availability_answer_verifies_and_carries_free_slots(core, server,
 
 async def test_server_refusing_a_report_stops_the_build_and_frees_the_slot(core, server):
     looping = one_step("while true; do echo tick; sleep 0.02; done")
-    assert (await core.execute_package(server.package(1, looping))).accepted
+    assert (await server.execute(core, server.package(1, looping))).accepted
     await server.until(lambda: server.lines(1, 1))
     server.revoke(1)  # e.g. canceled on the server, or dispatched elsewhere
     await core.wait_idle(10)  # the endless step was stopped
@@ -434,7 +456,7 @@ async def test_server_refusing_a_report_stops_the_build_and_frees_the_slot(core,
 
 
 async def test_build_ended_on_the_server_is_not_finished_twice(core, server, gate):
-    assert (await core.execute_package(server.package(1, one_step(gate.wait)))).accepted
+    assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
     await server.until(lambda: server.of(1, STEP))
     server.ended.add(1)
     gate.open()
@@ -443,18 +465,22 @@ async def test_build_ended_on_the_server_is_not_finished_twice(core, server, gat
     assert server.finish(1) is None
 
 
-async def test_rejected_start_does_not_run_the_build(core, server, tmp_path):
+async def test_refused_start_stops_the_build(core, server, tmp_path):
+    """The server refuses the start that came with the receipt (the build was canceled
+    or dispatched again meanwhile) and cancels the build: its steps never run, and
+    nothing it reports afterwards is taken."""
     marker = tmp_path / "ran"
     pkg = server.package(1, one_step(f"touch '{marker}'"))
     server.revoke(1)
-    assert (await core.execute_package(pkg)).accepted
+    assert (await server.execute(core, pkg)).accepted
     await core.wait_idle(10)
-    assert [r[1:] for r in server.refused] == [(START, "token_revoked")]
+    assert server.refused[0][1:] == (START, "token_revoked")
+    assert {r[2] for r in server.refused} == {"token_revoked"}
     assert server.reports == [] and not marker.exists()
 
 
 async def test_transient_report_errors_are_retried(core, server):
-    failures = {START: 2, STEP: 3, LOG: 1, FINISH: 2}
+    failures = {STEP: 3, LOG: 1, FINISH: 2}
     budget = dict(failures)
 
     def flaky(build_id: int, action: str) -> Exception | None:
@@ -464,7 +490,7 @@ async def test_transient_report_errors_are_retried(core, server):
         return None
 
     server.fail = flaky
-    assert (await core.execute_package(server.package(1, one_step("echo hi")))).accepted
+    assert (await server.execute(core, server.package(1, one_step("echo hi")))).accepted
     await server.until(lambda: server.finish(1))
     assert server.finish(1)["status"] == "success"
     assert budget == dict.fromkeys(failures, 0)
@@ -474,7 +500,7 @@ async def test_transient_report_errors_are_retried(core, server):
     assert server.failed_calls == sum(failures.values())
     proofs = [p for call in server.attempt_proofs for p in call]
     assert len(set(proofs)) == len(proofs)
-    assert {r.proof for r in server.reports} <= set(proofs)
+    assert {r.proof for r in server.reports if r.action != START} <= set(proofs)
 
 
 async def test_step_reports_do_not_hold_up_the_build(core, server, tmp_path):
@@ -490,7 +516,7 @@ async def test_step_reports_do_not_hold_up_the_build(core, server, tmp_path):
 
     server.send_reports = stall_after_start  # type: ignore[method-assign]
     script = f"while [ ! -e '{go}' ]; do sleep 0.01; done; touch '{marker}'"
-    assert (await core.execute_package(server.package(1, one_step(script)))).accepted
+    assert (await server.execute(core, server.package(1, one_step(script)))).accepted
     await eventually(lambda: server.hang is not None)  # its "running" report hangs...
     go.touch()
     await eventually(marker.exists)  # ...and the step runs to its end meanwhile
@@ -505,27 +531,26 @@ async def test_step_reports_do_not_hold_up_the_build(core, server, tmp_path):
 
 async def test_a_short_steps_reports_travel_with_the_finish(core, server):
     core._linger_s = 60.0  # a step's report waits for the next that must go at once
-    assert (await core.execute_package(server.package(1, one_step("echo hi")))).accepted
+    assert (await server.execute(core, server.package(1, one_step("echo hi")))).accepted
     await server.until(lambda: server.finish(1))
-    calls = [len(call) for call in server.attempt_proofs]
-    assert calls[0] == 1 and len(calls) == 2  # build.start alone, then all the rest
+    # build.start came with the receipt; everything else in one call.
+    assert [len(call) for call in server.attempt_proofs] == [4]
     assert [r.action for r in server.of(1)] == [START, STEP, LOG, STEP, FINISH]
 
 
-async def test_server_unreachable_past_the_deadline_stops_the_build(make_core, server,
-                                                                    tmp_path):
+async def test_server_unreachable_past_the_deadline_stops_the_build(make_core, server):
     core = make_core(report_deadline_s=0.1)
     server.fail = lambda build_id, action: ConnectionError("down")
-    marker = tmp_path / "ran"
-    assert (await core.execute_package(server.package(1, one_step(f"touch '{marker}'")))).accepted
-    await core.wait_idle(10)
-    assert server.reports == [] and not marker.exists()
+    endless = one_step("while true; do echo tick; sleep 0.02; done")
+    assert (await server.execute(core, server.package(1, endless))).accepted
+    await core.wait_idle(10)  # the endless step was stopped
+    assert [r.action for r in server.reports] == [START]
     assert len(server.attempt_proofs) > 1
 
 
 async def test_cancel_ends_the_build_canceled(core, server, gate):
     assert core.cancel(1) is False
-    assert (await core.execute_package(server.package(1, one_step(gate.wait)))).accepted
+    assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
     await server.until(lambda: server.of(1, STEP))
     assert core.cancel(1) is True
     await server.until(lambda: server.finish(1))
@@ -538,7 +563,7 @@ async def test_cancel_ends_the_build_canceled(core, server, gate):
 
 async def test_failing_step_finishes_failure(core, server):
     text = pipeline(("bad", ["echo before", "exit 3"]), ("after", ["echo never"]))
-    assert (await core.execute_package(server.package(1, text))).accepted
+    assert (await server.execute(core, server.package(1, text))).accepted
     await server.until(lambda: server.finish(1))
     assert server.finish(1) == {**server.finish(1), "status": "failure",
                                 "reason": "step_failed"}
@@ -553,29 +578,29 @@ async def test_failing_step_finishes_failure(core, server):
 async def test_close_aborts_running_builds_without_a_final_report(core, server, gate):
     ids = [1, 2]
     for b in ids:
-        assert (await core.execute_package(server.package(b, one_step(gate.wait)))).accepted
+        assert (await server.execute(core, server.package(b, one_step(gate.wait)))).accepted
     await server.until(lambda: all(server.of(b, STEP) for b in ids))
     await asyncio.wait_for(core.close(), 10)
     assert core.running == [] and core.draining
     assert all(server.finish(b) is None for b in ids)
-    late = await core.execute_package(server.package(3, one_step("echo hi")))
+    late = await server.execute(core, server.package(3, one_step("echo hi")))
     assert late.reason == "draining"
 
 
-@pytest.mark.parametrize("when", ["before_start", "after_start"])
-async def test_close_right_after_accepting_frees_the_slot(core, server, when):
-    assert (await core.execute_package(server.package(1, one_step("echo hi")))).accepted
-    if when == "after_start":
-        await server.until(lambda: server.of(1, START))  # the workspace is being made
+@pytest.mark.parametrize("ticks", [0, 3])
+async def test_close_right_after_accepting_frees_the_slot(core, server, ticks):
+    assert (await server.execute(core, server.package(1, one_step("echo hi")))).accepted
+    for _ in range(ticks):  # let the build's task begin (its workspace is being made)
+        await asyncio.sleep(0)
     await core.close()
     assert core.running == []
-    assert [r.action for r in server.reports] == ([] if when == "before_start" else [START])
+    assert [r.action for r in server.reports] == [START]
     await core.wait_idle(1)
 
 
 async def test_close_cuts_short_a_report_hanging_on_the_link(core, server, gate, monkeypatch):
     monkeypatch.setattr("vela.worker.core.CLOSE_GRACE_S", 0.1)
-    assert (await core.execute_package(server.package(1, one_step(gate.wait)))).accepted
+    assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
     await server.until(lambda: server.of(1, STEP))
     server.hang = asyncio.Event()  # never set: the server stopped answering
     gate.open()  # the step ends and its report hangs

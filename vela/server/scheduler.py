@@ -21,6 +21,7 @@ rebuilds itself with :meth:`Scheduler.recover`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -146,6 +147,9 @@ class Scheduler:
         self._links: dict[str, _Link] = {}
         self._dirty: dict[str, dict[str, Any]] = {}  # worker rows to write (flush_mirrors)
         self._dispatching: set[int] = set()
+        # Builds whose start is not recorded yet (set when it is): their reports wait.
+        self._starting: dict[int, asyncio.Event] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._queue_epoch: str | None = None
         # A new Scheduler does not know what a volatile queue lost while it was down.
         self._queue_unknown = True
@@ -216,6 +220,9 @@ class Scheduler:
         self.registry.assign(hostname, build.id)
         recorded: IssuedPackage | None = None
         accepted = False
+        # Reports the worker sends before its start is recorded wait for it (_record_start).
+        started: asyncio.Event | None = asyncio.Event()
+        self._starting[build.id] = started
         try:
             challenge = self.book.issue(hostname=hostname, build_id=build.id, now=self._now())
             answer = await self._call(link.client.availability(challenge.model_dump(mode="json")))
@@ -240,6 +247,10 @@ class Scheduler:
                 if build.enqueued_at is not None:
                     self.metrics.dispatched((self._now() - build.enqueued_at).total_seconds())
                 self._mirror(hostname, last_build_started=self._now())
+                if receipt.get("start") is not None:  # else the worker reports it itself
+                    self._spawn(self._record_start(build.id, hostname, issued, receipt["start"],
+                                                   started))
+                    started = None  # opened by _record_start
                 return Outcome.DISPATCHED
             self._refused(hostname, str(receipt.get("reason") or "refused"))
             return None
@@ -264,6 +275,67 @@ class Scheduler:
                     # Its token dies with this change, should the worker have it after all.
                     await self._undispatch(build.id, recorded.jti)
                 self.registry.release(hostname, build.id)
+            if started is not None:
+                self._opened(build.id, started)
+
+    async def _record_start(self, build_id: int, hostname: str, issued: IssuedPackage,
+                            start: object, started: asyncio.Event) -> None:
+        """Record the ``build.start`` report that came with the worker's receipt, checked
+        like any report, before any later report on the build. Transient trouble is
+        retried (the worker's later reports wait); a refusal stops the build there."""
+        delay = 0.2
+        try:
+            while True:
+                try:
+                    await self._apply_reports(build_id=build_id,
+                                              token=issued.package.get("build_token"),
+                                              reports=[start])
+                    return
+                except Rejected as e:
+                    await self._start_refused(build_id, hostname, issued.jti, e.reason.value)
+                    return
+                except Exception as e:  # noqa: BLE001 - the database, say: try again
+                    log.warning("build %d: cannot record its start yet (%s); retrying",
+                                build_id, type(e).__name__)
+                    await asyncio.sleep(delay)  # backoff, not synchronisation
+                    delay = min(delay * 2, 5.0)
+                    entry = self.registry.get(hostname)
+                    if entry is None or build_id not in entry.running:
+                        return  # canceled, or its worker lost, meanwhile
+        finally:
+            self._opened(build_id, started)
+
+    async def _start_refused(self, build_id: int, hostname: str, jti: str, reason: str) -> None:
+        """The worker's start did not pass: the build ends ``error`` here unless it has
+        moved on (canceled, dispatched again), which also kills its token, and the worker
+        is told to stop it."""
+        log.warning("build %d: the start report of %s was refused (%s); stopping the build",
+                    build_id, hostname, reason)
+        try:
+            await self.store.transition_build(
+                build_id, BuildStatus.RUNNING, BuildStatus.ERROR,
+                only_if={"worker": hostname, "token_jti": jti}, reason=reason,
+                message=f"worker {hostname} sent a start report that was refused ({reason})")
+            self.metrics.build_finished(BuildStatus.ERROR.value)
+            self._free(hostname, build_id, last_build_finished=self._now())
+        except Conflict:
+            pass
+        except Exception as e:  # noqa: BLE001 - the worker's own end report will do
+            log.warning("build %d: cannot end it (%s)", build_id, type(e).__name__)
+        link = self._links.get(hostname)
+        if link is not None:
+            with contextlib.suppress(Exception):
+                await self._call(link.client.cancel(build_id))
+
+    def _opened(self, build_id: int, started: asyncio.Event) -> None:
+        started.set()
+        if self._starting.get(build_id) is started:
+            del self._starting[build_id]
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _undispatch(self, build_id: int, jti: str) -> None:
         """Back to pending (the token recorded with ``jti`` dies with it)."""
@@ -333,6 +405,9 @@ class Scheduler:
                                                   limit=10_000):
             if build.id in running:
                 self.registry.assign(hostname, build.id)
+                if build.started_at is None and build.id not in self._starting:
+                    # Its start came with a receipt the previous Scheduler did not record.
+                    await self.store.set_build_fields(build.id, started_at=self._now())
             elif build.id not in self._dispatching:
                 await self._end_lost_build(build)
 
@@ -342,6 +417,11 @@ class Scheduler:
                       ) -> None:
         """A worker's updates on its build, in the order made, each with its own proof
         of possession of ``token``: all are authorized before any is written."""
+        if (started := self._starting.get(build_id)) is not None:
+            await started.wait()  # its start, which came with the receipt, goes first
+        await self._apply_reports(build_id=build_id, token=token, reports=reports)
+
+    async def _apply_reports(self, *, build_id: int, token: object, reports: object) -> None:
         try:
             batch = parse_batch(reports)
             hostname = await self.authority.authorize(
@@ -511,7 +591,8 @@ class Scheduler:
             return  # a legacy worker's build: the Scheduler never watched that worker
         self.registry.release(build.worker, build.id)
         try:
-            if build.started_at is None:
+            # A start still being recorded (_record_start) counts: its steps may be running.
+            if build.started_at is None and build.id not in self._starting:
                 moved = await self.store.transition_build(
                     build.id, BuildStatus.RUNNING, BuildStatus.PENDING,
                     only_if={"worker": build.worker}, worker=None, token_jti=None)

@@ -98,6 +98,9 @@ class Receipt:
     # "no_free_slot", "draining", "duplicate_package", "already_running".
     reason: str | None = None
     message: str | None = None
+    # When accepted: the build's ``build.start`` report (action, payload, proof), which
+    # travels back with the receipt instead of in a report call of its own.
+    start: dict[str, Any] | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +140,8 @@ class _Run:
     urgent: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     # Why reports stopped (a Reason value, UNREACHABLE or CLOSED); None while they flow.
     cut_off: str | None = None
+    # The server has the build.start report already (it came with the receipt).
+    start_sent: bool = False
 
 
 class _BuildReporter:
@@ -222,10 +227,11 @@ class BuildRunner:
 
     # -- builds ------------------------------------------------------------------------
 
-    def _start(self, job: Job, token: str = "") -> _Run:
+    def _start(self, job: Job, token: str = "", *, start_sent: bool = False) -> _Run:
         """Take a slot and run ``job`` in the background; the caller checked that a slot
-        is free and the build is not running here, with no await since."""
-        run = _Run(build_id=job.build_id, token=token)
+        is free and the build is not running here, with no await since. With
+        ``start_sent`` the build does not report its start (the caller handed it over)."""
+        run = _Run(build_id=job.build_id, token=token, start_sent=start_sent)
         self._runs[job.build_id] = run
         self._idle.clear()
         run.task = asyncio.create_task(self._drive(run, job), name=f"vela-build-{job.build_id}")
@@ -273,7 +279,8 @@ class BuildRunner:
 
     async def _drive(self, run: _Run, job: Job) -> None:
         try:
-            if not await self._report(run, BuildAction.START, {"started_at": self._iso_now()}):
+            if not run.start_sent and not await self._report(
+                    run, BuildAction.START, {"started_at": self._iso_now()}):
                 log.info("build %s not started: the server did not take its start", run.build_id)
                 return
             status, reason, message = await self._execute(run, job)
@@ -455,8 +462,11 @@ class WorkerCore(BuildRunner):
     async def execute_package(self, package: dict[str, Any]) -> Receipt:
         """Open ``package`` and start its build in the background; never raises.
 
-        Everything up to reserving the slot happens without an await, so calls
-        made concurrently cannot take more than ``build_limit`` slots.
+        An accepted receipt carries the build's ``build.start`` report, proof and all:
+        the server records it before it takes any later report on the build (one
+        call fewer per build, and the build does not wait for it). Everything up to
+        reserving the slot happens without an await, so calls made concurrently
+        cannot take more than ``build_limit`` slots.
         """
         claimed = package.get("build_id") if isinstance(package, dict) else None
         claimed_id = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) \
@@ -487,18 +497,25 @@ class WorkerCore(BuildRunner):
         if self.free_slots <= 0:
             return Receipt(False, build_id, NO_FREE_SLOT,
                            f"all {self.build_limit} build slots of {self.hostname} are in use")
-        self._start(Job.from_package(opened), token=opened.build_token)
-        return Receipt(True, build_id)
+        self._start(Job.from_package(opened), token=opened.build_token, start_sent=True)
+        return Receipt(True, build_id, start=self._signed(
+            opened.build_token, build_id, BuildAction.START, {"started_at": now.isoformat()},
+            now))
 
     async def _send(self, run: _Run, batch: list[tuple[BuildAction, dict[str, Any]]]
                     ) -> None:
         # A fresh proof per report and attempt: the server refuses a proof it has seen.
         now = self._clock()
         await self._server.send_reports(build_id=run.build_id, token=run.token, reports=[
-            {"action": action.value, "payload": payload,
-             "proof": make_proof(self._identity, token=run.token, action=action.value,
-                                 build_id=run.build_id, now=now)}
+            self._signed(run.token, run.build_id, action, payload, now)
             for action, payload in batch])
+
+    def _signed(self, token: str, build_id: int, action: BuildAction,
+                payload: dict[str, Any], now: datetime) -> dict[str, Any]:
+        """A report as sent: ``{action, payload, proof}``."""
+        return {"action": action.value, "payload": payload,
+                "proof": make_proof(self._identity, token=token, action=action.value,
+                                    build_id=build_id, now=now)}
 
     def _remember(self, package_id: str, expires_at: float, now: datetime) -> bool:
         """Record a package id; False if it was seen before (a replay)."""
