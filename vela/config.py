@@ -139,6 +139,11 @@ class SchedulerSettings(_Section):
     # The listener's long poll: how long it waits for a free slot or new work before
     # looking at the queue anyway (for items queued by other processes).
     listener_wait_s: float = Field(default=1.0, gt=0, le=60)
+    # Items the listener takes beyond the free slots; each waits in the Scheduler up to
+    # prefetch_wait_s for a slot to free, then goes back to the head of its route. So
+    # a slot that frees under load is refilled at once, without a listener round trip.
+    prefetch: int = Field(default=4, ge=0, le=1000)
+    prefetch_wait_s: float = Field(default=0.1, ge=0, le=10)
 
 
 class TokenSettings(_Section):

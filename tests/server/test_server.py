@@ -14,7 +14,7 @@ from vela.coalesce import MAX_BATCH as MAX_REQUESTS
 from vela.domain import BuildStatus
 from vela.errors import NotFound
 from vela.queue.item import QueueItem
-from vela.queue.listener import Outcome
+from vela.queue.listener import Outcome, Step
 from vela.security import BuildAction, Reason, Rejected, make_proof
 from vela.server.reports import MAX_BATCH
 from vela.server.scheduler import WORKER_LOST
@@ -183,6 +183,34 @@ async def test_a_restarted_scheduler_records_the_start_it_missed(system):
     await system.restart_scheduler()
     assert (await system.store.get_build(build_id)).started_at is not None
     assert (await system.pump([build_id]))[build_id].status == "success"
+
+
+async def test_a_prefetched_build_takes_the_next_slot_that_frees(system):
+    """The listener takes more items than there are free slots (``scheduler.prefetch``);
+    one without a slot waits in the Scheduler and takes the slot the first build frees,
+    within the same pass, without going back to the queue."""
+    system.settings.scheduler.prefetch_wait_s = 10.0
+    await system.add_worker("w1")
+    first, second = [await system.submit(pipeline("true")) for _ in range(2)]
+    assert await system.listener.run_once() == Step.DISPATCHED
+    assert system.listener.stats.dispatched == 2 and system.listener.stats.released == 0
+    second_build = await system.store.get_build(second)
+    assert second_build.status in ("running", "success")
+    assert second_build.dispatched_at >= (await system.store.get_build(first)).finished_at
+    await system.pump([first, second])
+
+
+async def test_a_prefetched_build_without_a_slot_goes_back_to_the_queue(system):
+    system.settings.scheduler.prefetch_wait_s = 0.05
+    await system.add_worker("w1")
+    slow = await system.submit(pipeline("sleep 30"))
+    waiting = await system.submit(pipeline("true"))
+    await system.listener.run_once()
+    assert system.listener.stats.dispatched == 1 and system.listener.stats.released == 1
+    assert (await system.store.get_build(waiting)).status == "pending"
+    assert (await system.listener.queue.depth())["vela"].ready == 1
+    await system.scheduler.cancel(slow)
+    assert (await system.pump([waiting]))[waiting].status == "success"
 
 
 async def test_cancel_running_build(system):

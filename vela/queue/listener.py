@@ -213,6 +213,7 @@ class Listener:
         idle_s: float = 0.5,
         batch: int = 1,
         wait_s: float = 0.0,
+        prefetch: int = 0,
         max_deliveries: int | None = None,
         backoff: Backoff | None = None,
         reconnect: Callable[[], Awaitable[Queue]] | None = None,
@@ -228,6 +229,7 @@ class Listener:
         self.idle_s = idle_s
         self.batch = max(1, batch)
         self.wait_s = wait_s
+        self.prefetch = max(0, prefetch)
         self.max_deliveries = max_deliveries
         self.backoff = backoff or Backoff()
         self._reconnect = reconnect
@@ -293,7 +295,9 @@ class Listener:
             if not routes:
                 self._healthy()
                 return Step.NO_CAPACITY
-            reserved = await self._reserve(routes, min(self.batch, max(cap.total, 1)))
+            # Beyond the free slots, ``prefetch`` items wait in the dispatcher for a slot.
+            reserved = await self._reserve(
+                routes, min(self.batch, max(cap.total, 1) + self.prefetch))
             self._healthy()
             if not reserved:
                 self._seen_work = cap.work

@@ -90,7 +90,8 @@ class ServerContext:
                                                  q.server_route_names(), q.max_item_bytes)
         sched = self.settings.scheduler
         return Listener(queue, verifier, dispatcher, lease_s=q.lease_seconds,
-                        batch=sched.dispatch_batch, wait_s=sched.listener_wait_s)
+                        batch=sched.dispatch_batch, wait_s=sched.listener_wait_s,
+                        prefetch=sched.prefetch)
 
     async def legacy_gateway(self, *, metrics: Metrics | None = None) -> LegacyGateway:
         """Classic Vela's worker entry point; ConfigError unless some route is legacy."""

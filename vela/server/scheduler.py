@@ -172,10 +172,7 @@ class Scheduler:
             remaining = deadline - loop.time()
             if (cap.free and seen_work != cap.work) or remaining <= 0:
                 return cap
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                pass
+            await self._changed_within(remaining)
 
     def _signal(self) -> None:
         self._wake.set()
@@ -203,14 +200,32 @@ class Scheduler:
         self._dispatching.add(build.id)
         try:
             tried: set[str] = set()
-            while (entry := self.registry.choose(build.route, exclude=tried)) is not None:
-                tried.add(entry.hostname)
-                outcome = await self._dispatch_to(build, entry.hostname)
-                if outcome is not None:
-                    return outcome
-            return Outcome.NO_CAPACITY if not tried else Outcome.RETRY
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.scheduler.prefetch_wait_s
+            while True:
+                while (entry := self.registry.choose(build.route, exclude=tried)) is not None:
+                    tried.add(entry.hostname)
+                    outcome = await self._dispatch_to(build, entry.hostname)
+                    if outcome is not None:
+                        return outcome
+                if tried:
+                    return Outcome.RETRY
+                # No free slot on its route (the listener prefetched it): wait a little
+                # for one to free, then it goes back to the queue.
+                if not await self._changed_within(deadline - loop.time()):
+                    return Outcome.NO_CAPACITY
         finally:
             self._dispatching.discard(build.id)
+
+    async def _changed_within(self, timeout_s: float) -> bool:
+        """Wait until the registry changes (a slot freed, say); False after ``timeout_s``."""
+        if timeout_s <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def _dispatch_to(self, build: Build, hostname: str) -> SubmitResult | None:
         """One placement attempt; None means "try another worker"."""
