@@ -94,7 +94,7 @@ class RayAuthority(BatchingAuthority):
     def __init__(self, handle: Any) -> None:
         self._h = handle
         super().__init__(lambda batch: _await(handle.issue_packages.remote(batch)),
-                         lambda batch: _await(handle.authorize_many.remote(batch)))
+                         lambda batch: _await(handle.verify_many.remote(batch)))
 
     async def key_set(self) -> dict[str, Any]:
         return await _await(self._h.key_set.remote())

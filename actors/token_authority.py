@@ -8,6 +8,7 @@ from typing import Any
 import ray
 
 from vela.config import Settings
+from vela.security import BuildClaims
 from vela.server.authority import Authority, IssuedPackage
 from vela.server.context import ServerContext
 
@@ -33,8 +34,9 @@ class TokenAuthorityActor:
                              ) -> list[IssuedPackage | Exception]:
         return await (await self._get()).issue_packages(requests)
 
-    async def authorize_many(self, requests: list[dict[str, Any]]) -> list[str | Exception]:
-        return await (await self._get()).authorize_many(requests)
+    async def verify_many(self, requests: list[dict[str, Any]]
+                          ) -> list[BuildClaims | Exception]:
+        return await (await self._get()).verify_many(requests)
 
     async def key_set(self) -> dict[str, Any]:
         return await (await self._get()).key_set()
@@ -46,7 +48,7 @@ class TokenAuthorityActor:
 
     async def stats(self) -> dict[str, Any]:
         s = (await self._get()).stats
-        return {"issued": s.issued, "authorized": s.authorized, "rejected": dict(s.rejected)}
+        return {"issued": s.issued, "verified": s.verified, "rejected": dict(s.rejected)}
 
     async def mint_api_token(self, *, subject: str, scopes: list[str],
                              ttl_s: int) -> dict[str, Any]:

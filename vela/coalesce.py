@@ -75,20 +75,23 @@ class Coalescer(Generic[Req, Res]):
 
 class BatchingAuthority:
     """The Scheduler's one-build calls to the TokenAuthority (``issue_package``,
-    ``authorize``) made through its batch calls (``issue_packages``,
-    ``authorize_many``): what concurrent dispatches and reports ask for at the same
-    moment travels in one call."""
+    ``verify``) made through its batch calls (``issue_packages``, ``verify_many``):
+    what concurrent dispatches and reports ask for at the same moment travels in one
+    call."""
 
     def __init__(self, issue_packages: Send[tuple[int, str], Any],
-                 authorize_many: Send[dict[str, Any], str]) -> None:
+                 verify_many: Send[dict[str, Any], Any]) -> None:
         self._packages: Coalescer[tuple[int, str], Any] = Coalescer(issue_packages)
-        self._checks: Coalescer[dict[str, Any], str] = Coalescer(authorize_many)
+        self._checks: Coalescer[dict[str, Any], Any] = Coalescer(verify_many)
 
     async def issue_package(self, build_id: int, hostname: str) -> Any:
         """An ``IssuedPackage`` (vela.server.authority, not imported: workers import this)."""
         return await self._packages.call((build_id, hostname))
 
-    async def authorize(self, *, build_id: int, token: object,
-                        requests: list[tuple[str, object]]) -> str:
+    async def verify(self, *, build_id: int, token: object,
+                     requests: list[tuple[str, object]],
+                     worker_sign_key: str | None = None) -> Any:
+        """The token's ``BuildClaims`` (vela.security.tokens, not imported: see above)."""
         return await self._checks.call({"build_id": build_id, "token": token,
-                                        "requests": requests})
+                                        "requests": requests,
+                                        "worker_sign_key": worker_sign_key})

@@ -46,6 +46,7 @@ class WorkerRegistry:
         self._buckets: dict[str, dict[int, OrderedDict[str, None]]] = {}
         self._free: dict[str, int] = {}
         self._free_total = 0
+        self._where: dict[int, str] = {}  # build id -> the worker it holds a slot on
         # Called after any change that may have freed a slot (the listener's wake-up).
         self._on_change = on_change
 
@@ -58,6 +59,10 @@ class WorkerRegistry:
 
     def get(self, hostname: str) -> WorkerEntry | None:
         return self._workers.get(hostname)
+
+    def worker_of(self, build_id: int) -> str | None:
+        """The worker ``build_id`` holds a slot on, if any."""
+        return self._where.get(build_id)
 
     def workers(self) -> list[WorkerEntry]:
         return list(self._workers.values())
@@ -102,16 +107,22 @@ class WorkerRegistry:
         entry = self._workers.pop(hostname, None)
         if entry is not None:
             self._unindex(entry)
+            for build_id in entry.running:
+                if self._where.get(build_id) == hostname:
+                    del self._where[build_id]
         return entry
 
     def assign(self, hostname: str, build_id: int) -> None:
         self._change(hostname, lambda e: e.running.add(build_id))
+        self._where[build_id] = hostname
 
     def release(self, hostname: str, build_id: int) -> bool:
         entry = self._workers.get(hostname)
         if entry is None or build_id not in entry.running:
             return False
         self._change(hostname, lambda e: e.running.discard(build_id))
+        if self._where.get(build_id) == hostname:
+            del self._where[build_id]
         return True
 
     def set_health(self, hostname: str, healthy: bool) -> None:

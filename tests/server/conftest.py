@@ -149,7 +149,7 @@ class System:
     def batching(self) -> BatchingAuthority:
         """The authority as the Scheduler sees it in production (actors/_ray.py:
         RayAuthority): one-build calls coalesced into its batch calls."""
-        client = BatchingAuthority(self.authority.issue_packages, self.authority.authorize_many)
+        client = BatchingAuthority(self.authority.issue_packages, self.authority.verify_many)
         client.key_set = self.authority.key_set  # type: ignore[attr-defined]
         return client
 

@@ -224,6 +224,40 @@ async def test_cancel_running_build(system):
     assert system.scheduler.registry.free_slots() == {"vela": 1}
 
 
+@pytest.mark.parametrize("moved_on", ["canceled", "dispatched_again"])
+async def test_reports_are_checked_against_the_row_in_their_own_transaction(system,
+                                                                            moved_on):
+    """A good token and fresh proofs pass the TokenAuthority, but the build's row, read
+    in the transaction that would write the reports, refuses them once the build has
+    moved on: nothing is written."""
+    await system.add_worker("w1")
+    a = await system.submit(pipeline("sleep 30"))
+    await system.pump([a], until=lambda x: x[a].started_at is not None)
+    token, me = system.tokens[a], system.identity("w1")
+
+    def logs(text: str) -> list[dict]:
+        proof = make_proof(me, token=token, action=BuildAction.LOG_APPEND, build_id=a,
+                           now=datetime.now(UTC))
+        return [{"action": BuildAction.LOG_APPEND, "proof": proof,
+                 "payload": {"number": 1, "seq": 99, "lines": [text]}}]
+
+    if moved_on == "canceled":
+        await system.scheduler.cancel(a)
+        expected = Reason.BUILD_ENDED
+    else:  # the row holds another token now
+        await system.store.set_build_fields(a, token_jti="another-jti")
+        expected = Reason.TOKEN_REVOKED
+    batch = logs("too-late")
+    claims = await system.authority.verify(build_id=a, token=token,
+                                           requests=[(r["action"], r["proof"]) for r in batch])
+    assert claims.wkr == "w1"  # the token and the proof themselves are good
+    with pytest.raises(Rejected) as e:
+        await system.scheduler.reports(build_id=a, token=token, reports=logs("too-late"))
+    assert e.value.reason is expected
+    assert "too-late" not in await logs_of(system, a)
+    await system.scheduler.cancel(a)
+
+
 @pytest.mark.parametrize("forgery", ["garbage", "other_build", "no_proof"])
 async def test_forged_reports_are_rejected(system, forgery):
     await system.add_worker("w1")
@@ -409,13 +443,13 @@ async def test_the_authority_checks_each_request_of_a_call(system):
         ([(BuildAction.FINISH, proof(log))], None),  # a proof made for another action
     ]:
         with pytest.raises(Rejected) as e:
-            await system.authority.authorize(build_id=a, token=token,
-                                             requests=requests)  # type: ignore[arg-type]
+            await system.authority.verify(build_id=a, token=token,
+                                          requests=requests)  # type: ignore[arg-type]
         assert reason is None or e.value.reason is reason
     ok = [(log, proof(log)), (BuildAction.STEP_UPDATE, proof(BuildAction.STEP_UPDATE))]
-    assert await system.authority.authorize(build_id=a, token=token, requests=ok) == "w1"
+    assert (await system.authority.verify(build_id=a, token=token, requests=ok)).wkr == "w1"
     with pytest.raises(Rejected):  # and never twice
-        await system.authority.authorize(build_id=a, token=token, requests=ok)
+        await system.authority.verify(build_id=a, token=token, requests=ok)
     await system.scheduler.cancel(a)
 
 
@@ -440,7 +474,7 @@ async def test_a_batch_of_report_checks_answers_each_on_its_own(system):
     good_a = request(a, system.tokens[a], on[a])
     header, claims, sig = system.tokens[b].split(".")
     forged = ".".join([header, claims, base64.urlsafe_b64encode(b"x" * 64).decode()])
-    answers = await system.authority.authorize_many([
+    answers = await system.authority.verify_many([
         good_a,
         request(b, system.tokens[a], on[a]),       # a's token on build b
         request(b, system.tokens[b], on[a]),       # b's token, proof by a's worker
@@ -450,12 +484,12 @@ async def test_a_batch_of_report_checks_answers_each_on_its_own(system):
         "not a request",
         request(b, system.tokens[b], on[b]),
     ])
-    assert answers[0] == on[a] and answers[-1] == on[b]
+    assert answers[0].wkr == on[a] and answers[-1].wkr == on[b]
     refused = answers[1:-1]
     assert all(isinstance(r, Rejected) for r in refused), refused
     assert [r.reason for r in refused[-2:]] == [Reason.MALFORMED, Reason.MALFORMED]
     with pytest.raises(Rejected) as e:  # no more than one call may carry
-        await system.authority.authorize_many([good_a] * (MAX_REQUESTS + 1))
+        await system.authority.verify_many([good_a] * (MAX_REQUESTS + 1))
     assert e.value.reason is Reason.MALFORMED
     for build_id in (a, b):
         await system.scheduler.cancel(build_id)

@@ -47,6 +47,19 @@ def test_full_unhealthy_inactive_are_never_chosen():
     assert r.choose("vela", exclude=["b"]) is None
 
 
+def test_worker_of_follows_assign_release_and_remove():
+    r = reg(("a", ["vela"], 2), ("b", ["vela"], 1))
+    r.assign("a", 1)
+    r.assign("b", 2)
+    assert (r.worker_of(1), r.worker_of(2), r.worker_of(3)) == ("a", "b", None)
+    r.upsert("a", routes=["vela"], build_limit=2)  # re-registration keeps it
+    assert r.worker_of(1) == "a"
+    assert r.release("a", 1) and r.worker_of(1) is None
+    assert not r.release("a", 2) and r.worker_of(2) == "b"  # not a's to release
+    r.remove("b")
+    assert r.worker_of(2) is None
+
+
 def test_reregistration_keeps_running_builds():
     r = reg(("a", ["vela"], 2))
     r.assign("a", 7)

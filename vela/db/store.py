@@ -524,6 +524,15 @@ class Writes:
                       {"_build_id": build_id, "_now": now})
         return _detached(Build, row)
 
+    def token_row(self, build_id: int) -> Any:
+        """What decides whether a build token may act on the build: its ``status``,
+        ``worker`` and ``token_jti`` (None if no such build), locked for this
+        transaction where the database can (PostgreSQL: ``FOR UPDATE``)."""
+        stmt = shaped(("token_row",), lambda: select(
+            _BUILDS.c.status, _BUILDS.c.worker, _BUILDS.c.token_jti)
+            .where(_BUILDS.c.id == bindparam("_id")).with_for_update())
+        return self._s.execute(stmt, {"_id": build_id}).first()
+
     def step_status(self, build_id: int, number: int) -> str | None:
         return self._s.scalar(
             select(Step.status).where(Step.build_id == build_id, Step.number == number))

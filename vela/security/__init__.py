@@ -8,7 +8,7 @@ has the threat model.
 from vela.security.authz import BUILD_TOKEN_ACTIONS, BuildAction, authorize_build_request
 from vela.security.challenge import Answer, Challenge, ChallengeBook, Purpose, answer_challenge
 from vela.security.errors import Reason, Rejected
-from vela.security.guard import BuildRequestGuard
+from vela.security.guard import BuildRequestGuard, authorize_all
 from vela.security.identity import WorkerIdentity, load_or_create_identity
 from vela.security.keys import (
     PURPOSE_TOKEN,
@@ -49,7 +49,8 @@ __all__ = [
     "BuildClaims", "BuildRequestGuard", "Challenge", "ChallengeBook", "KeyRing",
     "OpenedPackage", "Package", "PinnedServer", "Purpose", "Reason", "Registration",
     "Rejected", "ReplayCache", "ServerKeySet", "WorkerIdentity", "answer_challenge",
-    "authorize_build_request", "create_registration_token", "hash_registration_token",
+    "authorize_all", "authorize_build_request", "create_registration_token",
+    "hash_registration_token",
     "jwk_thumbprint", "load_or_create_identity", "load_or_create_keyring",
     "load_pinned_server", "make_proof", "mint_api_token", "mint_build_token",
     "mint_registration_token", "open_package", "pin_key_set", "publish_key_set",

@@ -38,11 +38,29 @@ class BuildRequestGuard:
               now: datetime) -> BuildClaims:
         """Claims of the token if every request — an ``(action, proof)`` made with
         ``token``, in the order sent — may proceed; :class:`Rejected` for the first that
-        may not. The token is checked once for all of them, each proof on its own.
+        may not: :meth:`verify`, then :func:`authorize_build_request` for each.
 
-        ``keys`` are the server's verifying keys; ``build_*`` come from the
-        build row named by the request; ``worker_sign_key`` is the registered
-        key of ``build_worker`` (None if it has none).
+        ``build_*`` come from the build row named by the request; ``worker_sign_key``
+        is the registered key of ``build_worker`` (None if it has none).
+        """
+        claims = self.verify(token=token, requests=requests, keys=keys, build_id=build_id,
+                             worker_sign_key=worker_sign_key, now=now)
+        authorize_all(claims, [request[0] for request in requests], build_id=build_id,
+                      build_status=build_status, build_worker=build_worker,
+                      build_token_jti=build_token_jti)
+        return claims
+
+    def verify(self, *, token: object, requests: Sequence[object], keys: Mapping[str, str],
+               build_id: int, worker_sign_key: str | None, now: datetime) -> BuildClaims:
+        """The token and every request's proof, without the build's row: the claims if
+        the token is the server's, current, and each ``(action, proof)`` was made with
+        it by the key it is bound to, fresh and unreplayed. The token is checked once
+        for all of them, each proof on its own. Whoever acts on the requests must
+        still pass them through :func:`authorize_build_request` against the row
+        (:func:`authorize_all`), ideally in the transaction that writes them.
+
+        ``keys`` are the server's verifying keys; ``worker_sign_key`` the registered
+        key of the worker the build runs on.
         """
         action = ""
         try:
@@ -51,6 +69,8 @@ class BuildRequestGuard:
                 raise Rejected(Reason.MALFORMED, "one or more (action, proof) requests")
             claims = verify_build_token(token, keys=keys, issuer=self.issuer, now=now,
                                         leeway_s=self.leeway_s)
+            if claims.build_id != build_id:
+                raise Rejected(Reason.WRONG_BUILD, f"token is for build {claims.build_id}")
             assert isinstance(token, str)
             for request in requests:
                 if not isinstance(request, list | tuple) or len(request) != 2:
@@ -59,11 +79,27 @@ class BuildRequestGuard:
                 verify_proof(proof, token=token, claims=claims,
                              worker_sign_key=worker_sign_key or "", action=action,
                              build_id=build_id, cache=self.replay, now=now)
-                authorize_build_request(claims, action, build_id=build_id,
-                                        build_status=build_status, build_worker=build_worker,
-                                        build_token_jti=build_token_jti)
         except Rejected as e:
-            log.info("build request rejected", extra={
-                "reason": e.reason.value, "build_id": build_id, "action": str(action)[:40]})
+            _rejected(e, build_id, action)
             raise
         return claims
+
+
+def authorize_all(claims: BuildClaims, actions: Sequence[object], *, build_id: int,
+                  build_status: BuildStatus | str, build_worker: str | None,
+                  build_token_jti: str | None) -> None:
+    """:func:`authorize_build_request` for each action of verified requests, in order."""
+    action: object = ""
+    try:
+        for action in actions:
+            authorize_build_request(claims, str(action), build_id=build_id,
+                                    build_status=build_status, build_worker=build_worker,
+                                    build_token_jti=build_token_jti)
+    except Rejected as e:
+        _rejected(e, build_id, action)
+        raise
+
+
+def _rejected(e: Rejected, build_id: int, action: object) -> None:
+    log.info("build request rejected", extra={
+        "reason": e.reason.value, "build_id": build_id, "action": str(action)[:40]})

@@ -2,11 +2,13 @@
 
 It mints a build token bound to one worker's key and seals the build's
 package (secrets encrypted to that worker, the whole signed), verifies every
-request made with a build token (token → proof → authorization against the
-build's row, through the one :class:`~vela.security.BuildRequestGuard`), and
-mints registration tokens. Revocation is the build row itself: a token acts
-only while its build is ``running`` on its worker with its ``jti`` recorded,
-so ending, re-queueing or re-dispatching a build kills its token at once.
+request made with a build token (the token, then each request's proof of
+possession, through the one :class:`~vela.security.BuildRequestGuard`), and
+mints registration tokens. The last check, against the build's row, is made
+where the requests are written, in the same transaction
+(:class:`~vela.server.reports.ReportWriter`). Revocation is the build row itself: a
+token acts only while its build is ``running`` on its worker with its ``jti``
+recorded, so ending, re-queueing or re-dispatching a build kills its token at once.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from typing import Any, TypeVar
 from vela.coalesce import MAX_BATCH as MAX_REQUESTS
 from vela.config import Settings
 from vela.db.store import Store
-from vela.domain import BuildStatus
 from vela.errors import NotFound
 from vela.pipeline import Executable
 from vela.security import (
+    BuildClaims,
     BuildRequestGuard,
     KeyRing,
     Reason,
@@ -61,7 +63,7 @@ class IssuedPackage:
 @dataclass
 class AuthorityStats:
     issued: int = 0
-    authorized: int = 0
+    verified: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
 
@@ -120,17 +122,22 @@ class Authority:
         one that fails gets its error and the others go on."""
         return await _each(requests, lambda r: self.issue_package(*_pair(r)))
 
-    async def authorize_many(self, requests: Sequence[object]) -> list[str | Exception]:
-        """:meth:`authorize` for each ``{"build_id", "token", "requests"}`` (the reports
-        of several builds), answered in order, each on its own."""
-        return await _each(requests, lambda r: self.authorize(**_report_request(r)))
+    async def verify_many(self, requests: Sequence[object]
+                          ) -> list[BuildClaims | Exception]:
+        """:meth:`verify` for each ``{"build_id", "token", "requests", "worker_sign_key"}``
+        (the reports of several builds), answered in order, each on its own."""
+        return await _each(requests, lambda r: self.verify(**_report_request(r)))
 
-    async def authorize(self, *, build_id: int, token: object,
-                        requests: Sequence[tuple[str, object]]) -> str:
+    async def verify(self, *, build_id: int, token: object,
+                     requests: Sequence[tuple[str, object]],
+                     worker_sign_key: str | None = None) -> BuildClaims:
         """Check a worker's requests on ``build_id``, each an ``(action, proof)`` made with
-        ``token`` (one report, or the reports a worker sends together); returns the
-        worker's hostname. All of them pass or none: :class:`Rejected` with the reason
-        code of the first that fails.
+        ``token`` (one report, or the reports a worker sends together): the token, then
+        each proof against ``worker_sign_key`` — the registered key of the worker the
+        build runs on, as the Scheduler knows it; read from the database when None.
+        Returns the token's claims, for the writer to check against the build's row
+        (:func:`~vela.security.authorize_all`). All of them pass or none:
+        :class:`Rejected` with the reason code of the first that fails.
         """
         now = self._clock()
         try:
@@ -138,20 +145,22 @@ class Authority:
                 raise Rejected(Reason.MALFORMED, "build id")
             if not isinstance(requests, list | tuple) or not 1 <= len(requests) <= MAX_BATCH:
                 raise Rejected(Reason.MALFORMED, f"1 to {MAX_BATCH} requests at a time")
-            try:
-                build, worker_sign_key = await self.store.build_and_worker_key(build_id)
-            except NotFound:
-                raise Rejected(Reason.WRONG_BUILD, f"no build {build_id}") from None
-            claims = self.guard.check(
+            if worker_sign_key is None:
+                worker_sign_key = await self._key_of_builds_worker(build_id)
+            claims = self.guard.verify(
                 token=token, requests=requests, keys=self.ring.verifying_keys(now),
-                build_id=build_id, build_status=BuildStatus(build.status),
-                build_worker=build.worker, build_token_jti=build.token_jti,
-                worker_sign_key=worker_sign_key, now=now)
+                build_id=build_id, worker_sign_key=worker_sign_key, now=now)
         except Rejected as e:
             self.stats.rejected[e.reason.value] = self.stats.rejected.get(e.reason.value, 0) + 1
             raise
-        self.stats.authorized += len(requests)
-        return claims.wkr
+        self.stats.verified += len(requests)
+        return claims
+
+    async def _key_of_builds_worker(self, build_id: int) -> str | None:
+        try:
+            return (await self.store.build_and_worker_key(build_id))[1]
+        except NotFound:
+            raise Rejected(Reason.WRONG_BUILD, f"no build {build_id}") from None
 
     async def registration_token(self, *, routes: list[str], hostname: str | None,
                                  ttl_s: int | None = None) -> str:
@@ -191,6 +200,12 @@ def _pair(request: object) -> tuple[int, str]:
 
 
 def _report_request(request: object) -> dict[str, Any]:
-    if not isinstance(request, dict) or set(request) != {"build_id", "token", "requests"}:
-        raise Rejected(Reason.MALFORMED, "a request is build_id, token and requests")
+    if not isinstance(request, dict) or not (
+            {"build_id", "token", "requests"} <= set(request)
+            <= {"build_id", "token", "requests", "worker_sign_key"}):
+        raise Rejected(Reason.MALFORMED, "a request is build_id, token, requests and "
+                       "the worker's key")
+    key = request.get("worker_sign_key")
+    if key is not None and not isinstance(key, str):
+        raise Rejected(Reason.MALFORMED, "the worker's key")
     return request

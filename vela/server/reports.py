@@ -1,10 +1,12 @@
 """Writing a worker's reports on its build: the one write path for status, steps and logs.
 
-Who may report is decided before this runs, elsewhere: the Scheduler asks
-:meth:`~vela.server.authority.Authority.authorize` (build token + proof), the
-legacy gateway checks the shared worker secret (:mod:`vela.legacy`). Both
-then hand the checked report to :class:`ReportWriter`, so a build's record
-looks the same whichever queue mode ran it.
+Who may report is decided by two checks: the Scheduler asks
+:meth:`~vela.server.authority.Authority.verify` for the build token and each
+report's proof, and hands the token's claims here, where they are checked against
+the build's row (:func:`~vela.security.authorize_all`) in the transaction that
+writes the reports. The legacy gateway checks the shared worker secret instead
+(:mod:`vela.legacy`). Either way a build's record looks the same whichever queue
+mode ran it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from vela.db.store import Store, Writes
 from vela.domain import BuildStatus, StepStatus
 from vela.errors import Conflict, InvalidTransition, NotFound
 from vela.metrics import Metrics
-from vela.security import BuildAction, Reason, Rejected
+from vela.security import BuildAction, BuildClaims, Reason, Rejected, authorize_all
 
 MAX_LOG_LINES = 5_000
 MAX_LOG_LINE_CHARS = 64_000
@@ -98,14 +100,25 @@ class ReportWriter:
                                     reports=[(action, payload)])
 
     async def apply_all(self, *, build_id: int, hostname: str,
-                        reports: Sequence[tuple[str, dict[str, Any]]]) -> bool:
-        """Record already authorized reports, in order, in one transaction: all of them
-        or none. True if they ended the build.
+                        reports: Sequence[tuple[str, dict[str, Any]]],
+                        claims: BuildClaims | None = None) -> bool:
+        """Record reports, in order, in one transaction: all of them or none. True if
+        they ended the build.
 
-        A payload that does not parse, or a step or status change that cannot
-        happen, is refused as ``malformed``.
+        With ``claims`` (of a build token whose requests were verified) each report is
+        first authorized against the build's row, read in this transaction (locked on
+        PostgreSQL): running, on ``claims.wkr``, with the token's ``jti``. Without, the
+        caller authorized them. A payload that does not parse, or a step or status
+        change that cannot happen, is refused as ``malformed``.
         """
         def unit(w: Writes) -> BuildStatus | None:
+            if claims is not None:
+                row = w.token_row(build_id)
+                if row is None:
+                    raise Rejected(Reason.WRONG_BUILD, f"no build {build_id}")
+                authorize_all(claims, [action for action, _ in reports], build_id=build_id,
+                              build_status=row.status, build_worker=row.worker,
+                              build_token_jti=row.token_jti)
             ended: BuildStatus | None = None
             for action, payload in reports:
                 try:

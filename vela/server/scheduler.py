@@ -45,6 +45,7 @@ from vela.queue.listener import Rejected as ItemRejected
 from vela.scheduling import WorkerRegistry
 from vela.security import (
     Answer,
+    BuildClaims,
     ChallengeBook,
     Purpose,
     Reason,
@@ -89,8 +90,9 @@ class WorkerDirectory(Protocol):
 class AuthorityClient(Protocol):
     async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage: ...
 
-    async def authorize(self, *, build_id: int, token: object,
-                        requests: list[tuple[str, object]]) -> str: ...
+    async def verify(self, *, build_id: int, token: object,
+                     requests: list[tuple[str, object]],
+                     worker_sign_key: str | None = None) -> BuildClaims: ...
 
     async def key_set(self) -> dict[str, Any]: ...
 
@@ -431,7 +433,9 @@ class Scheduler:
     async def reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
                       ) -> None:
         """A worker's updates on its build, in the order made, each with its own proof
-        of possession of ``token``: all are authorized before any is written."""
+        of possession of ``token``: the TokenAuthority checks the token and the proofs,
+        the writer the build's row in the transaction that writes them; all pass or
+        none is written."""
         if (started := self._starting.get(build_id)) is not None:
             await started.wait()  # its start, which came with the receipt, goes first
         await self._apply_reports(build_id=build_id, token=token, reports=reports)
@@ -439,17 +443,22 @@ class Scheduler:
     async def _apply_reports(self, *, build_id: int, token: object, reports: object) -> None:
         try:
             batch = parse_batch(reports)
-            hostname = await self.authority.authorize(
-                build_id=build_id, token=token,
-                requests=[(r.action, r.proof) for r in batch])
+            # The key of the worker the build holds a slot on, as registered; the
+            # Authority reads it from the database when the build holds none here.
+            link = self._links.get(self.registry.worker_of(build_id) or "")
+            claims = await self.authority.verify(
+                build_id=build_id, token=token, requests=[(r.action, r.proof) for r in batch],
+                worker_sign_key=link.sign_public_key if link is not None else None)
+            ended = await self.writer.apply_all(
+                build_id=build_id, hostname=claims.wkr,
+                reports=[(r.action, r.payload) for r in batch], claims=claims)
         except Rejected as e:
             self.stats.count(self.stats.report_rejections, e.reason.value)
             self.metrics.rejected(e.reason.value)
             raise
         self.stats.reports += len(batch)
-        if await self.writer.apply_all(build_id=build_id, hostname=hostname,
-                                       reports=[(r.action, r.payload) for r in batch]):
-            self._free(hostname, build_id, last_build_finished=self._now())
+        if ended:
+            self._free(claims.wkr, build_id, last_build_finished=self._now())
 
     def _free(self, hostname: str, build_id: int, **fields: Any) -> None:
         if self.registry.release(hostname, build_id):
