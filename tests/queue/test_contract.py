@@ -8,7 +8,7 @@ import pytest
 
 from tests.queue.conftest import on_all_backends
 from vela.errors import NotFound
-from vela.queue import Queue, QueueError, RouteDepth
+from vela.queue import Queue, QueueError, RouteDepth, Settlement
 
 pytestmark = on_all_backends
 
@@ -219,6 +219,32 @@ async def test_concurrent_consumers_never_share_an_item(queue: Queue):
     results = await asyncio.gather(*(consumer() for _ in range(4)))
     flat = [i for r in results for i in r]
     assert sorted(flat) == sorted(ids), "each item exactly once"
+
+
+async def test_reserve_many_in_order_across_routes_and_settle_many(queue: Queue):
+    for payload in (b"v1", b"v2", b"v3"):
+        await queue.push("vela", payload)
+    await queue.push("gpu", b"g1")
+    got = await queue.reserve_many(["gpu", "vela"], 3, lease_s=LEASE)
+    assert [r.payload for r in got] == [b"g1", b"v1", b"v2"]
+    assert len({r.lease_id for r in got}) == 3
+    assert await queue.depth() == {"gpu": RouteDepth(in_flight=1),
+                                   "vela": RouteDepth(ready=1, in_flight=2)}
+    g1, v1, v2 = got
+    done = await queue.settle_many([Settlement(g1, "ack"), Settlement(v1, "release"),
+                                    Settlement(v2, "dead", "bad", "why")])
+    assert done == [True, True, True]
+    assert await queue.settle_many([Settlement(g1, "ack"), Settlement(v1, "ack")]) == [
+        False, False], "a lease no longer current settles nothing"
+    assert [d.payload for d in await queue.dead_letters()] == [b"v2"]
+    again = await queue.reserve_many(["vela"], 5, lease_s=LEASE)
+    assert [r.payload for r in again] == [b"v1", b"v3"]  # the released item first
+    assert again[0].deliveries == 1
+    assert await queue.reserve_many(["vela"], 5, lease_s=LEASE) == []
+    with pytest.raises(QueueError):
+        await queue.reserve_many(["vela"], 0, lease_s=LEASE)
+    with pytest.raises(QueueError):
+        await queue.settle_many([Settlement(again[0], "shelve")])
 
 
 @pytest.mark.parametrize("routes", [[], "vela", [""]])

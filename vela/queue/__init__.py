@@ -4,7 +4,7 @@ Back ends: :class:`vela.queue.redis_queue.RedisQueue` and
 :class:`vela.queue.db_queue.DatabaseQueue`; :func:`open_queue` picks one.
 """
 
-from vela.queue.base import DeadLetter, Queue, QueueError, Reservation, RouteDepth
+from vela.queue.base import DeadLetter, Queue, QueueError, Reservation, RouteDepth, Settlement
 from vela.queue.factory import open_queue
 from vela.queue.item import (
     InvalidReason,
@@ -44,6 +44,7 @@ __all__ = [
     "Rejected",
     "Reservation",
     "RouteDepth",
+    "Settlement",
     "Step",
     "SubmitResult",
     "is_transient",

@@ -53,6 +53,16 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
+class Settlement:
+    """How to settle one reservation: ``ack``, ``release`` or ``dead`` (with a reason)."""
+
+    res: Reservation
+    action: str
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     id: str
     route: str
@@ -104,6 +114,14 @@ class Queue(ABC):
         With ``timeout_s > 0`` it polls until an item arrives or the time is up
         (wall time, not the injected clock, which only dates the leases).
         """
+        got = await self.reserve_many(routes, 1, lease_s=lease_s, timeout_s=timeout_s)
+        return got[0] if got else None
+
+    async def reserve_many(self, routes: Sequence[str], n: int, *, lease_s: float,
+                           timeout_s: float = 0) -> list[Reservation]:
+        """Up to ``n`` items, in the order :meth:`reserve` would hand them out one by
+        one; with ``timeout_s > 0`` it polls until at least one arrives or the time is
+        up. A back end may take them in one round trip."""
         if isinstance(routes, str):
             raise QueueError("reserve takes a sequence of routes, not one string")
         ordered = list(dict.fromkeys(routes))
@@ -113,14 +131,16 @@ class Queue(ABC):
             _check_route(r)
         if lease_s <= 0:
             raise QueueError("lease_s must be positive")
+        if n < 1:
+            raise QueueError("reserve at least one item")
         give_up = time.monotonic() + max(timeout_s, 0)
         while True:
-            res = await self._reserve_once(ordered, lease_s)
-            if res is not None:
-                return res
+            got = await self._reserve_batch(ordered, lease_s, n)
+            if got:
+                return got
             remaining = give_up - time.monotonic()
             if remaining <= 0:
-                return None
+                return []
             await self._sleep(min(self._poll_interval_s, remaining))
 
     @abstractmethod
@@ -138,6 +158,26 @@ class Queue(ABC):
     @abstractmethod
     async def dead_letter(self, res: Reservation, reason: str, detail: str = "") -> bool:
         """Park the item with a reason code. ``False`` if the lease is no longer current."""
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[bool]:
+        """Settle each reservation as told, answering as :meth:`ack`, :meth:`release`
+        and :meth:`dead_letter` do, in order. Here they go concurrently, one round
+        trip each; a back end may do them in one. An error may leave some settled and
+        some not (settling again is safe: a lease no longer current does nothing)."""
+        check_settlements(settlements)
+
+        def one(s: Settlement) -> Awaitable[bool]:
+            if s.action == "ack":
+                return self.ack(s.res)
+            if s.action == "release":
+                return self.release(s.res)
+            return self.dead_letter(s.res, s.reason, s.detail)
+
+        results = await asyncio.gather(*map(one, settlements), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return list(results)  # type: ignore[arg-type]
 
     @abstractmethod
     async def reclaim_expired(self, now: float | None = None) -> int:
@@ -185,6 +225,23 @@ class Queue(ABC):
     @abstractmethod
     async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None: ...
 
+    async def _reserve_batch(self, routes: list[str], lease_s: float,
+                             n: int) -> list[Reservation]:
+        """Up to ``n`` items; one by one unless the back end can do better. Items it
+        holds when an error strikes are returned (the error comes again next time)."""
+        out: list[Reservation] = []
+        while len(out) < n:
+            try:
+                res = await self._reserve_once(routes, lease_s)
+            except Exception:
+                if not out:
+                    raise
+                break
+            if res is None:
+                break
+            out.append(res)
+        return out
+
     def _now(self, now: float | None = None) -> float:
         return self._clock() if now is None else now
 
@@ -193,6 +250,12 @@ def _check_route(route: str) -> None:
     if not isinstance(route, str) or not route.strip() or len(route) > MAX_ROUTE_CHARS:
         raise QueueError(f"invalid route {route!r}: a non-empty name of at most "
                          f"{MAX_ROUTE_CHARS} characters")
+
+
+def check_settlements(settlements: Sequence[Settlement]) -> None:
+    for s in settlements:
+        if s.action not in ("ack", "release", "dead"):
+            raise QueueError(f"unknown settlement {s.action!r}")
 
 
 def clip_reason(reason: str, detail: str) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, select, update
@@ -36,15 +36,17 @@ from vela.queue.base import (
     Queue,
     Reservation,
     RouteDepth,
+    Settlement,
     Sleep,
     check_push,
+    check_settlements,
     clip_reason,
 )
 
 READY, LEASED, DEAD = "ready", "leased", "dead"
 
 t = cast(Table, QueueRow.__table__)
-# The item a reservation holds, while it still holds it (parameters: _lease()).
+# The item a reservation holds, while it still holds it (parameters: _settling()).
 _HELD = (t.c.id == bindparam("_id"), t.c.state == LEASED, t.c.lease_id == bindparam("_lease_id"))
 
 
@@ -76,48 +78,67 @@ class DatabaseQueue(Queue):
             created_at=self._clock()).returning(t.c.id)).scalar_one())
 
     async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None:
-        # One statement per route keeps each lookup on the route index and
-        # gives routes their priority order.
-        stmt = shaped(("queue_reserve",), _reserve_statement)
-        for route in routes:
-            lease_id, deadline = uuid.uuid4().hex, self._clock() + lease_s
-            params = {"_route": route, "_lease_id": lease_id, "_until": deadline}
-            row = await self._db.write(lambda s, p=params: s.execute(stmt, p).first())
-            if row is not None:
-                return Reservation(id=str(row.id), route=route, payload=bytes(row.payload),
-                                   lease_id=lease_id, deadline=deadline,
-                                   deliveries=int(row.deliveries))
-        return None
+        got = await self._reserve_batch(routes, lease_s, 1)
+        return got[0] if got else None
 
-    @staticmethod
-    def _lease(res: Reservation) -> dict[str, object]:
-        """The parameters of :data:`_HELD` for ``res``."""
-        return {"_id": int(res.id), "_lease_id": res.lease_id}
+    async def _reserve_batch(self, routes: list[str], lease_s: float,
+                             n: int) -> list[Reservation]:
+        """Up to ``n`` items in one transaction. One statement per item and route keeps
+        each lookup on the route index and gives routes their priority order."""
+        stmt = shaped(("queue_reserve",), _reserve_statement)
+
+        def unit(s: Session) -> list[Reservation]:
+            out: list[Reservation] = []
+            for route in routes:
+                while len(out) < n:
+                    lease_id, deadline = uuid.uuid4().hex, self._clock() + lease_s
+                    row = s.execute(stmt, {"_route": route, "_lease_id": lease_id,
+                                           "_until": deadline}).first()
+                    if row is None:
+                        break
+                    out.append(Reservation(
+                        id=str(row.id), route=route, payload=bytes(row.payload),
+                        lease_id=lease_id, deadline=deadline, deliveries=int(row.deliveries)))
+            return out
+
+        return await self._db.write(unit)
 
     async def _changed(self, stmt: Any, params: dict[str, object] | None = None) -> int:
         """Rows one write statement changed, in its own transaction."""
         return await self._db.write(lambda s: int(s.execute(stmt, params).rowcount))
 
     async def ack(self, res: Reservation) -> bool:
-        stmt = shaped(("queue_ack",), lambda: delete(t).where(*_HELD))
-        return await self._changed(stmt, self._lease(res)) == 1
+        return (await self.settle_many([Settlement(res, "ack")]))[0]
 
     async def release(self, res: Reservation) -> bool:
-        return await self._changed(
-            update(t).where(*_HELD).values(
-                state=READY, lease_id=None, lease_until=None,
-                deliveries=t.c.deliveries - 1,
-            ), self._lease(res),
-        ) == 1
+        return (await self.settle_many([Settlement(res, "release")]))[0]
 
     async def dead_letter(self, res: Reservation, reason: str, detail: str = "") -> bool:
-        reason, detail = clip_reason(reason, detail)
-        return await self._changed(
-            update(t).where(*_HELD).values(
-                state=DEAD, lease_id=None, lease_until=None, reason=reason, detail=detail,
-                dead_at=self._clock(),
-            ), self._lease(res),
-        ) == 1
+        return (await self.settle_many([Settlement(res, "dead", reason, detail)]))[0]
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[bool]:
+        """All of them in one transaction."""
+        check_settlements(settlements)
+        todo = [self._settling(x) for x in settlements]
+        return await self._db.write(
+            lambda s: [s.execute(stmt, params).rowcount == 1 for stmt, params in todo])
+
+    def _settling(self, x: Settlement) -> tuple[Any, dict[str, object]]:
+        """The statement that settles ``x`` while its lease is current, and its parameters."""
+        held: dict[str, object] = {"_id": int(x.res.id), "_lease_id": x.res.lease_id}
+        if x.action == "ack":
+            return shaped(("queue_ack",), lambda: delete(t).where(*_HELD)), held
+        if x.action == "release":
+            return shaped(("queue_release",), lambda: update(t).where(*_HELD).values(
+                state=READY, lease_id=None, lease_until=None,
+                deliveries=t.c.deliveries - 1)), held
+        if x.action == "dead":
+            reason, detail = clip_reason(x.reason, x.detail)
+            return shaped(("queue_dead",), lambda: update(t).where(*_HELD).values(
+                state=DEAD, lease_id=None, lease_until=None, reason=bindparam("_reason"),
+                detail=bindparam("_detail"), dead_at=bindparam("_at"))), {
+                    **held, "_reason": reason, "_detail": detail, "_at": self._clock()}
+        raise AssertionError(x.action)  # check_settlements refused it
 
     async def reclaim_expired(self, now: float | None = None) -> int:
         now = self._now(now)

@@ -47,7 +47,7 @@ from typing import Protocol, runtime_checkable
 
 from sqlalchemy.exc import DBAPIError
 
-from vela.queue.base import Clock, Queue, Reservation, Sleep
+from vela.queue.base import Clock, Queue, Reservation, Settlement, Sleep
 from vela.queue.item import ItemVerifier, QueueItem, QueueItemInvalid
 
 log = logging.getLogger(__name__)
@@ -181,23 +181,20 @@ class ListenerStats:
 
 @dataclass(frozen=True, slots=True)
 class _Settlement:
-    res: Reservation
-    action: str  # ack | release | dead
+    what: Settlement
     done: Step   # what the pass reports once it took effect
-    reason: str = ""
-    detail: str = ""
 
 
 def _ack(res: Reservation, done: Step) -> _Settlement:
-    return _Settlement(res, "ack", done)
+    return _Settlement(Settlement(res, "ack"), done)
 
 
 def _release(res: Reservation) -> _Settlement:
-    return _Settlement(res, "release", Step.RELEASED)
+    return _Settlement(Settlement(res, "release"), Step.RELEASED)
 
 
 def _dead(res: Reservation, reason: str, detail: str) -> _Settlement:
-    return _Settlement(res, "dead", Step.DEAD_LETTERED, reason, detail)
+    return _Settlement(Settlement(res, "dead", reason, detail), Step.DEAD_LETTERED)
 
 
 class Listener:
@@ -303,13 +300,7 @@ class Listener:
                 self._seen_work = cap.work
                 return Step.IDLE
             self._seen_work = None
-            results = await asyncio.gather(*(self._settle(x) for x in
-                                             await self._settlements(reserved)),
-                                           return_exceptions=True)
-            for r in results:  # a settlement that failed is retried next pass
-                if isinstance(r, BaseException):
-                    raise r
-            return results[0]  # type: ignore[return-value]
+            return (await self._settle(await self._settlements(reserved)))[0]
         except Exception as e:
             if not is_transient(e):
                 raise
@@ -321,21 +312,12 @@ class Listener:
             return Step.BACKEND_ERROR
 
     async def _reserve(self, routes: list[str], n: int) -> list[Reservation]:
-        """Up to ``n`` items; only the first reserve may wait for one to arrive."""
-        out: list[Reservation] = []
-        while len(out) < n:
-            try:
-                res = await self.queue.reserve(
-                    routes, lease_s=self.lease_s,
-                    timeout_s=0 if out or self.wait_s > 0 else self.reserve_timeout_s)
-            except Exception:
-                if not out:
-                    raise
-                break  # handle what we hold; the next pass meets the error again
-            if res is None:
-                break
-            self.stats.reserved += 1
-            out.append(res)
+        """Up to ``n`` items (in one round trip where the back end can); without the
+        long poll, waits up to ``reserve_timeout_s`` for the first to arrive."""
+        out = await self.queue.reserve_many(
+            routes, n, lease_s=self.lease_s,
+            timeout_s=0 if self.wait_s > 0 else self.reserve_timeout_s)
+        self.stats.reserved += len(out)
         return out
 
     # -- one item ------------------------------------------------------------
@@ -391,45 +373,38 @@ class Listener:
             return _dead(res, "rejected", "")
         return _release(res)  # NO_CAPACITY, RETRY
 
-    async def _settle(self, s: _Settlement) -> Step:
-        """Settle, or remember it for the next pass if the back end is down."""
+    async def _settle(self, todo: list[_Settlement]) -> list[Step]:
+        """Settle a pass's items together, or remember them for the next pass if the
+        back end is down."""
         try:
-            done = await self._apply(s)
+            done = await self.queue.settle_many([s.what for s in todo])
         except Exception as e:
             if is_transient(e):
-                # Retried first thing next pass, while the lease may still hold;
-                # if it lapses the item is redelivered and settled then.
-                self._unsettled.append(s)
+                # Retried first thing next pass, while the leases may still hold;
+                # an item whose lease lapses is redelivered and settled then.
+                self._unsettled.extend(todo)
             raise
-        return self._account(s, done)
-
-    async def _apply(self, s: _Settlement) -> bool:
-        if s.action == "ack":
-            return await self.queue.ack(s.res)
-        if s.action == "release":
-            return await self.queue.release(s.res)
-        return await self.queue.dead_letter(s.res, s.reason, s.detail)
+        return [self._account(s, d) for s, d in zip(todo, done, strict=True)]
 
     def _account(self, s: _Settlement, done: bool) -> Step:
+        what = s.what
         if not done:
             self.stats.lease_lost += 1
             log.warning("lease on queue item %s lapsed before it was settled (%s)",
-                        s.res.id, s.action)
+                        what.res.id, what.action)
             return Step.LEASE_LOST
-        if s.action == "ack":
+        if what.action == "ack":
             self.stats.acked += 1
-        elif s.action == "release":
+        elif what.action == "release":
             self.stats.released += 1
         else:
-            self.stats.dead_lettered[s.reason] += 1
+            self.stats.dead_lettered[what.reason] += 1
         return s.done
 
     async def _settle_leftovers(self) -> None:
-        while self._unsettled:
-            s = self._unsettled[0]
-            done = await self._apply(s)  # raises again if still down; kept for next time
-            self._unsettled.pop(0)
-            self._account(s, done)
+        if self._unsettled:
+            todo, self._unsettled = self._unsettled, []
+            await self._settle(todo)  # raises again if still down; kept for next time
 
     async def _maybe_reclaim(self) -> None:
         now = self._clock()
