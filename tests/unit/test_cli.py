@@ -90,7 +90,7 @@ def test_db_upgrade_and_check_postgres(env, pg_database):
 def test_db_check_unreachable(env):
     r = invoke(["db", "check"], {**env, "VELA_DATABASE_URL":
                                  "postgresql+asyncpg://postgres@127.0.0.1:1/test"})
-    assert r.exit_code == 1 and "cannot reach the database" in r.output
+    assert r.exit_code == 1 and "cannot use the database" in r.output
     assert "Traceback" not in r.output
 
 
@@ -104,6 +104,53 @@ def test_worker_token_create_stores_only_a_hash(env):
     db = (Path(env["VELA_SERVER_DATA_DIR"]) / "vela.db").read_bytes()
     assert token.encode() not in db
     assert hashlib.sha256(token.encode()).hexdigest().encode() in db
+
+
+def test_admin_credential_reset_replaces_the_old_one(env, monkeypatch):
+    import asyncio
+
+    from vela.api.auth import check_credential
+    from vela.api.errors import ApiError
+    from vela.config import load_settings
+    from vela.db.engine import engine_from
+    from vela.db.store import Store
+
+    assert invoke(["db", "upgrade"], env).exit_code == 0
+    creds = []
+    for _ in range(2):
+        r = invoke(["admin-credential", "reset", "--json"], env)
+        assert r.exit_code == 0, r.output
+        creds.append(json.loads(r.stdout)["credential"])
+    old, new = creds
+    assert old != new and new.startswith("vac_")
+    assert new.encode() not in (Path(env["VELA_SERVER_DATA_DIR"]) / "vela.db").read_bytes()
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    async def check() -> None:
+        settings = load_settings(None)
+        engine = engine_from(settings)
+        try:
+            store = Store(engine, settings.master_key())
+            assert await check_credential(store, new) == ("admin", ["admin"])
+            with pytest.raises(ApiError):
+                await check_credential(store, old)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(check())
+
+
+@pytest.mark.parametrize("database", ["unreachable", "no_schema"])
+def test_database_commands_say_what_to_fix(env, database):
+    if database == "unreachable":
+        env = {**env, "VELA_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/test"}
+    for args in (["admin-credential", "reset"], ["worker-token", "create"]):
+        r = invoke(args, env)
+        assert r.exit_code == 1, r.output
+        assert "cannot use the database" in r.output and "vela db upgrade" in r.output
+        assert "Traceback" not in r.output
 
 
 @pytest.mark.parametrize("ttl", ["0", "1y", "-5m", "soon"])

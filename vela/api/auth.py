@@ -72,6 +72,15 @@ async def ensure_admin_credential(store: Store) -> str | None:
     return credential if created else None
 
 
+async def reset_admin_credential(store: Store) -> str:
+    """A new admin credential in place of the old one (or the first); returns it (show
+    it once)."""
+    credential = new_credential()
+    await store.put_api_credential(name=ADMIN_NAME, secret_hash=hash_credential(credential),
+                                   scopes=[Scope.ADMIN.value])
+    return credential
+
+
 async def check_credential(store: Store, credential: str) -> tuple[str, list[str]]:
     """The credential's name and scopes, or ``bad_credential``."""
     row = None

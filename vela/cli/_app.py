@@ -7,7 +7,7 @@ import functools
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.console import Console
 from vela import __version__
 from vela.config import Settings, load_settings
 from vela.errors import ConfigError, VelaError
+
+if TYPE_CHECKING:  # `import vela.cli` loads no SQLAlchemy
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
 
@@ -83,6 +86,35 @@ def command(fn: Callable[..., T]) -> Callable[..., T]:
 
 def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def on_database(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run ``work`` with an engine for the configured database (disposed afterwards),
+    for commands that use the database directly, without a running server. A database
+    that cannot be reached or has no schema yet is a one-line error saying what to do."""
+    from vela.db.engine import engine_from
+
+    async def go() -> T:
+        engine = engine_from(state.settings)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        return run(go())
+    except OSError as e:  # refused connection and friends
+        raise _database_error(e) from None
+    except Exception as e:  # noqa: BLE001 - driver errors vary; report them in one line
+        if type(e).__module__.startswith(("sqlalchemy", "asyncpg", "sqlite3")):
+            raise _database_error(e) from None
+        raise
+
+
+def _database_error(e: Exception) -> typer.Exit:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return fail(f"cannot use the database: {first}. Check database.url (VELA_DATABASE_URL), "
+                "that the database is running and that `vela db upgrade` ran.")
 
 
 def print_json(data: Any) -> None:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from vela.cli import (  # noqa: F401 - registers commands
+    admin_cmd,
     client_cmd,
     queue_cmd,
     serve_cmd,
     worker_token_cmd,
 )
-from vela.cli._app import app, command, console, print_json, run, state
+from vela.cli._app import app, command, console, on_database, print_json, state
 from vela.config import redacted
+
+if TYPE_CHECKING:  # `import vela.cli` loads no SQLAlchemy
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema: apply migrations, check the connection.",
@@ -23,6 +28,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(queue_cmd.app, name="queue")
 app.add_typer(worker_token_cmd.app, name="worker-token")
+app.add_typer(admin_cmd.app, name="admin-credential")
 
 
 @config_app.command("show")
@@ -40,28 +46,18 @@ def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON."
         console.print()
 
 
-def _engine():  # type: ignore[no-untyped-def]
-    from vela.db.engine import engine_from
-
-    return engine_from(state.settings)
-
-
 @db_app.command("upgrade")
 @command
 def db_upgrade() -> None:
     """Apply every pending migration to the configured database."""
     from vela.db import migrate
 
-    async def go() -> tuple[str | None, str | None]:
-        engine = _engine()
-        try:
-            before = await migrate.current_revision(engine)
-            await migrate.upgrade(engine)
-            return before, await migrate.current_revision(engine)
-        finally:
-            await engine.dispose()
+    async def go(engine: AsyncEngine) -> tuple[str | None, str | None]:
+        before = await migrate.current_revision(engine)
+        await migrate.upgrade(engine)
+        return before, await migrate.current_revision(engine)
 
-    before, after = run(go())
+    before, after = on_database(go)
     if before == after:
         console.print(f"database already at schema {after} (latest)")
     else:
@@ -74,21 +70,7 @@ def db_check(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     """Connect to the configured database and report its schema version."""
     from vela.db import migrate
 
-    async def go() -> str | None:
-        engine = _engine()
-        try:
-            return await migrate.current_revision(engine)
-        finally:
-            await engine.dispose()
-
-    try:
-        current = run(go())
-    except OSError as e:  # refused connection and friends
-        raise _unreachable(e) from None
-    except Exception as e:  # noqa: BLE001 - driver errors vary; report them in one line
-        if type(e).__module__.startswith(("sqlalchemy", "asyncpg", "sqlite3", "aiosqlite")):
-            raise _unreachable(e) from None
-        raise
+    current = on_database(migrate.current_revision)
     head = migrate.head_revision()
     up_to_date = current == head
     backend = state.settings.database_url().split(":", 1)[0]
@@ -104,10 +86,3 @@ def db_check(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     if not up_to_date:
         raise typer.Exit(1)
 
-
-def _unreachable(e: Exception) -> typer.Exit:
-    from vela.cli._app import fail
-
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return fail(f"cannot reach the database: {first}. Check database.url "
-                "(VELA_DATABASE_URL) and that the server is running.")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import typer
 
-from vela.cli._app import command, console, err_console, print_json, run, state
+from vela.cli._app import command, console, err_console, on_database, print_json, state
 from vela.cli.duration import parse_duration
+
+if TYPE_CHECKING:  # `import vela.cli` loads no SQLAlchemy
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 app = typer.Typer(help="One-time registration tokens that onboard new workers.",
                   no_args_is_help=True)
@@ -34,20 +38,15 @@ def create(
         err_console.print(f"[yellow]warning:[/yellow] route(s) {', '.join(unknown)} are not in "
                           "queue.routes; no build will be queued there until they are.")
 
-    from vela.db.engine import engine_from
     from vela.db.store import Store
     from vela.security import create_registration_token
 
-    async def go() -> str:
-        engine = engine_from(s)
-        try:
-            store = Store(engine, s.master_key())
-            return await create_registration_token(store, routes=route_list, hostname=hostname,
-                                                   ttl_s=ttl_s, now=datetime.now(UTC))
-        finally:
-            await engine.dispose()
+    async def go(engine: AsyncEngine) -> str:
+        return await create_registration_token(Store(engine, s.master_key()),
+                                               routes=route_list, hostname=hostname,
+                                               ttl_s=ttl_s, now=datetime.now(UTC))
 
-    token = run(go())
+    token = on_database(go)
     if as_json:
         print_json({"token": token, "routes": route_list, "hostname": hostname, "ttl_s": ttl_s})
         return
@@ -56,3 +55,4 @@ def create(
                       + (f", hostname {hostname}" if hostname else "")
                       + ". Give it to the worker as VELA_WORKER_REGISTRATION_TOKEN.",
                       highlight=False)
+

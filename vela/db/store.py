@@ -448,6 +448,20 @@ class Store:
             return False
         return True
 
+    async def put_api_credential(self, *, name: str, secret_hash: str,
+                                 scopes: Sequence[str]) -> None:
+        """Store a credential's hash under ``name``, replacing the one there."""
+        def unit(s: Session) -> None:
+            row = s.scalar(select(ApiCredential).where(ApiCredential.name == name))
+            if row is None:
+                s.add(ApiCredential(name=name, secret_hash=secret_hash, scopes=list(scopes),
+                                    created_at=utcnow()))
+            else:
+                row.secret_hash, row.scopes = secret_hash, list(scopes)
+                row.created_at, row.last_used_at = utcnow(), None
+
+        await self._db.write(unit)
+
     async def find_api_credential(self, secret_hash: str) -> ApiCredential | None:
         return await self._db.read(lambda s: s.scalar(
             select(ApiCredential).where(ApiCredential.secret_hash == secret_hash)))
