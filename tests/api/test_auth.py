@@ -8,8 +8,10 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from fastapi.testclient import TestClient
 
 from tests.api.conftest import bearer
+from vela.api import create_app
 from vela.security import KeyRing, jwk_thumbprint, mint_api_token, mint_build_token
 
 PROTECTED = [
@@ -19,6 +21,7 @@ PROTECTED = [
     ("PUT", "/api/v1/workers/api-w1"), ("GET", "/api/v1/secrets/native/repo/acme/app"),
     ("POST", "/api/v1/admin/registration-tokens"), ("GET", "/api/v1/queue/stats"),
     ("GET", "/api/v1/status"), ("GET", "/api/v1/user"), ("POST", "/api/v1/tokens"),
+    ("POST", "/api/v1/tokens/revoke"),
 ]
 
 
@@ -179,3 +182,33 @@ async def test_authenticator_refetches_keys_after_a_rotation():
     assert (await auth.authenticate(token(new))).sub == "a"
     assert (await auth.authenticate(token(old))).sub == "a"  # verifies until verify_until
     assert len(loads) == 2
+
+
+def test_revoked_subjects_tokens_are_refused_new_ones_work(client, harness, admin):
+    """A leaked token: the admin revokes its subject. Every token of that subject minted
+    before is 401 ``token_revoked`` at once, other subjects' tokens are untouched, a token
+    minted afterwards works, and an API process started later knows it too."""
+    def mint(subject: str) -> str:
+        r = client.post("/api/v1/tokens", headers=admin,
+                        json={"subject": subject, "scopes": ["builds:read"]})
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+    leaked, other = mint("ci-leaky"), mint("ci-other")
+    assert client.get("/api/v1/builds", headers=bearer(leaked)).status_code == 200
+    reader = harness.token("builds:read", subject="reader")
+    r = client.post("/api/v1/tokens/revoke", headers=bearer(reader),
+                    json={"subject": "ci-leaky"})
+    assert r.status_code == 403  # only an admin may revoke
+    r = client.post("/api/v1/tokens/revoke", headers=admin, json={"subject": "ci-leaky"})
+    assert r.status_code == 200, r.text
+    assert r.json()["subject"] == "ci-leaky"
+    refused = client.get("/api/v1/builds", headers=bearer(leaked))
+    assert refused.status_code == 401 and refused.json()["reason"] == "token_revoked"
+    assert client.get("/api/v1/builds", headers=bearer(other)).status_code == 200
+    fresh = mint("ci-leaky")
+    assert client.get("/api/v1/builds", headers=bearer(fresh)).status_code == 200
+    # Another API process (or this one after a restart) loads the revocation.
+    with TestClient(create_app(harness.remote()), raise_server_exceptions=False) as later:
+        assert later.get("/api/v1/builds", headers=bearer(leaked)).status_code == 401
+        assert later.get("/api/v1/builds", headers=bearer(fresh)).status_code == 200

@@ -167,3 +167,21 @@ def test_workers_and_status(cli, harness):
     assert status["api"] == harness.url and status["workers"]["connected"] == 1
     r = cli("status")
     assert r.exit_code == 0 and "queue (database)" in r.output
+
+
+def test_token_create_and_revoke(cli, harness):
+    _login(cli, harness)
+    r = cli("token", "create", "ci-cli", "--scopes", "builds:read", "--ttl", "1h", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["subject"] == "ci-cli" and out["scopes"] == ["builds:read"]
+    ci = {"VELA_API_CREDENTIALS_FILE": str(cli.creds.parent / "ci.json")}
+    save_credentials(cli.creds.parent / "ci.json",
+                     Credentials(url=harness.url, token=out["token"], subject="ci-cli",
+                                 scopes=("builds:read",), expires_at=out["expires_at"]))
+    assert cli("build", "list", **ci).exit_code == 0
+    r = cli("token", "revoke", "ci-cli")
+    assert r.exit_code == 0 and "revoked" in r.output, r.output
+    r = cli("build", "list", **ci)
+    assert r.exit_code == 1 and "token_revoked" in r.output
+    assert "Traceback" not in r.output

@@ -40,6 +40,8 @@ from vela.api.models import (
     RegistrationTokenOut,
     RegistrationTokenRequest,
     RepoOut,
+    RevokedOut,
+    RevokeRequest,
     SecretCreate,
     SecretOut,
     SecretUpdate,
@@ -177,6 +179,16 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
         return await backend.mint_token(subject=body.subject,
                                         scopes=[s.value for s in body.scopes],
                                         ttl_s=body.ttl_s)
+
+    @api.post("/tokens/revoke", response_model=RevokedOut, tags=["auth"])
+    async def revoke_tokens(body: RevokeRequest,
+                            claims: ApiClaims = allowed(Scope.ADMIN)) -> dict[str, Any]:
+        """Revoke every API token of a subject minted so far (a leaked token, a retired CI
+        job); tokens minted after this returns work. Revoking your own subject logs you
+        out too."""
+        out = await backend.revoke_tokens(subject=body.subject)
+        auth.forget()
+        return out
 
     @api.get("/user", response_model=UserOut, tags=["auth"])
     async def whoami(claims: ApiClaims = allowed(None)) -> dict[str, Any]:

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CREDENTIAL_PREFIX = "vac_"
 ADMIN_NAME = "admin"
+# The longest lifetime a client may ask for a token it mints or logs in for.
+MAX_TOKEN_TTL_S = 366 * 24 * 3600
 
 
 class Scope(StrEnum):
@@ -104,7 +106,8 @@ class Authenticator:
 
     Keys are fetched once and cached; an unknown ``kid`` (a rotation) refetches
     them, at most once per ``min_refresh_s``, and they are refetched every
-    ``refresh_s`` anyway so a retired key stops verifying.
+    ``refresh_s`` anyway so a retired key stops verifying. Revoked subjects come with
+    the keys: a token of one, issued before its revocation, is ``token_revoked``.
     """
 
     def __init__(self, load_keys: Callable[[], Awaitable[TokenKeys]], *,
@@ -143,9 +146,17 @@ class Authenticator:
         except Rejected as e:
             raise self._refused(e) from None
 
+    def forget(self) -> None:
+        """Fetch keys and revocations again before the next check (after a revocation)."""
+        self._keys = None
+
     def _verify(self, token: str, keys: TokenKeys) -> ApiClaims:
-        return verify_api_token(token, keys=keys["keys"], issuer=keys["issuer"],
-                                now=self._clock())
+        claims = verify_api_token(token, keys=keys["keys"], issuer=keys["issuer"],
+                                  now=self._clock())
+        cut = keys.get("revoked", {}).get(claims.sub)
+        if cut is not None and claims.iat < cut:
+            raise Rejected(Reason.TOKEN_REVOKED, f"the tokens of {claims.sub!r} were revoked")
+        return claims
 
     @staticmethod
     def _refused(e: Rejected) -> ApiError:

@@ -11,12 +11,14 @@ so it crosses a process boundary unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vela.api.auth import Scope, TokenKeys, allows, check_credential
+from vela.api.auth import MAX_TOKEN_TTL_S, Scope, TokenKeys, allows, check_credential
 from vela.api.errors import ApiError, Code, to_api_error
 from vela.config import Settings
 from vela.domain import BuildStatus, WorkerStatus, split_repo
@@ -54,6 +56,7 @@ class Backend(Protocol):
                     ttl_s: int | None) -> dict[str, Any]: ...
     async def mint_token(self, *, subject: str, scopes: list[str],
                          ttl_s: int | None) -> dict[str, Any]: ...
+    async def revoke_tokens(self, *, subject: str) -> dict[str, Any]: ...
     async def ready(self) -> dict[str, Any]: ...
     async def status(self) -> dict[str, Any]: ...
     async def list_repos(self) -> list[dict[str, Any]]: ...
@@ -174,8 +177,12 @@ class ServerBackend:
 
     # -- auth ------------------------------------------------------------------------
     async def token_keys(self) -> TokenKeys:
+        """What the API actor checks tokens against: the verifying keys, and per revoked
+        subject the instant (epoch seconds) before which its tokens are refused."""
+        revoked = await self.store.api_token_revocations()
         return {"issuer": self.settings.server.id,
-                "keys": dict((await self.issuer.key_set())["keys"])}
+                "keys": dict((await self.issuer.key_set())["keys"]),
+                "revoked": {sub: at.timestamp() for sub, at in revoked.items()}}
 
     async def login(self, *, credential: str, scopes: list[str] | None,
                     ttl_s: int | None) -> dict[str, Any]:
@@ -192,6 +199,18 @@ class ServerBackend:
         return await self.issuer.mint_api_token(
             subject=subject, scopes=sorted(set(scopes)),
             ttl_s=ttl_s or self.settings.api.token_ttl_s)
+
+    async def revoke_tokens(self, *, subject: str) -> dict[str, Any]:
+        """Refuse every API token of ``subject`` minted before this returns; tokens minted
+        afterwards work. Tokens carry whole seconds, so the cut is the next whole second
+        and this waits for it (at most one second)."""
+        now = datetime.now(UTC).timestamp()
+        cut = float(math.floor(now) + 1)
+        longest = timedelta(seconds=max(MAX_TOKEN_TTL_S, self.settings.api.token_ttl_s))
+        before = datetime.fromtimestamp(cut, UTC)
+        await self.store.revoke_api_tokens(subject, before=before, until=before + longest)
+        await asyncio.sleep(max(cut - datetime.now(UTC).timestamp(), 0.0))
+        return {"subject": subject, "revoked_before": cut}
 
     # -- health --------------------------------------------------------------------------
     async def ready(self) -> dict[str, Any]:

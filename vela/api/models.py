@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vela.api.auth import Scope
+from vela.api.auth import MAX_TOKEN_TTL_S, Scope
 from vela.domain import BuildStatus
 
 MAX_PIPELINE_CHARS = 256_000
@@ -40,13 +40,13 @@ class LoginRequest(_In):
     credential: str = Field(min_length=1, max_length=500)
     scopes: list[Scope] | None = Field(default=None, description="default: all of the "
                                        "credential's scopes")
-    ttl_s: int | None = Field(default=None, ge=60, le=366 * 24 * 3600)
+    ttl_s: int | None = Field(default=None, ge=60, le=MAX_TOKEN_TTL_S)
 
 
 class TokenRequest(_In):
     subject: str = Field(min_length=1, max_length=250, description="who or what uses it")
     scopes: list[Scope] = Field(min_length=1)
-    ttl_s: int | None = Field(default=None, ge=60, le=366 * 24 * 3600)
+    ttl_s: int | None = Field(default=None, ge=60, le=MAX_TOKEN_TTL_S)
 
 
 class BuildCreate(_In):
@@ -85,6 +85,17 @@ class TokenOut(_Out):
     subject: str
     scopes: list[str]
     expires_at: int = Field(description="Unix time")
+
+
+class RevokeRequest(_In):
+    subject: str = Field(min_length=1, max_length=250,
+                         description="whose tokens: every one minted before this call "
+                                     "returns is refused from then on")
+
+
+class RevokedOut(_Out):
+    subject: str
+    revoked_before: float = Field(description="Unix time: tokens issued before are refused")
 
 
 class UserOut(_Out):

@@ -304,6 +304,53 @@ def build_restart(
         raise typer.Exit(1)
 
 
+# -- API tokens -------------------------------------------------------------------------------
+
+token_app = typer.Typer(help="API tokens for tools and CI jobs (admin).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+@command
+def token_create(
+    subject: str = typer.Argument(..., help="Who or what uses it, e.g. ci-nightly."),
+    scopes: str = typer.Option(..., "--scopes", help="Comma-separated, e.g. "
+                               "builds:read,builds:write."),
+    ttl: str = typer.Option("", "--ttl", help="Lifetime, e.g. 12h, 30d (default: "
+                            "api.token_ttl_s)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Mint an API token; it is printed once and not stored by the server."""
+    body: dict[str, Any] = {"subject": subject,
+                            "scopes": [x.strip() for x in scopes.split(",") if x.strip()]}
+    if ttl:
+        body["ttl_s"] = parse_duration(ttl)
+    with _client() as api:
+        out = api.post("/api/v1/tokens", body)
+    if as_json:
+        print_json(out)
+        return
+    console.print(out["token"], highlight=False, soft_wrap=True)
+    until = datetime.fromtimestamp(out["expires_at"], UTC).strftime("%Y-%m-%d %H:%M UTC")
+    err_console.print(f"for {out['subject']} ({', '.join(out['scopes'])}) until {until}; "
+                      f"`vela token revoke {out['subject']}` revokes it", highlight=False)
+
+
+@token_app.command("revoke")
+@command
+def token_revoke(
+    subject: str = typer.Argument(..., help="Whose tokens to revoke."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Revoke every API token of SUBJECT minted so far; tokens minted afterwards work."""
+    with _client() as api:
+        out = api.post("/api/v1/tokens/revoke", {"subject": subject})
+    if as_json:
+        print_json(out)
+        return
+    _say(f"every token of {out['subject']} minted so far is revoked")
+
+
 # -- workers ----------------------------------------------------------------------------------
 
 @app.command("workers")

@@ -179,6 +179,17 @@ class ApiCredential(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
+class ApiTokenRevocation(Base):
+    """Every API token of ``subject`` issued before ``revoked_before`` is refused; the
+    row can go once no such token can still be valid (``expires_at``)."""
+
+    __tablename__ = "api_token_revocations"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(250), unique=True)
+    revoked_before: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class ServerKey(Base):
     __tablename__ = "server_keys"
     kid: Mapped[str] = mapped_column(String(64), primary_key=True)

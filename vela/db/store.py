@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from vela.db.engine import database, shaped
 from vela.db.models import (
     ApiCredential,
+    ApiTokenRevocation,
     Build,
     Log,
     RegistrationToken,
@@ -461,6 +462,28 @@ class Store:
                 row.created_at, row.last_used_at = utcnow(), None
 
         await self._db.write(unit)
+
+    async def revoke_api_tokens(self, subject: str, *, before: datetime,
+                                until: datetime) -> None:
+        """Refuse every API token of ``subject`` issued before ``before``; the entry can
+        go after ``until``, when no such token is valid any more (expired ones go now)."""
+        def unit(s: Session) -> None:
+            s.execute(delete(ApiTokenRevocation).where(ApiTokenRevocation.expires_at <= utcnow()))
+            row = s.scalar(select(ApiTokenRevocation).where(
+                ApiTokenRevocation.subject == subject))
+            if row is None:
+                s.add(ApiTokenRevocation(subject=subject, revoked_before=before,
+                                         expires_at=until))
+            else:
+                row.revoked_before, row.expires_at = before, max(until, row.expires_at)
+
+        await self._db.write(unit)
+
+    async def api_token_revocations(self) -> dict[str, datetime]:
+        """Subject -> the instant before which its API tokens are refused (live entries)."""
+        return await self._db.read(lambda s: {
+            r.subject: r.revoked_before for r in s.scalars(select(ApiTokenRevocation).where(
+                ApiTokenRevocation.expires_at > utcnow()))})
 
     async def find_api_credential(self, secret_hash: str) -> ApiCredential | None:
         return await self._db.read(lambda s: s.scalar(

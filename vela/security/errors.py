@@ -82,7 +82,7 @@ _HINTS: dict[Reason, str] = {
     Reason.PROOF_STALE: "the proof is outside the acceptance window; sign a fresh one",
     Reason.PROOF_WRONG_ACTION: "the proof was signed for another action",
     Reason.BUILD_ENDED: "the build has ended; its token is dead",
-    Reason.TOKEN_REVOKED: "this token is no longer the build's current token",
+    Reason.TOKEN_REVOKED: "the token was revoked (a build token: its build has moved on)",
     Reason.FORBIDDEN_ACTION: "a build token may only report on its own build",
     Reason.REGISTRATION_UNKNOWN: "no such registration token; mint one with "
                                  "`vela worker-token create`",
