@@ -70,6 +70,7 @@ class SchedulerActor:
                 core = await self._get()
                 await core.check_workers()
                 await core.resync_queue()
+                await core.end_overdue()
             except Exception:  # noqa: BLE001 - the loop never dies; the next pass retries
                 log.exception("scheduler watch pass failed")
             await asyncio.sleep(period)

@@ -118,3 +118,32 @@ async def test_legacy_worker_stops_popping_when_the_gateway_is_away(mixed, monke
     monkeypatch.undo()
     final = (await mixed.pump([build_id]))[build_id]
     assert (final.status, final.worker) == ("success", "legacy")
+
+
+@pytest.mark.parametrize("route", ["vela", "gpu"])
+async def test_a_build_past_its_deadline_is_ended_in_either_mode(mixed, route):
+    """A worker that never ends its build (hung, or its end report lost after the build
+    token expired): once the build's timeout plus the token grace have passed, the
+    Scheduler ends it error/deadline_exceeded and the worker stops it; nothing stays
+    running for ever."""
+    from datetime import UTC, datetime, timedelta
+
+    from vela.server.scheduler import DEADLINE_EXCEEDED
+
+    await mixed.add_worker("queueless", routes=("vela",))
+    mixed.add_legacy_worker("legacy", routes=("gpu",))
+    endless = await mixed.submit(pipeline("while true; do echo tick; sleep 0.1; done"),
+                                 route=route, timeout_s=60)
+    await mixed.pump([endless], until=lambda b: b[endless].started_at is not None)
+    assert await mixed.scheduler.end_overdue(force=True) == 0  # not yet
+    later = 60 + mixed.settings.tokens.build_token_grace_s + 5
+    mixed.scheduler._now = lambda: datetime.now(UTC) + timedelta(seconds=later)
+    assert await mixed.scheduler.end_overdue(force=True) == 1
+    build = await mixed.store.get_build(endless)
+    assert (build.status, build.reason) == ("error", DEADLINE_EXCEEDED)
+    assert "60 s" in build.message
+    worker = (mixed.legacy["legacy"] if route == "gpu"
+              else mixed.directory.clients["queueless"].core)
+    await worker.wait_idle(15)  # told to stop (queueless), or refused its next report
+    assert (await mixed.store.get_build(endless)).status == "error"  # nothing overwrote it
+    assert await mixed.scheduler.end_overdue(force=True) == 0

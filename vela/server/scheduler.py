@@ -21,7 +21,6 @@ rebuilds itself with :meth:`Scheduler.recover`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -63,6 +62,9 @@ log = logging.getLogger(__name__)
 
 WORKER_LOST = "worker_lost"
 CANCELED_BY_USER = "canceled"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+# How often the watch loop looks for builds past their deadline (end_overdue).
+OVERDUE_CHECK_S = 15.0
 
 
 def _utcnow() -> datetime:
@@ -158,6 +160,7 @@ class Scheduler:
         self._mono = monotonic
         self._now = now
         self._call_timeout = settings.scheduler.health_check_timeout_s
+        self._next_overdue_check = 0.0
 
     def __repr__(self) -> str:
         return f"Scheduler({self.settings.server.id}, workers={len(self.registry)})"
@@ -329,20 +332,41 @@ class Scheduler:
         log.warning("build %d: the start report of %s was refused (%s); stopping the build",
                     build_id, hostname, reason)
         try:
-            await self.store.transition_build(
-                build_id, BuildStatus.RUNNING, BuildStatus.ERROR,
-                only_if={"worker": hostname, "token_jti": jti}, reason=reason,
-                message=f"worker {hostname} sent a start report that was refused ({reason})")
-            self.metrics.build_finished(BuildStatus.ERROR.value)
-            self._free(hostname, build_id, last_build_finished=self._now())
-        except Conflict:
-            pass
+            if await self._end_running(
+                    build_id, hostname, only_if={"worker": hostname, "token_jti": jti},
+                    reason=reason, message=f"worker {hostname} sent a start report that was "
+                                           f"refused ({reason})"):
+                return
         except Exception as e:  # noqa: BLE001 - the worker's own end report will do
             log.warning("build %d: cannot end it (%s)", build_id, type(e).__name__)
+        await self._stop_on_worker(hostname, build_id)
+
+    async def _end_running(self, build_id: int, worker: str | None, *,
+                           only_if: dict[str, Any] | None, reason: str, message: str) -> bool:
+        """End a running build ``error`` here — its token dies with that — and tell its
+        worker to stop it; False if it had moved on (the guards did not hold)."""
+        try:
+            await self.store.transition_build(build_id, BuildStatus.RUNNING, BuildStatus.ERROR,
+                                              only_if=only_if, reason=reason, message=message)
+        except Conflict:
+            return False
+        self.metrics.build_finished(BuildStatus.ERROR.value)
+        if worker:
+            self._free(worker, build_id, last_build_finished=self._now())
+            await self._stop_on_worker(worker, build_id)
+        return True
+
+    async def _stop_on_worker(self, hostname: str, build_id: int) -> None:
+        """Tell a worker to stop a build the server has ended (best effort: its token is
+        dead anyway, so nothing it reports counts)."""
         link = self._links.get(hostname)
-        if link is not None:
-            with contextlib.suppress(Exception):
-                await self._call(link.client.cancel(build_id))
+        if link is None:
+            return
+        try:
+            await self._call(link.client.cancel(build_id))
+        except Exception as e:  # noqa: BLE001 - see above
+            log.info("could not tell %s to stop build %d: %s", hostname, build_id,
+                     type(e).__name__)
 
     def _opened(self, build_id: int, started: asyncio.Event) -> None:
         started.set()
@@ -481,13 +505,7 @@ class Scheduler:
                 continue  # dispatched (or requeued) meanwhile: cancel from its new state
         self.metrics.build_finished(BuildStatus.CANCELED.value)
         if status is BuildStatus.RUNNING and build.worker:
-            link = self._links.get(build.worker)
-            if link is not None:
-                try:
-                    await self._call(link.client.cancel(build_id))
-                except Exception as e:  # noqa: BLE001 - its token is dead anyway
-                    log.info("could not tell %s to cancel build %d: %s", build.worker,
-                             build_id, type(e).__name__)
+            await self._stop_on_worker(build.worker, build_id)
             self._free(build.worker, build_id)
         return BuildStatus.CANCELED
 
@@ -571,6 +589,33 @@ class Scheduler:
         entry = self.registry.get(hostname)
         if entry is not None and entry.healthy != healthy:
             self.registry.set_health(hostname, healthy)
+
+    async def end_overdue(self, *, force: bool = False) -> int:
+        """End ``error``/``deadline_exceeded`` every running build past its timeout plus
+        the token grace (``tokens.build_token_grace_s``) — its token has expired, so its
+        worker can no longer end it — in either queue mode; tell its worker to stop it.
+        Runs at most every :data:`OVERDUE_CHECK_S` unless ``force``. Returns how many."""
+        mono = self._mono()
+        if not force and mono < self._next_overdue_check:
+            return 0
+        self._next_overdue_check = mono + OVERDUE_CHECK_S
+        now = self._now()
+        grace = self.settings.tokens.build_token_grace_s
+        ended = 0
+        for build in await self.store.list_builds(status=[BuildStatus.RUNNING], limit=10_000):
+            began = build.started_at or build.dispatched_at
+            if began is None or (now - began).total_seconds() <= build.timeout_s + grace:
+                continue
+            if await self._end_running(
+                    build.id, build.worker,
+                    only_if={"worker": build.worker} if build.worker else None,
+                    reason=DEADLINE_EXCEEDED,
+                    message=f"no end was reported within the build's timeout "
+                            f"({build.timeout_s} s) and {grace} s of grace"):
+                ended += 1
+                log.warning("build %d ran past its deadline on %s; ended", build.id,
+                            build.worker)
+        return ended
 
     async def set_worker_active(self, hostname: str, active: bool) -> None:
         """An admin (de)activates a worker: an inactive one gets no new builds (its
