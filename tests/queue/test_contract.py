@@ -247,6 +247,19 @@ async def test_reserve_many_in_order_across_routes_and_settle_many(queue: Queue)
         await queue.settle_many([Settlement(again[0], "shelve")])
 
 
+async def test_items_released_together_keep_their_order(queue: Queue):
+    """The listener prefetches items and releases those no slot took, together: the
+    route's order must survive that, pass after pass."""
+    for i in range(6):
+        await queue.push("vela", f"b{i}".encode())
+    for _ in range(3):
+        got = await queue.reserve_many(["vela"], 5, lease_s=LEASE)
+        assert [r.payload for r in got] == [f"b{i}".encode() for i in range(5)]
+        assert await queue.settle_many([Settlement(r, "release") for r in got]) == [True] * 5
+    rest = await queue.reserve_many(["vela"], 10, lease_s=LEASE)
+    assert [r.payload for r in rest] == [f"b{i}".encode() for i in range(6)]
+
+
 @pytest.mark.parametrize("routes", [[], "vela", [""]])
 async def test_reserve_rejects_bad_routes(queue: Queue, routes):
     with pytest.raises(QueueError):

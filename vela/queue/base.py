@@ -161,23 +161,30 @@ class Queue(ABC):
 
     async def settle_many(self, settlements: Sequence[Settlement]) -> list[bool]:
         """Settle each reservation as told, answering as :meth:`ack`, :meth:`release`
-        and :meth:`dead_letter` do, in order. Here they go concurrently, one round
-        trip each; a back end may do them in one. An error may leave some settled and
-        some not (settling again is safe: a lease no longer current does nothing)."""
+        and :meth:`dead_letter` do, in order. Items released together, given in the
+        order they were reserved, go back to the head of their route in that order.
+        Here acks and dead letters go concurrently, releases one by one (the last
+        first); a back end may do it all in one round trip. An error may leave some
+        settled and some not (settling again is safe: a lease no longer current does
+        nothing)."""
         check_settlements(settlements)
+        releases = [i for i, x in enumerate(settlements) if x.action == "release"]
+        others = [i for i, x in enumerate(settlements) if x.action != "release"]
 
-        def one(s: Settlement) -> Awaitable[bool]:
-            if s.action == "ack":
-                return self.ack(s.res)
-            if s.action == "release":
-                return self.release(s.res)
-            return self.dead_letter(s.res, s.reason, s.detail)
+        def one(x: Settlement) -> Awaitable[bool]:
+            if x.action == "ack":
+                return self.ack(x.res)
+            return self.dead_letter(x.res, x.reason, x.detail)
 
-        results = await asyncio.gather(*map(one, settlements), return_exceptions=True)
+        results = await asyncio.gather(*(one(settlements[i]) for i in others),
+                                       return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return list(results)  # type: ignore[arg-type]
+        done: dict[int, bool] = dict(zip(others, results, strict=True))  # type: ignore[arg-type]
+        for i in reversed(releases):
+            done[i] = await self.release(settlements[i].res)
+        return [done[i] for i in range(len(settlements))]
 
     @abstractmethod
     async def reclaim_expired(self, now: float | None = None) -> int:
