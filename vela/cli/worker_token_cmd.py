@@ -55,4 +55,3 @@ def create(
                       + (f", hostname {hostname}" if hostname else "")
                       + ". Give it to the worker as VELA_WORKER_REGISTRATION_TOKEN.",
                       highlight=False)
-

@@ -319,8 +319,7 @@ class Scheduler:
                                 build_id, type(e).__name__)
                     await asyncio.sleep(delay)  # backoff, not synchronisation
                     delay = min(delay * 2, 5.0)
-                    entry = self.registry.get(hostname)
-                    if entry is None or build_id not in entry.running:
+                    if self.registry.worker_of(build_id) != hostname:
                         return  # canceled, or its worker lost, meanwhile
         finally:
             self._opened(build_id, started)
