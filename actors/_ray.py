@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from vela.coalesce import BatchingAuthority
+from vela.coalesce import BatchingAuthority, Coalescer
 from vela.errors import WorkerGone
 
 if TYPE_CHECKING:  # the server's types; a worker process never imports SQLAlchemy or redis
@@ -63,14 +63,22 @@ async def _await(ref: Awaitable[T], *, gone: type[Exception] | None = None) -> T
 
 
 class RayWorkerClient:
+    """The Scheduler's line to one worker. Challenges and packages sent to it at the
+    same moment (a listener pass placing several builds on its slots) travel in one
+    call each; every build keeps its own challenge, token and sealed package."""
+
     def __init__(self, handle: Any) -> None:
         self._h = handle
+        self._answers: Coalescer[dict[str, Any], dict[str, Any]] = Coalescer(
+            lambda batch: _await(handle.availability_many.remote(batch), gone=WorkerGone))
+        self._receipts: Coalescer[dict[str, Any], dict[str, Any]] = Coalescer(
+            lambda batch: _await(handle.execute_packages.remote(batch), gone=WorkerGone))
 
     async def availability(self, challenge: dict[str, Any]) -> dict[str, Any]:
-        return await _await(self._h.availability.remote(challenge), gone=WorkerGone)
+        return await self._answers.call(challenge)
 
     async def execute_package(self, package: dict[str, Any]) -> dict[str, Any]:
-        return await _await(self._h.execute_package.remote(package), gone=WorkerGone)
+        return await self._receipts.call(package)
 
     async def status(self) -> dict[str, Any]:
         return await _await(self._h.status.remote(), gone=WorkerGone)
@@ -124,11 +132,14 @@ class RayDispatcher:
 
 
 class RayServerLink:
-    """A worker's line to the server: reports with build token and proof."""
+    """A worker's line to the server: reports with build token and proof. The reports
+    of its builds that are ready at the same moment travel in one call."""
 
     def __init__(self, namespace: str = NAMESPACE) -> None:
         self.namespace = namespace
         self._scheduler: Any | None = None
+        self._reports: Coalescer[dict[str, Any], None] = Coalescer(
+            lambda batch: _await(self.scheduler().reports_many.remote(batch)))
 
     def scheduler(self) -> Any:
         # A handle stays valid across the Scheduler's restarts; look it up once.
@@ -140,8 +151,7 @@ class RayServerLink:
 
     async def send_reports(self, *, build_id: int, token: str,
                            reports: list[dict[str, Any]]) -> None:
-        await _await(self.scheduler().reports.remote(build_id=build_id, token=token,
-                                                     reports=reports))
+        await self._reports.call({"build_id": build_id, "token": token, "reports": reports})
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Registration and check-in calls on the Scheduler."""

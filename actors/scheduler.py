@@ -110,6 +110,9 @@ class SchedulerActor:
                       ) -> None:
         await (await self._get()).reports(build_id=build_id, token=token, reports=reports)
 
+    async def reports_many(self, calls: list[dict[str, Any]]) -> list[None | Exception]:
+        return await (await self._get()).reports_many(calls)
+
     # -- people and tools -------------------------------------------------------------
     async def create_build(self, repo: str, pipeline: str, *, route: str | None = None,
                            timeout_s: int | None = None) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from actors._ray import RayServerLink, worker_actor_name
+from vela.coalesce import answer_each
 from vela.config import Settings
 from vela.executor import DEFAULT_HIDDEN_PATHS, choose_runtime
 from vela.security import (
@@ -147,6 +148,16 @@ class WorkerActor:
 
     async def execute_package(self, package: dict[str, Any]) -> dict[str, Any]:
         return (await self.core.execute_package(package)).as_dict()
+
+    # What the Scheduler sends this worker at the same moment travels in one call
+    # (vela.coalesce): each challenge and each package answered on its own.
+    async def availability_many(self, challenges: list[dict[str, Any]]
+                                ) -> list[dict[str, Any] | Exception]:
+        return await answer_each(challenges, self.availability)
+
+    async def execute_packages(self, packages: list[dict[str, Any]]
+                               ) -> list[dict[str, Any] | Exception]:
+        return await answer_each(packages, self.execute_package)
 
     async def cancel(self, build_id: int) -> bool:
         return self.core.cancel(build_id)

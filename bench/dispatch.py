@@ -5,8 +5,9 @@ side with Celery and with bare Ray actors, in one run on this machine.
     python bench/dispatch.py --builds 300 --workers 2 --backends sqlite
     python bench/dispatch.py --quick                # smoke run (< 1 min): exits 0 if it completes
 
-Systems, each with W workers of one slot (vela: W WorkerActors, build_limit 1; Celery:
-one prefork worker, --concurrency W; floor: W Ray actors, one call at a time):
+Systems, each with W build slots (vela: one WorkerActor with build_limit W, as vela
+deploys a worker host, or with ``--layout per-slot`` W WorkerActors of one slot each;
+Celery: one prefork worker, --concurrency W; floor: W Ray actors, one call at a time):
 
 * vela sqlite: the embedded default (SQLite + the database queue) in a temp data dir;
 * vela postgres: PostgreSQL (database ``vela_bench`` on 127.0.0.1:5432, created and
@@ -285,10 +286,13 @@ def no_bwrap_path(bin_dir: Path) -> str:
 class VelaRun:
     """The control plane and W workers in their own namespace and data dir."""
 
-    def __init__(self, backend: str, workers: int, sandbox: bool, data_dir: Path) -> None:
+    def __init__(self, backend: str, workers: int, sandbox: bool, data_dir: Path,
+                 layout: str = "per-node") -> None:
         from vela.config import Settings
 
         self.backend, self.n_workers, self.sandbox = backend, workers, sandbox
+        # W slots: on one WorkerActor (a worker host), or one WorkerActor per slot.
+        self.actors, self.slots = (1, workers) if layout == "per-node" else (workers, 1)
         self.data_dir = data_dir
         cfg: dict[str, Any] = {
             "server": {"data_dir": str(data_dir)},
@@ -319,7 +323,7 @@ class VelaRun:
         asyncio.run(bootstrap_database(self.settings))
         self.handles = start_control_plane(self.settings)
         want = "BwrapRuntime" if self.sandbox else "LocalRuntime"
-        for i in range(self.n_workers):
+        for i in range(self.actors):
             status = self._add_worker(f"bench-w{i + 1}")
             if not status.get("registered") or status.get("sandbox") != want:
                 raise RuntimeError(f"worker {i + 1}: wanted {want}, got {status}")
@@ -338,7 +342,7 @@ class VelaRun:
         state_dir = self.data_dir / "workers" / hostname
         if self.sandbox:
             handle, status = start_worker(self.settings, hostname=hostname, routes=["vela"],
-                                          build_limit=1, state_dir=state_dir,
+                                          build_limit=self.slots, state_dir=state_dir,
                                           registration_token=token, max_restarts=0)
             self.workers.append(handle)
             return status
@@ -351,7 +355,7 @@ class VelaRun:
             runtime_env={"env_vars": {"PATH": no_bwrap_path(self.data_dir / "no-bwrap-bin")}},
             scheduling_strategy=NodeAffinitySchedulingStrategy(
                 node_id=ray.get_runtime_context().get_node_id(), soft=False),
-        ).remote(self.settings, hostname=hostname, routes=["vela"], build_limit=1,
+        ).remote(self.settings, hostname=hostname, routes=["vela"], build_limit=self.slots,
                  state_dir=str(state_dir.resolve()), registration_token=token)
         self.workers.append(handle)
         return ray.get(handle.wait_registered.remote(120.0), timeout=150)
@@ -408,12 +412,12 @@ class VelaRun:
 
 
 def run_vela(backend: str, workers: int, sandbox: bool, n: int, probes: int,
-             py_spy: Path | None = None) -> tuple[Sample, Sample]:
+             py_spy: Path | None = None, layout: str = "per-node") -> tuple[Sample, Sample]:
     """(burst, probes) for one configuration; with ``py_spy``, the burst is profiled."""
     import ray
 
     with tempfile.TemporaryDirectory(prefix="vela-bench-") as tmp:
-        run = VelaRun(backend, workers, sandbox, Path(tmp))
+        run = VelaRun(backend, workers, sandbox, Path(tmp), layout)
         say(f"{run.label} W={workers} sandbox={'on' if sandbox else 'off'}: starting")
         try:
             run.start()
@@ -731,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="sqlite,postgres")
     p.add_argument("--sandbox", default="on,off", help="on, off or on,off")
     p.add_argument("--probes", type=int, default=20, help="jobs sent one at a time")
+    p.add_argument("--layout", choices=["per-node", "per-slot"], default="per-node",
+                   help="vela's W slots on one WorkerActor (per-node, how vela deploys a "
+                        "worker host) or on W WorkerActors of one slot (per-slot)")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--sandbox-samples", type=int, default=200)
     p.add_argument("--py-spy", type=Path, metavar="DIR",
@@ -768,7 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         for w in workers:
             for b in backends:
                 for sbx in sandboxes:
-                    keep(run_vela(b, w, sbx == "on", args.builds, args.probes, args.py_spy))
+                    keep(run_vela(b, w, sbx == "on", args.builds, args.probes, args.py_spy,
+                                  args.layout))
             if not args.no_celery:
                 keep(run_celery(w, args.builds, args.probes))
             keep(run_floor(w, args.builds, args.probes, "true"))
@@ -778,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     print(f"dispatch: N={args.builds} per burst, {os.cpu_count()} cores, "
-          f"{time.monotonic() - t0:.0f}s in all")
+          f"{time.monotonic() - t0:.0f}s in all; vela's W slots {args.layout} "
+          f"({'one WorkerActor' if args.layout == 'per-node' else 'W WorkerActors'})")
     print("\nburst (N jobs submitted at once)")
     print(HEADER)
     for s in results.values():

@@ -7,14 +7,22 @@ they travel together. :class:`Coalescer` sends one batch at a time: requests mad
 while a batch is in flight wait and go in the next, so an idle system sends each
 request at once (one event-loop turn later) and a busy one sends them in batches
 as large as the load makes them. Plain asyncio; the Ray call is the ``send``.
+The receiving actor answers such a batch with :func:`answer_each`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from vela.errors import Unavailable, VelaError
+from vela.security.errors import Reason, Rejected
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 Req = TypeVar("Req")
 Res = TypeVar("Res")
 
@@ -71,6 +79,33 @@ class Coalescer(Generic[Req, Res]):
                     f.set_exception(r)
                 else:
                     f.set_result(r)
+
+
+async def answer_each(requests: object, one: Callable[[Any], Awaitable[T]], *,
+                      concurrently: bool = False) -> list[T | Exception]:
+    """The receiving end of a coalesced call: each request answered on its own, a
+    failure as its answer (its caller raises it), never the batch's. An answer
+    crosses the wire as a value, so a failure that is not one of ours (a
+    :class:`~vela.errors.VelaError`: a refusal, a conflict) goes as
+    :class:`~vela.errors.Unavailable`, named by type only — a driver's error may hold
+    what it was sent, or not pickle. Anything but a list of at most :data:`MAX_BATCH`
+    requests is refused whole. ``concurrently`` when a request may wait on another's
+    progress (a build's reports on its start)."""
+    if not isinstance(requests, list | tuple) or len(requests) > MAX_BATCH:
+        raise Rejected(Reason.MALFORMED, f"up to {MAX_BATCH} requests at a time")
+
+    async def answer(request: object) -> T | Exception:
+        try:
+            return await one(request)
+        except VelaError as e:
+            return e
+        except Exception as e:  # noqa: BLE001 - answered to its own caller, not the batch
+            log.warning("a request failed: %s; its caller may retry", type(e).__name__)
+            return Unavailable(f"the request failed here ({type(e).__name__}); retry")
+
+    if concurrently:
+        return list(await asyncio.gather(*(answer(r) for r in requests)))
+    return [await answer(r) for r in requests]
 
 
 class BatchingAuthority:

@@ -25,3 +25,7 @@ class InvalidTransition(VelaError):
 
 class WorkerGone(Exception):
     """The worker's actor (or its node) is dead: no point in retrying it."""
+
+
+class Unavailable(VelaError):
+    """Transient trouble on the answering side (its database, say): retry later."""

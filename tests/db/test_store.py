@@ -251,3 +251,45 @@ async def test_reused_statements_bind_each_calls_values(store):
     assert ra.enqueued_at is not None and rb.enqueued_at is None
     assert [s.status for s in await store.get_steps(a.id)] == ["success", "skipped"]
     assert [s.status for s in await store.get_steps(b.id)] == ["running", "pending"]
+
+
+async def test_shared_writes_go_in_one_transaction_and_keep_their_own_outcome(
+        store, monkeypatch):
+    """write_shared: writes made at the same moment commit together; one that fails
+    (a lost compare-and-set here) fails alone and none of its writes is kept, while
+    the others are written once."""
+    a, b, c, d, e = [await new_build(store) for _ in range(5)]
+    await store.transition_build(b.id, BuildStatus.PENDING, BuildStatus.CANCELED)
+    calls = store._shared
+    batches, requests = calls.batches, calls.requests
+    transactions = []
+    write = store._db.write
+
+    async def counted(unit):
+        transactions.append(unit)
+        return await write(unit)
+
+    monkeypatch.setattr(store._db, "write", counted)
+
+    def dispatch(build_id: int):
+        def unit(w):
+            w.append_log(build_id, 1, [f"dispatched {build_id}"])
+            return w.transition_build(build_id, BuildStatus.PENDING, BuildStatus.RUNNING,
+                                      worker="w1")
+        return store.write_shared(unit)
+
+    ra, rb, rc = await asyncio.gather(*(dispatch(x.id) for x in (a, b, c)),
+                                      return_exceptions=True)
+    assert isinstance(rb, Conflict)
+    assert (ra.status, rc.status) == ("running", "running")
+    assert (await store.get_build(b.id)).status == "canceled"
+    assert [t for _, _, t in await store.get_logs(b.id)] == []  # its log went with it
+    assert [t for _, _, t in await store.get_logs(a.id)] == [f"dispatched {a.id}\n"]
+    assert (calls.batches - batches, calls.requests - requests) == (1, 3)
+    assert len(transactions) == 4  # the shared one, undone, then each on its own
+    # Without a failure, one transaction carries them all.
+    await asyncio.gather(*(store.transition_build(x.id, BuildStatus.PENDING,
+                                                  BuildStatus.RUNNING, shared=True)
+                           for x in (d, e)))
+    assert (calls.batches - batches, calls.requests - requests) == (2, 5)
+    assert len(transactions) == 5

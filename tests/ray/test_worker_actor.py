@@ -18,6 +18,7 @@ SECRET = "double-s3cr3t"
 def _fake_server_class():
     import ray
 
+    from vela.coalesce import answer_each
     from vela.pipeline import compile_pipeline
     from vela.security import (
         KeyRing,
@@ -69,6 +70,9 @@ def _fake_server_class():
                     self.bad_proofs += 1
                     raise
             self.got += [(build_id, r["action"], r["payload"]) for r in reports]
+
+        async def reports_many(self, calls):  # how the worker sends them (coalesced)
+            return await answer_each(calls, lambda call: self.reports(**call))
 
         async def package(self, build_id, text, *, worker=None, secrets=None, tamper=False):
             reg = self.registration
@@ -143,6 +147,28 @@ def test_accepts_a_valid_package_and_reports_with_proofs(double):
     again = ray.get(worker.execute_package.remote(pkg))
     assert again["accepted"] is False and again["reason"] in ("duplicate_package",
                                                                "package_expired")
+
+
+def test_batch_calls_answer_each_package_and_challenge_on_its_own(double):
+    """execute_packages / availability_many (what the Scheduler's coalesced calls use):
+    a tampered or malformed entry is refused alone; the good package runs."""
+    import ray
+
+    from vela.security import Reason, Rejected
+
+    fake, worker = double
+    good = ray.get(fake.package.remote(31, pipeline("echo batched")))
+    tampered = ray.get(fake.package.remote(32, pipeline("echo hi"), tamper=True))
+    ok, bad, junk = ray.get(worker.execute_packages.remote([good, tampered, "junk"]))
+    assert ok["accepted"] is True and ok["start"]["action"] == "build.start"
+    assert (bad["accepted"], bad["reason"]) == (False, "package_tampered")
+    assert (junk["accepted"], junk["reason"]) == (False, "malformed")
+    (finish,) = wait_until(lambda: _finished(fake, 31), 60, "the finish report")
+    assert finish["status"] == "success"
+    (malformed,) = ray.get(worker.availability_many.remote([{"not": "a challenge"}]))
+    assert isinstance(malformed, Rejected) and malformed.reason is Reason.MALFORMED
+    with pytest.raises(Rejected):  # more than one call may carry: refused whole
+        ray.get(worker.execute_packages.remote([good] * 65))
 
 
 @pytest.mark.parametrize(("kind", "reason"), [("tamper", "package_tampered"),

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import REDIS_URL
-from vela.coalesce import BatchingAuthority
+from vela.coalesce import BatchingAuthority, Coalescer, answer_each
 from vela.config import Settings
 from vela.db.store import Store
 from vela.domain import BuildStatus
@@ -54,23 +54,37 @@ def pipeline(*commands: str, secrets: tuple[str, ...] = ()) -> str:
 
 
 class LocalWorkerClient:
-    """What RayWorkerClient does, in process; ``kill()`` plays a dead actor."""
+    """What RayWorkerClient does, in process: challenges and packages sent at the same
+    moment go in one batch call, answered as the WorkerActor answers them;
+    ``kill()`` plays a dead actor."""
 
     def __init__(self, core: WorkerCore, tokens: dict[int, str]) -> None:
         self.core = core
         self.dead = False
         self.tokens = tokens
+        self.answers: Coalescer[dict[str, Any], dict[str, Any]] = Coalescer(
+            lambda batch: self._many(batch, self._availability))
+        self.receipts: Coalescer[dict[str, Any], dict[str, Any]] = Coalescer(
+            lambda batch: self._many(batch, self._execute_package))
 
     def _alive(self) -> None:
         if self.dead:
             raise WorkerGone("killed")
 
-    async def availability(self, challenge: dict[str, Any]) -> dict[str, Any]:
+    async def _many(self, batch: list[Any], one: Any) -> list[Any]:
         self._alive()
-        return self.core.availability(challenge)
+        return await answer_each(batch, one)
+
+    async def availability(self, challenge: dict[str, Any]) -> dict[str, Any]:
+        return await self.answers.call(challenge)
 
     async def execute_package(self, package: dict[str, Any]) -> dict[str, Any]:
-        self._alive()
+        return await self.receipts.call(package)
+
+    async def _availability(self, challenge: dict[str, Any]) -> dict[str, Any]:
+        return self.core.availability(challenge)
+
+    async def _execute_package(self, package: dict[str, Any]) -> dict[str, Any]:
         if isinstance(package, dict) and isinstance(package.get("build_id"), int):
             self.tokens[package["build_id"]] = package.get("build_token")  # as a thief sees
         return (await self.core.execute_package(package)).as_dict()
@@ -97,16 +111,20 @@ class Directory:
         return client if client is not None and not client.dead else None
 
 
-@dataclass
 class DirectLink:
-    """The worker's ServerLink straight into the Scheduler (reports are checked there)."""
+    """The worker's ServerLink straight into the Scheduler (reports are checked there);
+    as RayServerLink, the reports of its builds ready at the same moment go in one
+    ``reports_many`` call."""
 
-    system: System
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.calls: Coalescer[dict[str, Any], None] = Coalescer(
+            lambda batch: system.scheduler.reports_many(batch))
 
     async def send_reports(self, *, build_id: int, token: str,
                            reports: list[dict[str, Any]]) -> None:
         self.system.tokens[build_id] = token  # what a thief on the wire would see
-        await self.system.scheduler.reports(build_id=build_id, token=token, reports=reports)
+        await self.calls.call({"build_id": build_id, "token": token, "reports": reports})
 
 
 @dataclass

@@ -495,6 +495,59 @@ async def test_a_batch_of_report_checks_answers_each_on_its_own(system):
         await system.scheduler.cancel(build_id)
 
 
+async def test_several_builds_reports_in_one_call_are_answered_each_on_its_own(system):
+    """reports_many (a worker's builds' reports coalesced into one call): a forged,
+    swapped or malformed call is refused alone; the good ones are written."""
+    await system.add_worker("w1", build_limit=2)
+    a = await system.submit(pipeline("sleep 30"))
+    b = await system.submit(pipeline("sleep 30"))
+    await system.pump([a, b], until=lambda x: all(x[i].started_at is not None for i in (a, b)))
+    me = system.identity("w1")
+
+    def call(build_id: int, token: str, text: str) -> dict:
+        proof = make_proof(me, token=token, action=BuildAction.LOG_APPEND, build_id=build_id,
+                           now=datetime.now(UTC))
+        return {"build_id": build_id, "token": token, "reports": [{
+            "action": BuildAction.LOG_APPEND, "proof": proof,
+            "payload": {"number": 1, "seq": 90, "lines": [text]}}]}
+
+    header, claims, _ = system.tokens[b].split(".")
+    forged = ".".join([header, claims, base64.urlsafe_b64encode(b"x" * 64).decode()])
+    answers = await system.scheduler.reports_many([
+        call(a, system.tokens[a], "a-good"),
+        call(b, system.tokens[a], "b-with-as-token"),
+        call(b, forged, "b-forged"),
+        {**call(b, system.tokens[b], "b-extra"), "extra": 1},
+        "not a call",
+        call(b, system.tokens[b], "b-good"),
+    ])
+    assert answers[0] is None and answers[-1] is None
+    assert all(isinstance(r, Rejected) for r in answers[1:-1]), answers
+    assert [r.reason for r in answers[3:5]] == [Reason.MALFORMED, Reason.MALFORMED]
+    assert "a-good" in await logs_of(system, a)
+    assert "b-good" in await logs_of(system, b)
+    assert "b-with" not in await logs_of(system, b) and "b-forged" not in await logs_of(system, b)
+    with pytest.raises(Rejected):
+        await system.scheduler.reports_many([call(a, system.tokens[a], "x")] * (MAX_REQUESTS + 1))
+    for build_id in (a, b):
+        await system.scheduler.cancel(build_id)
+
+
+async def test_builds_placed_together_on_one_worker_share_its_calls(system):
+    """A pass placing several builds on one worker's slots sends their challenges and
+    packages in one call each; each build still gets its own challenge, token and
+    package, and every build runs once."""
+    await system.add_worker("w1", build_limit=4)
+    client = system.directory.clients["w1"]
+    ids = [await system.submit(pipeline("sleep 1")) for _ in range(4)]
+    await system.pump(ids, until=lambda x: all(b.started_at is not None for b in x.values()))
+    assert client.receipts.requests == 4 and client.answers.requests == 4
+    assert client.receipts.batches < 4 and client.answers.batches < 4
+    assert len({system.tokens[i] for i in ids}) == 4
+    builds = await system.pump(ids)
+    assert all(b.status == "success" and b.attempts == 1 for b in builds.values())
+
+
 async def test_a_batch_of_packages_answers_each_on_its_own(system):
     await system.add_worker("w1")
     build_id = await system.submit(pipeline("true"))

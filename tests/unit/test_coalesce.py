@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 
 import pytest
 
-from vela.coalesce import Coalescer
+from vela.coalesce import MAX_BATCH, Coalescer, answer_each
+from vela.errors import Unavailable
+from vela.security import Reason, Rejected
 
 
 class Far:
@@ -90,3 +93,45 @@ async def test_a_caller_that_gave_up_is_not_sent():
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert far.batches == [[2], [6]]
+
+
+async def test_the_receiving_end_answers_each_request_on_its_own():
+    """answer_each: a failure is its own request's answer; one of ours goes as itself,
+    anything else as Unavailable, named by type, never with what it held."""
+
+    async def one(n: int) -> int:
+        if n == 1:
+            raise Rejected(Reason.WRONG_BUILD, "not yours")
+        if n == 2:
+            raise RuntimeError("password=hunter2 in a driver's message")
+        return n * 10
+
+    zero, refused, broken, three = await answer_each([0, 1, 2, 3], one)
+    assert (zero, three) == (0, 30)
+    assert isinstance(refused, Rejected) and refused.reason is Reason.WRONG_BUILD
+    assert isinstance(broken, Unavailable) and "RuntimeError" in str(broken)
+    assert "hunter2" not in repr(broken) and broken.__cause__ is None
+    assert pickle.loads(pickle.dumps(refused)).reason is Reason.WRONG_BUILD  # crosses Ray
+
+
+@pytest.mark.parametrize("batch", ["not a list", list(range(MAX_BATCH + 1))])
+async def test_the_receiving_end_refuses_a_malformed_or_oversized_batch_whole(batch):
+    async def one(n: object) -> object:
+        raise AssertionError("not called")
+
+    with pytest.raises(Rejected) as e:
+        await answer_each(batch, one)
+    assert e.value.reason is Reason.MALFORMED
+
+
+async def test_concurrent_answers_let_one_request_wait_on_another():
+    opened = asyncio.Event()
+
+    async def one(n: int) -> int:
+        if n == 0:
+            await asyncio.wait_for(opened.wait(), 5)  # waits on the request after it
+        else:
+            opened.set()
+        return n
+
+    assert await answer_each([0, 1], one, concurrently=True) == [0, 1]

@@ -29,6 +29,7 @@ from vela.security import (
     seal_package,
 )
 from vela.worker import Receipt, WorkerCore
+from vela.worker.core import NO_FREE_SLOT
 
 ISSUER = "test-server"
 HOST = "w1"
@@ -527,6 +528,33 @@ async def test_step_reports_do_not_hold_up_the_build(core, server, tmp_path):
     steps = [r.payload["status"] for r in server.of(1, STEP)]
     assert [r.action for r in server.of(1)] == [START, STEP, STEP, FINISH]
     assert steps == ["running", "success"]
+
+
+async def test_a_build_reporting_its_end_holds_no_slot(make_core, server):
+    """Once its steps are over, a build whose end is still on its way holds no slot:
+    the server frees the slot when it writes the end and may offer it again before
+    the reply is back here. The build stays listed as running until the end is in."""
+    core = make_core(build_limit=1)
+    original = server.send_reports
+
+    async def hold_the_finish(**kw: Any) -> None:
+        if kw["reports"][-1]["action"] == FINISH:
+            server.hang = server.hang or asyncio.Event()
+        await original(**kw)
+
+    server.send_reports = hold_the_finish  # type: ignore[method-assign]
+    assert (await server.execute(core, server.package(1, one_step("true")))).accepted
+    await eventually(lambda: server.hang is not None)
+    assert core.running == [1] and core.free_slots == 1
+    assert server.hang is not None
+    server.send_reports = original  # type: ignore[method-assign]
+    assert (await server.execute(core, server.package(2, one_step("true")))).accepted
+    assert core.free_slots == 0
+    refused = await server.execute(core, server.package(3, one_step("true")))
+    assert (refused.accepted, refused.reason) == (False, NO_FREE_SLOT)
+    server.hang.set()
+    await server.until(lambda: server.finish(1) and server.finish(2))
+    await core.wait_idle(10)
 
 
 async def test_a_short_steps_reports_travel_with_the_finish(core, server):

@@ -9,6 +9,7 @@ Each method is one unit of work run whole by :class:`~vela.db.engine.Database`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, make_transient_to_detached
 
+from vela.coalesce import Coalescer
 from vela.db.engine import database, shaped
 from vela.db.models import (
     ApiCredential,
@@ -47,6 +49,7 @@ from vela.domain import (
 from vela.errors import Conflict, NotFound, VelaError
 from vela.security import atrest
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SECRET_SCOPES = ("repo", "org", "shared")
@@ -85,6 +88,7 @@ class Store:
         self._master_key = master_key
         self._db = database(engine)
         self._dialect = engine.dialect.name
+        self._shared: Coalescer[Callable[[Session], Any], Any] = Coalescer(self._write_batch)
 
     def __repr__(self) -> str:
         return f"Store({self.engine.dialect.name})"
@@ -132,9 +136,9 @@ class Store:
                            enqueued_at: datetime | None = None,
                            then: Callable[[Session, Build], None] | None = None) -> Build:
         """A new ``pending`` build with its steps; the repo's counter gives the number.
-        One transaction, the repo's row read and counted in one statement (a first
-        build of a repo creates the repo first); ``then`` runs last in it (to queue the
-        build in the same transaction)."""
+        One transaction (shared, as :meth:`write_shared`), the repo's row read and
+        counted in one statement (a first build of a repo creates the repo first);
+        ``then`` runs last in it (to queue the build in the same transaction)."""
         split_repo(repo_full_name)
         now = utcnow()
 
@@ -162,10 +166,10 @@ class Store:
                 then(s, build)
             return build
 
-        build = await self._db.write(unit)
+        build = await self._shared.call(unit)
         if build is None:
             await self.get_or_create_repo(repo_full_name)
-            build = await self._db.write(unit)
+            build = await self._shared.call(unit)
             assert build is not None
         return build
 
@@ -249,18 +253,44 @@ class Store:
 
     async def transition_build(self, build_id: int, expected: BuildStatus,
                                new: BuildStatus, *, only_if: dict[str, Any] | None = None,
-                               **fields: Any) -> Build:
+                               shared: bool = False, **fields: Any) -> Build:
         """Compare-and-set a build's status; raises :class:`Conflict` if it lost.
 
-        ``only_if`` adds equality guards (e.g. ``{"token_jti": jti}``) to the CAS.
+        ``only_if`` adds equality guards (e.g. ``{"token_jti": jti}``) to the CAS;
+        ``shared`` writes it with :meth:`write_shared`.
         """
-        return await self.write(
+        write = self.write_shared if shared else self.write
+        return await write(
             lambda w: w.transition_build(build_id, expected, new, only_if=only_if, **fields))
 
     async def write(self, unit: Callable[[Writes], T]) -> T:
         """Several build, step and log writes in one transaction: all of them or, if
         ``unit`` raises, none."""
         return await self._db.write(lambda s: unit(Writes(s, self._dialect)))
+
+    async def write_shared(self, unit: Callable[[Writes], T]) -> T:
+        """:meth:`write`, in a transaction shared with the other shared writes made at
+        the same moment (one commit and one hand-off for all: a busy Scheduler's
+        dispatches and reports). Its result and its failure are its own: if any unit
+        of a shared transaction raises, none of it is kept and each unit runs again
+        in a transaction of its own — so a unit must be a plain function of the
+        :class:`Writes`, safe to run twice."""
+        return await self._shared.call(lambda s: unit(Writes(s, self._dialect)))
+
+    async def _write_batch(self, units: list[Callable[[Session], Any]]) -> list[Any]:
+        if len(units) > 1:
+            try:
+                return await self._db.write(lambda s: [unit(s) for unit in units])
+            except Exception as e:  # noqa: BLE001 - whose it is, each unit's own run tells
+                log.debug("a shared write failed (%s); its units run one by one",
+                          type(e).__name__)
+        out: list[Any] = []
+        for unit in units:
+            try:
+                out.append(await self._db.write(unit))
+            except Exception as e:  # noqa: BLE001 - the answer of that unit's caller
+                out.append(e)
+        return out
 
     # ------------------------------------------------------------------ steps
     async def get_steps(self, build_id: int) -> list[Step]:

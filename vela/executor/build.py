@@ -229,7 +229,7 @@ class _BuildRun:
             proc = await self.runtime.spawn(step.script(), env=self._env(number, step, dirs),
                                             dirs=dirs)
         except (OSError, ValueError) as e:
-            logger.error("step %s: cannot start: %s", step.name, e)
+            logger.error("step %s: cannot start: %s", step.name, e, exc_info=True)
             return StepResult(number=number, name=step.name, status=StepStatus.ERROR,
                               reason=Reason.START_FAILED, started_at=started,
                               finished_at=_now())

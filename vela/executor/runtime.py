@@ -105,6 +105,57 @@ class Runtime(abc.ABC):
 _STREAM_LIMIT = 2**16
 
 
+class _PipeReader:
+    """The read end of a step's output pipe, read on the event loop into a
+    :class:`asyncio.StreamReader` (which pauses and resumes it, as it would a
+    transport). Its one owner: the descriptor is closed once, here. A transport from
+    ``connect_read_pipe`` is not: on uvloop (Ray's loop in async actors) libuv closes
+    the descriptor and then the pipe's file object closes the same number again,
+    which by then another thread may have been given — seen as steps failing to
+    start with EBADF when one WorkerActor ran several builds at once."""
+
+    def __init__(self, fd: int, reader: asyncio.StreamReader,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._reader = reader
+        self._loop = loop
+        self._reading = False
+        reader.set_transport(self)  # type: ignore[arg-type] # pause/resume_reading only
+        self.resume_reading()
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, _STREAM_LIMIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._reader.set_exception(e)
+            self.close()
+            return
+        if not data:
+            self._reader.feed_eof()
+            self.close()
+            return
+        self._reader.feed_data(data)
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading and self._fd >= 0:
+            self._loop.add_reader(self._fd, self._readable)
+            self._reading = True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.pause_reading()
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
 class StepProcess:
     """A step's process: its output as a stream, its exit awaited on the event loop.
 
@@ -116,11 +167,11 @@ class StepProcess:
     """
 
     def __init__(self, popen: subprocess.Popen[bytes], stdout: asyncio.StreamReader,
-                 transport: asyncio.BaseTransport) -> None:
+                 pipe: _PipeReader) -> None:
         self._popen = popen
         self.pid = popen.pid
         self.stdout = stdout
-        self._transport = transport
+        self._pipe = pipe
 
     def __repr__(self) -> str:
         return f"StepProcess(pid={self.pid}, returncode={self._popen.returncode})"
@@ -162,27 +213,31 @@ class StepProcess:
 
     def close_output(self) -> None:
         """Stop reading the output (a stray process may keep the pipe open)."""
-        self._transport.close()
+        self._pipe.close()
 
 
 async def _start(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> StepProcess:
-    # Blocks only until the child has exec'd (vfork), as asyncio's own spawn does.
-    popen = subprocess.Popen(  # noqa: ASYNC220
-        list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        close_fds=True)
-    assert popen.stdout is not None
-    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()  # both close-on-exec; the child gets its end as stdout
+    try:
+        # Blocks only until the child has exec'd (vfork), as asyncio's own spawn does.
+        popen = subprocess.Popen(  # noqa: ASYNC220
+            list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
+            stdout=write_fd, stderr=subprocess.STDOUT, start_new_session=True,
+            close_fds=True)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
     reader = asyncio.StreamReader(limit=_STREAM_LIMIT)
     try:
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
+        pipe = _PipeReader(read_fd, reader, asyncio.get_running_loop())
     except BaseException:
+        os.close(read_fd)
         os.killpg(popen.pid, signal.SIGKILL)
-        popen.stdout.close()
         popen.wait()
         raise
-    return StepProcess(popen, reader, transport)
+    return StepProcess(popen, reader, pipe)
 
 
 class LocalRuntime(Runtime):

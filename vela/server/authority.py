@@ -14,12 +14,12 @@ recorded, so ending, re-queueing or re-dispatching a build kills its token at on
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from vela.coalesce import MAX_BATCH as MAX_REQUESTS
+from vela.coalesce import answer_each
 from vela.config import Settings
 from vela.db.store import Store
 from vela.errors import NotFound
@@ -42,8 +42,6 @@ from vela.server.builds import build_meta
 from vela.server.reports import MAX_BATCH
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def _utcnow() -> datetime:
@@ -120,13 +118,13 @@ class Authority:
                              ) -> list[IssuedPackage | Exception]:
         """:meth:`issue_package` for each ``(build_id, hostname)``, answered in order;
         one that fails gets its error and the others go on."""
-        return await _each(requests, lambda r: self.issue_package(*_pair(r)))
+        return await answer_each(requests, lambda r: self.issue_package(*_pair(r)))
 
     async def verify_many(self, requests: Sequence[object]
                           ) -> list[BuildClaims | Exception]:
         """:meth:`verify` for each ``{"build_id", "token", "requests", "worker_sign_key"}``
         (the reports of several builds), answered in order, each on its own."""
-        return await _each(requests, lambda r: self.verify(**_report_request(r)))
+        return await answer_each(requests, lambda r: self.verify(**_report_request(r)))
 
     async def verify(self, *, build_id: int, token: object,
                      requests: Sequence[tuple[str, object]],
@@ -176,19 +174,6 @@ class Authority:
                                        scopes=scopes, ttl_s=ttl_s, now=self._clock())
         return {"token": token, "subject": claims.sub, "scopes": claims.scp,
                 "expires_at": claims.exp}
-
-
-async def _each(requests: Sequence[object], one: Callable[[object], Awaitable[T]]
-                ) -> list[T | Exception]:
-    if not isinstance(requests, list | tuple) or len(requests) > MAX_REQUESTS:
-        raise Rejected(Reason.MALFORMED, f"up to {MAX_REQUESTS} requests at a time")
-    out: list[T | Exception] = []
-    for request in requests:
-        try:
-            out.append(await one(request))
-        except Exception as e:  # noqa: BLE001 - answered to its own caller, not the batch
-            out.append(e)
-    return out
 
 
 def _pair(request: object) -> tuple[int, str]:

@@ -102,8 +102,9 @@ class ReportWriter:
     async def apply_all(self, *, build_id: int, hostname: str,
                         reports: Sequence[tuple[str, dict[str, Any]]],
                         claims: BuildClaims | None = None) -> bool:
-        """Record reports, in order, in one transaction: all of them or none. True if
-        they ended the build.
+        """Record reports, in order, in one transaction (shared with other builds'
+        reports written at the same moment: :meth:`Store.write_shared`): all of them
+        or none. True if they ended the build.
 
         With ``claims`` (of a build token whose requests were verified) each report is
         first authorized against the build's row, read in this transaction (locked on
@@ -128,7 +129,7 @@ class ReportWriter:
             return ended
 
         try:
-            ended = await self.store.write(unit)
+            ended = await self.store.write_shared(unit)
         except NotFound as e:
             raise Rejected(Reason.MALFORMED, str(e)) from None
         if ended is not None:

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from vela.coalesce import answer_each
 from vela.config import Settings
 from vela.db.models import Build
 from vela.db.store import Store
@@ -254,8 +255,8 @@ class Scheduler:
             issued = await self.authority.issue_package(build.id, hostname)
             try:
                 await self.store.transition_build(
-                    build.id, BuildStatus.PENDING, BuildStatus.RUNNING, worker=hostname,
-                    token_jti=issued.jti, dispatched_at=self._now(),
+                    build.id, BuildStatus.PENDING, BuildStatus.RUNNING, shared=True,
+                    worker=hostname, token_jti=issued.jti, dispatched_at=self._now(),
                     attempts=build.attempts + 1)
             except Conflict:
                 return Outcome.NOT_PENDING
@@ -462,6 +463,13 @@ class Scheduler:
         if (started := self._starting.get(build_id)) is not None:
             await started.wait()  # its start, which came with the receipt, goes first
         await self._apply_reports(build_id=build_id, token=token, reports=reports)
+
+    async def reports_many(self, calls: object) -> list[None | Exception]:
+        """Several :meth:`reports` calls in one (a worker's builds, coalesced), each
+        ``{build_id, token, reports}``, each checked and written on its own; a refusal
+        is the answer of its own call only."""
+        return await answer_each(calls, lambda call: self.reports(**_reports_call(call)),
+                                 concurrently=True)
 
     async def _apply_reports(self, *, build_id: int, token: object, reports: object) -> None:
         try:
@@ -777,3 +785,10 @@ class Scheduler:
                       "refused": dict(self.stats.refused),
                       "report_rejections": dict(self.stats.report_rejections)},
         }
+
+
+def _reports_call(call: object) -> dict[str, Any]:
+    if not (isinstance(call, dict) and set(call) == {"build_id", "token", "reports"}
+            and isinstance(call["build_id"], int) and not isinstance(call["build_id"], bool)):
+        raise Rejected(Reason.MALFORMED, "a call is build_id, token and reports")
+    return call

@@ -142,6 +142,9 @@ class _Run:
     cut_off: str | None = None
     # The server has the build.start report already (it came with the receipt).
     start_sent: bool = False
+    # Its steps are over and only its end is being reported: it holds no slot (the
+    # server frees the slot when it writes the end, and may offer it again at once).
+    finishing: bool = False
 
 
 class _BuildReporter:
@@ -210,7 +213,10 @@ class BuildRunner:
 
     @property
     def free_slots(self) -> int:
-        return 0 if self._draining else max(self.build_limit - len(self._runs), 0)
+        if self._draining:
+            return 0
+        busy = sum(1 for run in self._runs.values() if not run.finishing)
+        return max(self.build_limit - busy, 0)
 
     @property
     def running(self) -> list[int]:
@@ -284,6 +290,7 @@ class BuildRunner:
                 log.info("build %s not started: the server did not take its start", run.build_id)
                 return
             status, reason, message = await self._execute(run, job)
+            run.finishing = True
             await self._report(run, BuildAction.FINISH, {
                 "status": status.value, "reason": reason, "message": message,
                 "finished_at": self._iso_now()})
