@@ -558,6 +558,25 @@ async def test_a_batch_of_packages_answers_each_on_its_own(system):
     assert isinstance(malformed, Rejected) and malformed.reason is Reason.MALFORMED
 
 
+async def test_a_batch_of_packages_reads_its_rows_in_one_query(system, monkeypatch):
+    await system.add_worker("w1")
+    await system.add_worker("w2")
+    a, b = [await system.submit(pipeline("true")) for _ in range(2)]
+    read_one = system.store.package_rows
+    singles = []
+
+    async def counted(build_id, hostname):
+        singles.append(build_id)
+        return await read_one(build_id, hostname)
+
+    monkeypatch.setattr(system.store, "package_rows", counted)
+    first, second, unknown = await system.authority.issue_packages(
+        [(a, "w1"), (b, "w2"), (b, "nobody")])
+    assert (first.build_id, first.worker, second.build_id, second.worker) == (a, "w1", b, "w2")
+    assert isinstance(unknown, NotFound)
+    assert singles == [b]  # only the pair the batch read did not find, read on its own
+
+
 async def test_metrics_follow_the_builds(system):
     await system.add_worker("w1", build_limit=2)
     ok = await system.submit(pipeline("true"))

@@ -221,6 +221,20 @@ class Store:
             raise NotFound(f"build {build_id} or worker {hostname} not found")
         return row[0], row[1], row[2]
 
+    async def package_rows_many(self, pairs: Sequence[tuple[int, str]]
+                                ) -> dict[tuple[int, str], tuple[Build, Repo, Worker]]:
+        """:meth:`package_rows` for several ``(build_id, hostname)`` pairs in one query;
+        a pair whose build or worker does not exist is left out."""
+        if not pairs:
+            return {}
+        ids, hosts = {b for b, _ in pairs}, {h for _, h in pairs}
+        rows = await self._db.read(lambda s: s.execute(
+            select(Build, Repo, Worker).join(Repo, Repo.id == Build.repo_id)
+            .join(Worker, Worker.hostname.in_(hosts)).where(Build.id.in_(ids))).all())
+        wanted = set(pairs)
+        return {(b.id, w.hostname): (b, r, w) for b, r, w in rows
+                if (b.id, w.hostname) in wanted}
+
     async def repo_of(self, build: Build) -> Repo:
         repo = await self._db.read(lambda s: s.get(Repo, build.repo_id))
         assert repo is not None

@@ -202,7 +202,7 @@ class _BuildRun:
             status, reason = await self._steps(dirs)
             return await self._finish(started, status, reason)
         finally:
-            await asyncio.to_thread(_remove_tree, dirs.root)
+            await asyncio.to_thread(_remove_build_dirs, dirs)
 
     async def _steps(self, dirs: BuildDirs) -> tuple[BuildStatus, Reason | None]:
         for number, step in enumerate(self.executable.steps, start=1):
@@ -392,6 +392,18 @@ def _make_dirs(workspace_root: Path) -> BuildDirs:
     except OSError:
         _remove_tree(root)
         raise
+
+
+def _remove_build_dirs(dirs: BuildDirs) -> None:
+    """Remove a build's directories: as made, if the steps left them empty (a tenth of
+    the system calls of a tree walk: a short build's workspace costs the worker less),
+    else, or if anything is in the way, with :func:`_remove_tree`."""
+    try:
+        dirs.empty.unlink()
+        for d in (dirs.workspace, dirs.home, dirs.tmp, dirs.root):
+            d.rmdir()
+    except OSError:
+        _remove_tree(dirs.root)
 
 
 def _remove_tree(root: Path) -> None:

@@ -13,14 +13,17 @@ recorded, so ending, re-queueing or re-dispatching a build kills its token at on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from vela.coalesce import MAX_BATCH as MAX_REQUESTS
 from vela.coalesce import answer_each
 from vela.config import Settings
+from vela.db.models import Build, Repo, Worker
 from vela.db.store import Store
 from vela.errors import NotFound
 from vela.pipeline import Executable
@@ -93,11 +96,13 @@ class Authority:
         return publish_key_set(self.ring, server_id=self.server_id,
                                now=self._clock()).model_dump(mode="json")
 
-    async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage:
+    async def issue_package(self, build_id: int, hostname: str, *,
+                            rows: tuple[Build, Repo, Worker] | None = None) -> IssuedPackage:
         """Mint a token for ``build_id`` bound to ``hostname``'s registered key and seal
-        the package to it. Secrets are read here and leave only sealed."""
+        the package to it. Secrets are read here and leave only sealed. ``rows``: the
+        build, repo and worker, read already (:meth:`issue_packages`)."""
         now = self._clock()
-        build, repo, worker = await self.store.package_rows(build_id, hostname)
+        build, repo, worker = rows or await self.store.package_rows(build_id, hostname)
         executable = Executable.from_json(build.executable)
         secrets = await self.store.secrets_for_repo(repo.full_name, executable.secret_names())
         token, claims = mint_build_token(
@@ -117,8 +122,16 @@ class Authority:
     async def issue_packages(self, requests: Sequence[object]
                              ) -> list[IssuedPackage | Exception]:
         """:meth:`issue_package` for each ``(build_id, hostname)``, answered in order;
-        one that fails gets its error and the others go on."""
-        return await answer_each(requests, lambda r: self.issue_package(*_pair(r)))
+        one that fails gets its error and the others go on. Their rows are read in one
+        query first."""
+        pairs = []
+        if isinstance(requests, list | tuple) and len(requests) <= MAX_REQUESTS:
+            for request in requests:
+                with contextlib.suppress(Rejected):
+                    pairs.append(_pair(request))
+        rows = await self.store.package_rows_many(pairs)
+        return await answer_each(requests, lambda r: self.issue_package(
+            *_pair(r), rows=rows.get(_pair(r))))
 
     async def verify_many(self, requests: Sequence[object]
                           ) -> list[BuildClaims | Exception]:
