@@ -86,6 +86,9 @@ class RayWorkerClient:
     async def cancel(self, build_id: int) -> bool:
         return await _await(self._h.cancel.remote(build_id), gone=WorkerGone)
 
+    async def start_report(self, build_id: int) -> dict[str, Any] | None:
+        return await _await(self._h.start_report.remote(build_id), gone=WorkerGone)
+
 
 class RayWorkerDirectory:
     def __init__(self, namespace: str = NAMESPACE) -> None:

@@ -162,6 +162,9 @@ class WorkerActor:
     async def cancel(self, build_id: int) -> bool:
         return self.core.cancel(build_id)
 
+    async def start_report(self, build_id: int) -> dict[str, Any] | None:
+        return self.core.start_report(build_id)
+
     async def status(self) -> dict[str, Any]:
         return {**self.core.status(), "registered": self._registered.is_set(),
                 "error": self._error, "pid": os.getpid(),

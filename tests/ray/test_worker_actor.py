@@ -193,6 +193,12 @@ def test_build_limit_and_drain(double):
     receipts = ray.get([worker.execute_package.remote(p) for p in pkgs])
     assert sum(r["accepted"] for r in receipts) == 2
     assert [r["reason"] for r in receipts if not r["accepted"]] == ["no_free_slot"]
+    # A running build's start, signed afresh (for a server whose copy went stale).
+    first = next(r for r in receipts if r["accepted"])
+    fresh = ray.get(worker.start_report.remote(first["build_id"]))
+    assert fresh["action"] == "build.start" and fresh["proof"] != first["start"]["proof"]
+    assert fresh["payload"] == first["start"]["payload"]
+    assert ray.get(worker.start_report.remote(999)) is None
     drained = worker.drain.remote(60)
     late = ray.get(worker.execute_package.remote(
         ray.get(fake.package.remote(20, pipeline("true")))))

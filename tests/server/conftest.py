@@ -97,6 +97,10 @@ class LocalWorkerClient:
         self._alive()
         return self.core.cancel(build_id)
 
+    async def start_report(self, build_id: int) -> dict[str, Any] | None:
+        self._alive()
+        return self.core.start_report(build_id)
+
     async def kill(self) -> None:
         self.dead = True
         await self.core.close()

@@ -284,6 +284,51 @@ async def test_forged_reports_are_rejected(system, forgery):
     await system.scheduler.cancel(b)
 
 
+@pytest.mark.parametrize("spent_by", ["authority_restart", "failed_write"])
+async def test_a_start_whose_proof_went_stale_is_signed_afresh_by_its_worker(
+        system, monkeypatch, spent_by):
+    """The receipt's start could not be recorded while its proof was fresh: the
+    TokenAuthority restarted (its replay window starts anew: proofs made before are
+    stale), or the first write failed after the check (the same proof again is a
+    replay). The Scheduler asks the worker for the start with a fresh proof; the build
+    runs on, once."""
+    await system.add_worker("w1")
+    client = system.directory.clients["w1"]
+    honest = client._execute_package
+    replay = system.authority.guard.replay
+
+    async def then_trouble(package: dict) -> dict:
+        receipt = await honest(package)
+        if spent_by == "authority_restart":  # as a new TokenAuthority's window starts
+            await asyncio.sleep(0.01)
+            replay.floor = datetime.now(UTC).timestamp()
+        return receipt
+
+    client._execute_package = then_trouble  # type: ignore[method-assign]
+    if spent_by == "failed_write":
+        writer = system.scheduler.writer
+        apply_all = writer.apply_all
+        failed: list[int] = []
+
+        async def fails_once(**kw):
+            if not failed:
+                failed.append(kw["build_id"])
+                raise OSError("the database went away")
+            return await apply_all(**kw)
+
+        monkeypatch.setattr(writer, "apply_all", fails_once)
+    build_id = await system.submit(pipeline("echo once"))
+    build = (await system.pump([build_id]))[build_id]
+    assert build.status == "success", (build.reason, build.message)
+    assert build.started_at is not None and build.attempts == 1
+    assert (await logs_of(system, build_id)).count("once") == 1
+    # Only proofs were refused (the worker's reports in flight at the "restart" too,
+    # which it signed afresh), each build's once or more, never the build.
+    refused = system.scheduler.stats.report_rejections
+    assert set(refused) == {{"authority_restart": "proof_stale",
+                             "failed_write": "proof_replayed"}[spent_by]}, refused
+
+
 @pytest.mark.parametrize("forgery", ["tampered", "other_build", "no_proof", "replayed"])
 async def test_a_forged_start_in_the_receipt_ends_the_build(system, forgery):
     """The start comes back with the receipt of ``execute_package``; it is checked like

@@ -456,6 +456,28 @@ async def test_server_refusing_a_report_stops_the_build_and_frees_the_slot(core,
     assert server.finish(1) is None
 
 
+@pytest.mark.parametrize("reason", [Reason.PROOF_STALE, Reason.PROOF_REPLAYED])
+async def test_refused_proofs_are_signed_afresh_and_the_build_goes_on(core, server, reason):
+    """A refusal of the proofs alone (the server's TokenAuthority restarted between
+    signing and checking) is not the end of the build: the reports go again with fresh
+    proofs, which pass."""
+    refusals: list[str] = []
+
+    def once(build_id: int, action: str) -> Exception | None:
+        if action == FINISH and not refusals:
+            refusals.append(action)
+            return Rejected(reason, "made before the restart")
+        return None
+
+    server.fail = once
+    assert (await server.execute(core, server.package(1, one_step("echo hi")))).accepted
+    await server.until(lambda: server.finish(1))
+    assert server.finish(1)["status"] == "success" and server.failed_calls == 1
+    proofs = [p for call in server.attempt_proofs for p in call]
+    assert len(proofs) == len(set(proofs))  # the second attempt signed afresh
+    await core.wait_idle(10)
+
+
 async def test_build_ended_on_the_server_is_not_finished_twice(core, server, gate):
     assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
     await server.until(lambda: server.of(1, STEP))

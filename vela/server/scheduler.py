@@ -66,6 +66,9 @@ CANCELED_BY_USER = "canceled"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 # How often the watch loop looks for builds past their deadline (end_overdue).
 OVERDUE_CHECK_S = 15.0
+# How many times a build's start is signed afresh when its proof went stale or was
+# spent before the start could be recorded (see Scheduler._record_start).
+START_RESIGNS = 3
 
 
 def _utcnow() -> datetime:
@@ -82,6 +85,8 @@ class WorkerClient(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
     async def cancel(self, build_id: int) -> bool: ...
+
+    async def start_report(self, build_id: int) -> dict[str, Any] | None: ...
 
 
 class WorkerDirectory(Protocol):
@@ -303,8 +308,13 @@ class Scheduler:
                             start: object, started: asyncio.Event) -> None:
         """Record the ``build.start`` report that came with the worker's receipt, checked
         like any report, before any later report on the build. Transient trouble is
-        retried (the worker's later reports wait); a refusal stops the build there."""
+        retried (the worker's later reports wait). A proof that went stale or was spent
+        before the start could be recorded — the TokenAuthority restarted meanwhile (its
+        replay window starts anew), or the write failed after the check — is signed
+        afresh by the worker (up to :data:`START_RESIGNS` times); any other refusal
+        stops the build there."""
         delay = 0.2
+        resigns = 0
         try:
             while True:
                 try:
@@ -313,6 +323,14 @@ class Scheduler:
                                               reports=[start])
                     return
                 except Rejected as e:
+                    if (e.reason in (Reason.PROOF_STALE, Reason.PROOF_REPLAYED)
+                            and resigns < START_RESIGNS
+                            and (fresh := await self._fresh_start(hostname, build_id))):
+                        resigns += 1
+                        log.info("build %d: its start's proof was refused (%s); the worker "
+                                 "signed it afresh", build_id, e.reason.value)
+                        start = fresh
+                        continue
                     await self._start_refused(build_id, hostname, issued.jti, e.reason.value)
                     return
                 except Exception as e:  # noqa: BLE001 - the database, say: try again
@@ -324,6 +342,19 @@ class Scheduler:
                         return  # canceled, or its worker lost, meanwhile
         finally:
             self._opened(build_id, started)
+
+    async def _fresh_start(self, hostname: str, build_id: int) -> dict[str, Any] | None:
+        """The worker's ``build.start`` for ``build_id`` with a fresh proof; None if it
+        cannot give one (it no longer runs the build, or cannot be reached)."""
+        link = self._links.get(hostname)
+        if link is None:
+            return None
+        try:
+            return await self._call(link.client.start_report(build_id))
+        except Exception as e:  # noqa: BLE001 - then the refusal stands
+            log.info("build %d: no fresh start from %s (%s)", build_id, hostname,
+                     type(e).__name__)
+            return None
 
     async def _start_refused(self, build_id: int, hostname: str, jti: str, reason: str) -> None:
         """The worker's start did not pass: the build ends ``error`` here unless it has

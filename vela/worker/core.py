@@ -56,6 +56,9 @@ ALREADY_RUNNING = "already_running"
 INVALID_EXECUTABLE = "invalid_executable"
 WORKER_ERROR = "worker_error"
 
+# Refusals of a report's proofs rather than of the build: the next attempt's fresh
+# proofs may pass (the server's TokenAuthority restarted between signing and checking).
+RESIGN_ON = frozenset({Reason.PROOF_STALE, Reason.PROOF_REPLAYED})
 # Why a build's reports were cut off, beside a security Reason value.
 UNREACHABLE = "unreachable"
 CLOSED = "closed"
@@ -142,6 +145,8 @@ class _Run:
     cut_off: str | None = None
     # The server has the build.start report already (it came with the receipt).
     start_sent: bool = False
+    # When the build started here, as its build.start report says.
+    started_at: str = ""
     # Its steps are over and only its end is being reported: it holds no slot (the
     # server frees the slot when it writes the end, and may offer it again at once).
     finishing: bool = False
@@ -372,7 +377,8 @@ class BuildRunner:
 
         A refusal means the server no longer wants this build here (canceled, ended,
         dispatched again): the build is stopped and reports no more. So is a server
-        unreachable for ``report_deadline_s``.
+        unreachable for ``report_deadline_s``. A refusal of the proofs alone
+        (:data:`RESIGN_ON`) is retried like trouble, with fresh proofs.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline_s
@@ -382,20 +388,26 @@ class BuildRunner:
                 await self._send(run, batch)
                 return True
             except Rejected as e:
-                log.info("build %s: server refused %s (%s); stopping the build",
-                         run.build_id, "+".join(a.value for a, _ in batch), e.reason.value)
-                self._cut_off(run, e.reason.value)
-            except Exception as e:  # noqa: BLE001 - transient by the link's contract
-                if loop.time() + delay > deadline:
-                    log.warning("build %s: server unreachable for %.0fs (%s); "
-                                "stopping the build", run.build_id, self._deadline_s,
-                                type(e).__name__)
-                    self._cut_off(run, UNREACHABLE)
+                if e.reason not in RESIGN_ON:
+                    log.info("build %s: server refused %s (%s); stopping the build",
+                             run.build_id, "+".join(a.value for a, _ in batch),
+                             e.reason.value)
+                    self._cut_off(run, e.reason.value)
                     break
-                log.debug("build %s: reports failed (%s); retrying", run.build_id,
-                          type(e).__name__)
-                await asyncio.sleep(delay)  # backoff, not synchronisation
-                delay = min(delay * 2, max(self._retry_s, 5.0))
+                # The proofs, not the build, were refused: made before the server's
+                # TokenAuthority restarted (its replay window starts anew), say. The
+                # next attempt signs them afresh.
+                failure, give_up_as = f"proofs refused: {e.reason.value}", e.reason.value
+            except Exception as e:  # noqa: BLE001 - transient by the link's contract
+                failure, give_up_as = type(e).__name__, UNREACHABLE
+            if loop.time() + delay > deadline:
+                log.warning("build %s: server unreachable for %.0fs (%s); stopping the "
+                            "build", run.build_id, self._deadline_s, failure)
+                self._cut_off(run, give_up_as)
+                break
+            log.debug("build %s: reports failed (%s); retrying", run.build_id, failure)
+            await asyncio.sleep(delay)  # backoff, not synchronisation
+            delay = min(delay * 2, max(self._retry_s, 5.0))
         return False
 
     async def _send(self, run: _Run, batch: list[tuple[BuildAction, dict[str, Any]]]
@@ -504,10 +516,22 @@ class WorkerCore(BuildRunner):
         if self.free_slots <= 0:
             return Receipt(False, build_id, NO_FREE_SLOT,
                            f"all {self.build_limit} build slots of {self.hostname} are in use")
-        self._start(Job.from_package(opened), token=opened.build_token, start_sent=True)
+        run = self._start(Job.from_package(opened), token=opened.build_token, start_sent=True)
+        run.started_at = now.isoformat()
         return Receipt(True, build_id, start=self._signed(
-            opened.build_token, build_id, BuildAction.START, {"started_at": now.isoformat()},
+            opened.build_token, build_id, BuildAction.START, {"started_at": run.started_at},
             now))
+
+    def start_report(self, build_id: int) -> dict[str, Any] | None:
+        """The ``build.start`` report of a build whose start came with its receipt, with a
+        fresh proof: for the server when the receipt's proof went stale before it could
+        record it (its TokenAuthority restarted meanwhile, say). None if the build does
+        not run here or its reports were cut off."""
+        run = self._runs.get(build_id)
+        if run is None or not run.start_sent or run.cut_off is not None:
+            return None
+        return self._signed(run.token, build_id, BuildAction.START,
+                            {"started_at": run.started_at}, self._clock())
 
     async def _send(self, run: _Run, batch: list[tuple[BuildAction, dict[str, Any]]]
                     ) -> None:
