@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from vela.coalesce import BatchingAuthority, Coalescer
+from vela.coalesce import BatchingAuthority, Coalescer, call_counts
 from vela.errors import WorkerGone
 
 if TYPE_CHECKING:  # the server's types; a worker process never imports SQLAlchemy or redis
@@ -73,6 +73,9 @@ class RayWorkerClient:
             lambda batch: _await(handle.availability_many.remote(batch), gone=WorkerGone))
         self._receipts: Coalescer[dict[str, Any], dict[str, Any]] = Coalescer(
             lambda batch: _await(handle.execute_packages.remote(batch), gone=WorkerGone))
+
+    def call_counts(self) -> dict[str, dict[str, int]]:
+        return call_counts(availability_many=self._answers, execute_packages=self._receipts)
 
     async def availability(self, challenge: dict[str, Any]) -> dict[str, Any]:
         return await self._answers.call(challenge)
@@ -155,6 +158,9 @@ class RayServerLink:
     async def send_reports(self, *, build_id: int, token: str,
                            reports: list[dict[str, Any]]) -> None:
         await self._reports.call({"build_id": build_id, "token": token, "reports": reports})
+
+    def call_counts(self) -> dict[str, dict[str, int]]:
+        return call_counts(reports_many=self._reports)
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Registration and check-in calls on the Scheduler."""

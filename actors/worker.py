@@ -168,7 +168,8 @@ class WorkerActor:
     async def status(self) -> dict[str, Any]:
         return {**self.core.status(), "registered": self._registered.is_set(),
                 "error": self._error, "pid": os.getpid(),
-                "sandbox": type(self.core.runtime).__name__}
+                "sandbox": type(self.core.runtime).__name__,
+                "calls": self._link.call_counts()}
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Stop taking builds, finish the running ones, leave the server, exit.

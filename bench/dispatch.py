@@ -104,6 +104,8 @@ class Sample:
     stages: dict[str, list[float]] = field(default_factory=dict)
     # CPU seconds per job during the burst, by process group (CpuMeter)
     cpu: dict[str, float] = field(default_factory=dict)
+    # vela only: requests per call of each coalesced method during the burst
+    batching: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -360,6 +362,22 @@ class VelaRun:
         self.workers.append(handle)
         return ray.get(handle.wait_registered.remote(120.0), timeout=150)
 
+    def call_counts(self) -> dict[str, tuple[int, int]]:
+        """(calls, requests) so far per coalesced method, all processes summed."""
+        import ray
+
+        from actors._ray import SCHEDULER
+
+        calls = ray.get(self.handles[SCHEDULER].status.remote(), timeout=60)["calls"]
+        groups = [calls["authority"], calls["database"], *calls["workers"].values(),
+                  *(ray.get(w.status.remote(), timeout=60)["calls"] for w in self.workers)]
+        out: dict[str, tuple[int, int]] = {}
+        for group in groups:
+            for name, c in group.items():
+                n, r = out.get(name, (0, 0))
+                out[name] = (n + c["calls"], r + c["requests"])
+        return out
+
     def create(self) -> Any:
         from actors._ray import SCHEDULER
 
@@ -434,15 +452,19 @@ def run_vela(backend: str, workers: int, sandbox: bool, n: int, probes: int,
                 out = py_spy / f"{backend}-w{workers}-sandbox-{'on' if sandbox else 'off'}"
                 spies = Spy.attach({**run.handles, "worker-1": run.workers[0]}, out)
             meter = CpuMeter()
+            calls_before = run.call_counts()
             ids = run.burst(n)
             say(f"  {run.label} W={workers}: {n} builds created")
             run.wait(min(ids), max(ids), max(600.0, n * 2.0), every_s=0.1)
             cpu = meter.per_job(n)
+            calls_after = run.call_counts()
             for spy in spies:
                 spy.stop()
                 say(spy.summary())
             burst = run.sample(ids, n)
             burst.cpu = cpu
+            burst.batching = {name: (r - calls_before.get(name, (0, 0))[1]) / max(
+                c - calls_before.get(name, (0, 0))[0], 1) for name, (c, r) in calls_after.items()}
             probe = run.sample(probe_ids, probes) if probe_ids else Sample(
                 run.label, workers, burst.sandbox, 0)
         finally:
@@ -812,6 +834,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\nCPU per job in the burst, all processes (ms; by process group)")
         for sample in metered:
             print(cpu_line(sample))
+    batched = [v for v in results.values() if v.batching]
+    if batched:
+        print("\nrequests per coalesced call in the burst (vela.coalesce)")
+        for v in batched:
+            print(f"{v.system:<14} {v.workers:>2} {v.sandbox:>7}  " + ", ".join(
+                f"{name} {per:.1f}" for name, per in sorted(v.batching.items())))
     print(f"\nsandbox cost per step: bwrap {cost['bwrap'] * 1e3:.1f} ms, sh {cost['sh'] * 1e3:.1f}"
           f" ms, difference {(cost['bwrap'] - cost['sh']) * 1e3:.1f} ms (median of "
           f"{args.sandbox_samples})")

@@ -108,6 +108,12 @@ async def answer_each(requests: object, one: Callable[[Any], Awaitable[T]], *,
     return [await answer(r) for r in requests]
 
 
+def call_counts(**coalescers: Coalescer[Any, Any]) -> dict[str, dict[str, int]]:
+    """Calls made and requests they carried, per coalesced method (for ``status``)."""
+    return {name: {"calls": c.batches, "requests": c.requests}
+            for name, c in coalescers.items()}
+
+
 class BatchingAuthority:
     """The Scheduler's one-build calls to the TokenAuthority (``issue_package``,
     ``verify``) made through its batch calls (``issue_packages``, ``verify_many``):
@@ -118,6 +124,9 @@ class BatchingAuthority:
                  verify_many: Send[dict[str, Any], Any]) -> None:
         self._packages: Coalescer[tuple[int, str], Any] = Coalescer(issue_packages)
         self._checks: Coalescer[dict[str, Any], Any] = Coalescer(verify_many)
+
+    def call_counts(self) -> dict[str, dict[str, int]]:
+        return call_counts(issue_packages=self._packages, verify_many=self._checks)
 
     async def issue_package(self, build_id: int, hostname: str) -> Any:
         """An ``IssuedPackage`` (vela.server.authority, not imported: workers import this)."""

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import REDIS_URL
-from vela.coalesce import BatchingAuthority, Coalescer, answer_each
+from vela.coalesce import BatchingAuthority, Coalescer, answer_each, call_counts
 from vela.config import Settings
 from vela.db.store import Store
 from vela.domain import BuildStatus
@@ -74,6 +74,9 @@ class LocalWorkerClient:
     async def _many(self, batch: list[Any], one: Any) -> list[Any]:
         self._alive()
         return await answer_each(batch, one)
+
+    def call_counts(self) -> dict[str, dict[str, int]]:
+        return call_counts(availability_many=self.answers, execute_packages=self.receipts)
 
     async def availability(self, challenge: dict[str, Any]) -> dict[str, Any]:
         return await self.answers.call(challenge)

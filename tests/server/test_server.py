@@ -583,11 +583,16 @@ async def test_builds_placed_together_on_one_worker_share_its_calls(system):
     packages in one call each; each build still gets its own challenge, token and
     package, and every build runs once."""
     await system.add_worker("w1", build_limit=4)
-    client = system.directory.clients["w1"]
     ids = [await system.submit(pipeline("sleep 1")) for _ in range(4)]
     await system.pump(ids, until=lambda x: all(b.started_at is not None for b in x.values()))
-    assert client.receipts.requests == 4 and client.answers.requests == 4
-    assert client.receipts.batches < 4 and client.answers.batches < 4
+    calls = system.scheduler.status()["calls"]["workers"]["w1"]
+    assert calls["execute_packages"]["requests"] == calls["availability_many"]["requests"] == 4
+    assert calls["execute_packages"]["calls"] < 4 and calls["availability_many"]["calls"] < 4
+    counts = system.scheduler.status()["calls"]
+    assert counts["authority"]["issue_packages"]["requests"] == 4
+    shared = counts["database"]["write_shared"]
+    assert shared["requests"] >= 4 + 4 + 4  # the builds, their dispatch, their start
+    assert shared["calls"] <= shared["requests"]
     assert len({system.tokens[i] for i in ids}) == 4
     builds = await system.pump(ids)
     assert all(b.status == "success" and b.attempts == 1 for b in builds.values())

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from vela.coalesce import Coalescer
+from vela.coalesce import Coalescer, call_counts
 from vela.db.engine import database, shaped
 from vela.db.models import (
     ApiCredential,
@@ -290,6 +290,10 @@ class Store:
         in a transaction of its own — so a unit must be a plain function of the
         :class:`Writes`, safe to run twice."""
         return await self._shared.call(lambda s: unit(Writes(s, self._dialect)))
+
+    def call_counts(self) -> dict[str, dict[str, int]]:
+        """Shared transactions made and the writes they carried."""
+        return call_counts(write_shared=self._shared)
 
     async def _write_batch(self, units: list[Callable[[Session], Any]]) -> list[Any]:
         if len(units) > 1:

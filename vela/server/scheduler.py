@@ -815,7 +815,17 @@ class Scheduler:
                       "workers_lost": self.stats.workers_lost, "reports": self.stats.reports,
                       "refused": dict(self.stats.refused),
                       "report_rejections": dict(self.stats.report_rejections)},
+            # Coalesced calls (vela.coalesce): how many requests each call carried.
+            "calls": {"authority": _call_counts(self.authority),
+                      "database": self.store.call_counts(),
+                      "workers": {host: _call_counts(link.client)
+                                  for host, link in self._links.items()}},
         }
+
+
+def _call_counts(client: object) -> dict[str, dict[str, int]]:
+    counts = getattr(client, "call_counts", None)  # clients that coalesce say so
+    return counts() if callable(counts) else {}
 
 
 def _reports_call(call: object) -> dict[str, Any]:
