@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,25 @@ def vela(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.Co
                           timeout=timeout)
 
 
+def free_ports(n: int) -> list[str]:
+    """Ports nothing listens on now (the kernel's picks), so a run never meets a
+    service, or another run, on fixed ones."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [str(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 @pytest.fixture
 def env(tmp_path):
     e = {k: v for k, v in os.environ.items() if not k.startswith(("VELA_", "RAY_"))}
-    e.update(VELA_SERVER_DATA_DIR=str(tmp_path / "data"), VELA_RAY_HEAD_PORT="6391",
-             VELA_RAY_DASHBOARD_PORT="8266", VELA_API_PORT="8091")
+    head, dashboard, api = free_ports(3)
+    e.update(VELA_SERVER_DATA_DIR=str(tmp_path / "data"), VELA_RAY_HEAD_PORT=head,
+             VELA_RAY_DASHBOARD_PORT=dashboard, VELA_API_PORT=api)
     return e
 
 
@@ -46,7 +61,7 @@ def test_serve_build_run_stop(env):
         bad = vela("build", "run", "examples/failing.yml", "--repo", "demo/hello", env=env)
         assert bad.returncode == 1 and "failure" in bad.stdout
         # Through the HTTP API, as the admin `vela serve` logged the local CLI in as.
-        assert "API up at http://127.0.0.1:8091" in up.stdout
+        assert f"API up at http://127.0.0.1:{env['VELA_API_PORT']}" in up.stdout
         assert "admin credential" in up.stdout and "logged in as admin" in up.stdout
         creds = Path(env["VELA_SERVER_DATA_DIR"]) / "credentials.json"
         assert creds.stat().st_mode & 0o777 == 0o600
@@ -94,8 +109,6 @@ def test_serve_refuses_without_a_sandbox(env, tmp_path):
 def test_serve_with_an_unreachable_database_fails_clearly_and_leaves_nothing(env):
     """The migrations run while Ray's head starts; when they fail, the head that
     `vela serve` started is stopped again and the error says what to fix."""
-    import socket
-
     env = {**env, "VELA_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/vela"}
     failed = vela("serve", "--detach", env=env)
     out = failed.stdout + failed.stderr
