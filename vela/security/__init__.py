@@ -7,7 +7,7 @@ has the threat model.
 
 from vela.security.authz import BUILD_TOKEN_ACTIONS, BuildAction, authorize_build_request
 from vela.security.challenge import Answer, Challenge, ChallengeBook, Purpose, answer_challenge
-from vela.security.errors import Reason, Rejected
+from vela.security.errors import PROOF_ONLY, Reason, Rejected
 from vela.security.guard import BuildRequestGuard, authorize_all
 from vela.security.identity import WorkerIdentity, load_or_create_identity
 from vela.security.keys import (
@@ -45,7 +45,7 @@ from vela.security.tokens import (
 )
 
 __all__ = [
-    "BUILD_TOKEN_ACTIONS", "PURPOSE_TOKEN", "Answer", "ApiClaims", "BuildAction",
+    "BUILD_TOKEN_ACTIONS", "PROOF_ONLY", "PURPOSE_TOKEN", "Answer", "ApiClaims", "BuildAction",
     "BuildClaims", "BuildRequestGuard", "Challenge", "ChallengeBook", "KeyRing",
     "OpenedPackage", "Package", "PinnedServer", "Purpose", "Reason", "Registration",
     "Rejected", "ReplayCache", "ServerKeySet", "WorkerIdentity", "answer_challenge",

@@ -110,6 +110,12 @@ _HINTS: dict[Reason, str] = {
                                 "queue.mode = \"legacy\"), queueless workers the others",
 }
 
+# Refusals of a request's proof of possession rather than of its token or build: the
+# proof aged or was spent before it could be checked (a verifier restarted between
+# signing and checking, a write failed after the check). The same request with a fresh
+# proof may pass; the worker signs one and sends it again.
+PROOF_ONLY = frozenset({Reason.PROOF_STALE, Reason.PROOF_REPLAYED})
+
 
 class Rejected(VelaError):
     """A credential, proof, challenge answer or package was refused.

@@ -44,6 +44,7 @@ from vela.queue.listener import Capacity, Outcome, SubmitResult, submit_each
 from vela.queue.listener import Rejected as ItemRejected
 from vela.scheduling import WorkerRegistry
 from vela.security import (
+    PROOF_ONLY,
     Answer,
     BuildClaims,
     ChallengeBook,
@@ -323,7 +324,7 @@ class Scheduler:
                                               reports=[start])
                     return
                 except Rejected as e:
-                    if (e.reason in (Reason.PROOF_STALE, Reason.PROOF_REPLAYED)
+                    if (e.reason in PROOF_ONLY
                             and resigns < START_RESIGNS
                             and (fresh := await self._fresh_start(hostname, build_id))):
                         resigns += 1

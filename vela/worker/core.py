@@ -33,6 +33,7 @@ from vela.domain import BuildStatus, StepStatus
 from vela.executor import BuildResult, Runtime, run_build
 from vela.pipeline import Executable, PipelineError
 from vela.security import (
+    PROOF_ONLY,
     BuildAction,
     Challenge,
     OpenedPackage,
@@ -56,9 +57,6 @@ ALREADY_RUNNING = "already_running"
 INVALID_EXECUTABLE = "invalid_executable"
 WORKER_ERROR = "worker_error"
 
-# Refusals of a report's proofs rather than of the build: the next attempt's fresh
-# proofs may pass (the server's TokenAuthority restarted between signing and checking).
-RESIGN_ON = frozenset({Reason.PROOF_STALE, Reason.PROOF_REPLAYED})
 # Why a build's reports were cut off, beside a security Reason value.
 UNREACHABLE = "unreachable"
 CLOSED = "closed"
@@ -378,7 +376,8 @@ class BuildRunner:
         A refusal means the server no longer wants this build here (canceled, ended,
         dispatched again): the build is stopped and reports no more. So is a server
         unreachable for ``report_deadline_s``. A refusal of the proofs alone
-        (:data:`RESIGN_ON`) is retried like trouble, with fresh proofs.
+        (:data:`~vela.security.errors.PROOF_ONLY`) is retried like trouble, with fresh
+        proofs.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline_s
@@ -388,7 +387,7 @@ class BuildRunner:
                 await self._send(run, batch)
                 return True
             except Rejected as e:
-                if e.reason not in RESIGN_ON:
+                if e.reason not in PROOF_ONLY:
                     log.info("build %s: server refused %s (%s); stopping the build",
                              run.build_id, "+".join(a.value for a, _ in batch),
                              e.reason.value)
