@@ -141,10 +141,9 @@ class _Run:
     urgent: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     # Why reports stopped (a Reason value, UNREACHABLE or CLOSED); None while they flow.
     cut_off: str | None = None
-    # The server has the build.start report already (it came with the receipt).
-    start_sent: bool = False
-    # When the build started here, as its build.start report says.
-    started_at: str = ""
+    # When the build started here, if its build.start report came with the receipt
+    # (the server has it already); None: the build reports its start itself.
+    started_at: str | None = None
     # Its steps are over and only its end is being reported: it holds no slot (the
     # server frees the slot when it writes the end, and may offer it again at once).
     finishing: bool = False
@@ -236,11 +235,11 @@ class BuildRunner:
 
     # -- builds ------------------------------------------------------------------------
 
-    def _start(self, job: Job, token: str = "", *, start_sent: bool = False) -> _Run:
+    def _start(self, job: Job, token: str = "", *, started_at: str | None = None) -> _Run:
         """Take a slot and run ``job`` in the background; the caller checked that a slot
         is free and the build is not running here, with no await since. With
-        ``start_sent`` the build does not report its start (the caller handed it over)."""
-        run = _Run(build_id=job.build_id, token=token, start_sent=start_sent)
+        ``started_at`` the build does not report its start (the caller handed it over)."""
+        run = _Run(build_id=job.build_id, token=token, started_at=started_at)
         self._runs[job.build_id] = run
         self._idle.clear()
         run.task = asyncio.create_task(self._drive(run, job), name=f"vela-build-{job.build_id}")
@@ -288,7 +287,7 @@ class BuildRunner:
 
     async def _drive(self, run: _Run, job: Job) -> None:
         try:
-            if not run.start_sent and not await self._report(
+            if run.started_at is None and not await self._report(
                     run, BuildAction.START, {"started_at": self._iso_now()}):
                 log.info("build %s not started: the server did not take its start", run.build_id)
                 return
@@ -515,11 +514,10 @@ class WorkerCore(BuildRunner):
         if self.free_slots <= 0:
             return Receipt(False, build_id, NO_FREE_SLOT,
                            f"all {self.build_limit} build slots of {self.hostname} are in use")
-        run = self._start(Job.from_package(opened), token=opened.build_token, start_sent=True)
-        run.started_at = now.isoformat()
+        started_at = now.isoformat()
+        self._start(Job.from_package(opened), token=opened.build_token, started_at=started_at)
         return Receipt(True, build_id, start=self._signed(
-            opened.build_token, build_id, BuildAction.START, {"started_at": run.started_at},
-            now))
+            opened.build_token, build_id, BuildAction.START, {"started_at": started_at}, now))
 
     def start_report(self, build_id: int) -> dict[str, Any] | None:
         """The ``build.start`` report of a build whose start came with its receipt, with a
@@ -527,7 +525,7 @@ class WorkerCore(BuildRunner):
         record it (its TokenAuthority restarted meanwhile, say). None if the build does
         not run here or its reports were cut off."""
         run = self._runs.get(build_id)
-        if run is None or not run.start_sent or run.cut_off is not None:
+        if run is None or run.started_at is None or run.cut_off is not None:
             return None
         return self._signed(run.token, build_id, BuildAction.START,
                             {"started_at": run.started_at}, self._clock())
