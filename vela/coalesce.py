@@ -81,6 +81,13 @@ class Coalescer(Generic[Req, Res]):
                     f.set_result(r)
 
 
+def check_batch(requests: object) -> Sequence[Any]:
+    """What a batch call takes: a list of at most :data:`MAX_BATCH` requests."""
+    if not isinstance(requests, list | tuple) or len(requests) > MAX_BATCH:
+        raise Rejected(Reason.MALFORMED, f"up to {MAX_BATCH} requests at a time")
+    return requests
+
+
 async def answer_each(requests: object, one: Callable[[Any], Awaitable[T]], *,
                       concurrently: bool = False) -> list[T | Exception]:
     """The receiving end of a coalesced call: each request answered on its own, a
@@ -91,8 +98,7 @@ async def answer_each(requests: object, one: Callable[[Any], Awaitable[T]], *,
     what it was sent, or not pickle. Anything but a list of at most :data:`MAX_BATCH`
     requests is refused whole. ``concurrently`` when a request may wait on another's
     progress (a build's reports on its start)."""
-    if not isinstance(requests, list | tuple) or len(requests) > MAX_BATCH:
-        raise Rejected(Reason.MALFORMED, f"up to {MAX_BATCH} requests at a time")
+    batch = check_batch(requests)
 
     async def answer(request: object) -> T | Exception:
         try:
@@ -104,8 +110,8 @@ async def answer_each(requests: object, one: Callable[[Any], Awaitable[T]], *,
             return Unavailable(f"the request failed here ({type(e).__name__}); retry")
 
     if concurrently:
-        return list(await asyncio.gather(*(answer(r) for r in requests)))
-    return [await answer(r) for r in requests]
+        return list(await asyncio.gather(*(answer(r) for r in batch)))
+    return [await answer(r) for r in batch]
 
 
 def call_counts(**coalescers: Coalescer[Any, Any]) -> dict[str, dict[str, int]]:

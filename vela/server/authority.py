@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from vela.coalesce import MAX_BATCH as MAX_REQUESTS
-from vela.coalesce import answer_each
+from vela.coalesce import answer_each, check_batch
 from vela.config import Settings
 from vela.db.models import Build, Repo, Worker
 from vela.db.store import Store
@@ -124,14 +123,17 @@ class Authority:
         """:meth:`issue_package` for each ``(build_id, hostname)``, answered in order;
         one that fails gets its error and the others go on. Their rows are read in one
         query first."""
-        pairs = []
-        if isinstance(requests, list | tuple) and len(requests) <= MAX_REQUESTS:
-            for request in requests:
-                with contextlib.suppress(Rejected):
-                    pairs.append(_pair(request))
-        rows = await self.store.package_rows_many(pairs)
-        return await answer_each(requests, lambda r: self.issue_package(
-            *_pair(r), rows=rows.get(_pair(r))))
+        valid = []
+        for request in check_batch(requests):  # refused whole before any read
+            with contextlib.suppress(Rejected):  # answered below, on its own
+                valid.append(_pair(request))
+        rows = await self.store.package_rows_many(valid)
+
+        async def one(request: object) -> IssuedPackage:
+            pair = _pair(request)
+            return await self.issue_package(*pair, rows=rows.get(pair))
+
+        return await answer_each(requests, one)
 
     async def verify_many(self, requests: Sequence[object]
                           ) -> list[BuildClaims | Exception]:
