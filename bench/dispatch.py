@@ -463,8 +463,9 @@ def run_vela(backend: str, workers: int, sandbox: bool, n: int, probes: int,
                 say(spy.summary())
             burst = run.sample(ids, n)
             burst.cpu = cpu
-            burst.batching = {name: (r - calls_before.get(name, (0, 0))[1]) / max(
-                c - calls_before.get(name, (0, 0))[0], 1) for name, (c, r) in calls_after.items()}
+            for name, (calls, requests) in calls_after.items():
+                calls0, requests0 = calls_before.get(name, (0, 0))
+                burst.batching[name] = (requests - requests0) / max(calls - calls0, 1)
             probe = run.sample(probe_ids, probes) if probe_ids else Sample(
                 run.label, workers, burst.sandbox, 0)
         finally:
