@@ -59,7 +59,7 @@ class WorkerActor:
             hostname=hostname, routes=self._routes, build_limit=build_limit,
             identity=self._identity,
             pinned_server_keys=self._pinned.keys if self._pinned else {},
-            runtime=runtime, server=self._link, workspace_root=workspace,
+            runtime=runtime, server=self._link, workspace_root=workspace, backlog=ws.backlog,
             batch_lines=ws.log_batch_lines, flush_s=ws.log_flush_s)
         self._registered = asyncio.Event()
         self._error: str | None = None
@@ -76,7 +76,7 @@ class WorkerActor:
         ctx = ray.get_runtime_context()
         return Registration(
             hostname=self.hostname, routes=self._routes, build_limit=self.core.build_limit,
-            sign_public_key=self._identity.sign_public_key,
+            backlog=self.core.backlog, sign_public_key=self._identity.sign_public_key,
             seal_public_key=self._identity.seal_public_key,
             address=ray.util.get_node_ip_address(), ray_node_id=ctx.get_node_id(),
             actor_name=worker_actor_name(self.hostname)).model_dump(mode="json")

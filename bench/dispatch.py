@@ -7,6 +7,7 @@ side with Celery and with bare Ray actors, in one run on this machine.
 
 Systems, each with W build slots (vela: one WorkerActor with build_limit W, as vela
 deploys a worker host, or with ``--layout per-slot`` W WorkerActors of one slot each;
+each holding ``--backlog`` packages beyond its slots, ``worker.backlog``, default 2;
 Celery: one prefork worker, --concurrency W; floor: W Ray actors, one call at a time):
 
 * vela sqlite: the embedded default (SQLite + the database queue) in a temp data dir;
@@ -20,8 +21,9 @@ Each system first gets 2W warm-up jobs, then ``--probes`` jobs one at a time (un
 latency), then N jobs submitted as fast as the client can (the burst). Measured from the
 database rows (vela) or the task's own timestamps (Celery, floor):
 
-* enq->disp: enqueue (the item is on the queue) -> dispatched (vela: recorded right
-  before ``execute_package``; Celery and floor: the task starts);
+* enq->disp: enqueue (the item is on the queue) -> the job starts (vela: the server
+  recorded the build's start, which comes back with ``execute_package``'s receipt, or
+  from the worker when a held build gets a slot; Celery and floor: the task starts);
 * enq->done: enqueue -> finished (vela: the server recorded the finish; Celery: the
   result is stored; floor: the call returned);
 * jobs/s: N / (last done - first enqueue) over the burst.
@@ -122,7 +124,7 @@ class Sample:
 
 HEADER = (f"{'system':<16} {'W':>2} {'sandbox':>7} {'N':>5} "
           f"{'disp p50':>9} {'disp p99':>9} {'done p50':>9} {'done p99':>9} {'jobs/s':>8}"
-          "\n" + " " * 34 + "(ms: enqueue -> dispatched/started, enqueue -> finished)")
+          "\n" + " " * 34 + "(ms: enqueue -> started, enqueue -> finished)")
 
 
 class CpuMeter:
@@ -289,7 +291,7 @@ class VelaRun:
     """The control plane and W workers in their own namespace and data dir."""
 
     def __init__(self, backend: str, workers: int, sandbox: bool, data_dir: Path,
-                 layout: str = "per-node") -> None:
+                 layout: str = "per-node", backlog: int = 0) -> None:
         from vela.config import Settings
 
         self.backend, self.n_workers, self.sandbox = backend, workers, sandbox
@@ -299,7 +301,7 @@ class VelaRun:
         cfg: dict[str, Any] = {
             "server": {"data_dir": str(data_dir)},
             "ray": {"namespace": f"vela-bench-{uuid.uuid4().hex[:8]}"},
-            "worker": {"allow_unsandboxed": not sandbox},
+            "worker": {"allow_unsandboxed": not sandbox, "backlog": backlog},
         }
         if backend == "postgres":
             cfg["database"] = {"url": PG_BENCH}
@@ -415,7 +417,7 @@ class VelaRun:
         s.bad = Counter(f"{r.status}({r.reason})" for r in rows if r.status != "success")
         for name, a, b in STAGES:
             s.stages[name] = [epoch(getattr(r, b)) - epoch(getattr(r, a)) for r in rows]
-        return from_stamps(s, [(epoch(r.enqueued_at), epoch(r.dispatched_at),
+        return from_stamps(s, [(epoch(r.enqueued_at), epoch(r.started_at),
                                 epoch(r.finished_at)) for r in rows])
 
     def stop(self) -> None:
@@ -430,12 +432,13 @@ class VelaRun:
 
 
 def run_vela(backend: str, workers: int, sandbox: bool, n: int, probes: int,
-             py_spy: Path | None = None, layout: str = "per-node") -> tuple[Sample, Sample]:
+             py_spy: Path | None = None, layout: str = "per-node",
+             backlog: int = 0) -> tuple[Sample, Sample]:
     """(burst, probes) for one configuration; with ``py_spy``, the burst is profiled."""
     import ray
 
     with tempfile.TemporaryDirectory(prefix="vela-bench-") as tmp:
-        run = VelaRun(backend, workers, sandbox, Path(tmp), layout)
+        run = VelaRun(backend, workers, sandbox, Path(tmp), layout, backlog)
         say(f"{run.label} W={workers} sandbox={'on' if sandbox else 'off'}: starting")
         try:
             run.start()
@@ -761,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", choices=["per-node", "per-slot"], default="per-node",
                    help="vela's W slots on one WorkerActor (per-node, how vela deploys a "
                         "worker host) or on W WorkerActors of one slot (per-slot)")
+    p.add_argument("--backlog", type=int, default=2,
+                   help="packages each WorkerActor holds beyond its slots (worker.backlog; "
+                        "Celery's worker prefetches 4 tasks per process by default)")
     p.add_argument("--no-celery", action="store_true")
     p.add_argument("--sandbox-samples", type=int, default=200)
     p.add_argument("--py-spy", type=Path, metavar="DIR",
@@ -799,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in backends:
                 for sbx in sandboxes:
                     keep(run_vela(b, w, sbx == "on", args.builds, args.probes, args.py_spy,
-                                  args.layout))
+                                  args.layout, args.backlog))
             if not args.no_celery:
                 keep(run_celery(w, args.builds, args.probes))
             keep(run_floor(w, args.builds, args.probes, "true"))
@@ -810,7 +816,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"dispatch: N={args.builds} per burst, {os.cpu_count()} cores, "
           f"{time.monotonic() - t0:.0f}s in all; vela's W slots {args.layout} "
-          f"({'one WorkerActor' if args.layout == 'per-node' else 'W WorkerActors'})")
+          f"({'one WorkerActor' if args.layout == 'per-node' else 'W WorkerActors'}), "
+          f"backlog {args.backlog} per WorkerActor")
     print("\nburst (N jobs submitted at once)")
     print(HEADER)
     for s in results.values():

@@ -158,6 +158,9 @@ class WorkerSettings(_Section):
     state_dir: Path = Path(".vela/worker")
     routes: list[str] = Field(default_factory=lambda: [DEFAULT_ROUTE])
     build_limit: int = Field(default=1, gt=0)
+    # Packages held beyond build_limit, each started when a slot frees (hides the
+    # dispatch round trips between short builds; a held build waits for a slot).
+    backlog: int = Field(default=0, ge=0, le=64)
     mode: Literal["queueless", "legacy"] = "queueless"
     registration_token: SecretStr | None = None
     # Legacy mode only: the shared WORKER_SECRET this worker presents to the server.

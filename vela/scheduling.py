@@ -2,9 +2,11 @@
 
 Placement picks, among workers that serve the route, are active, healthy and
 have a free slot, the least loaded, then the least recently used (the one
-whose load changed longest ago: a round robin among equals). It is not a
-scan: per route, eligible workers sit in buckets keyed by their running count,
-each bucket in that order, so a choice costs O(distinct loads), not O(workers).
+whose load changed longest ago: a round robin among equals). A worker whose
+slots are all taken but who holds a backlog (``worker.backlog``) comes after
+every worker with a slot free. It is not a scan: per route, eligible workers
+sit in buckets keyed by that rank, each bucket in that order, so a choice costs
+O(distinct loads), not O(workers).
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+# Added to the rank of a worker with no slot free, so it sorts after every one with one.
+_BACKLOG_RANK = 1 << 20
+
 
 @dataclass
 class WorkerEntry:
     hostname: str
     routes: frozenset[str]
     build_limit: int
+    # Packages it holds beyond its slots, each started when a slot frees (worker.backlog).
+    backlog: int = 0
     active: bool = True
     healthy: bool = True
     # Builds dispatched to this worker and not yet ended: each holds a slot.
@@ -32,7 +39,12 @@ class WorkerEntry:
 
     @property
     def free(self) -> int:
-        return max(0, self.build_limit - self.load)
+        return max(0, self.build_limit + self.backlog - self.load)
+
+    @property
+    def rank(self) -> int:
+        """Placement order: the running count, after every free slot once all are taken."""
+        return self.load if self.load < self.build_limit else _BACKLOG_RANK + self.load
 
     @property
     def eligible(self) -> bool:
@@ -81,20 +93,21 @@ class WorkerRegistry:
         if not buckets:
             return None
         skip = set(exclude)
-        for load in sorted(buckets):
-            for hostname in buckets[load]:
+        for rank in sorted(buckets):
+            for hostname in buckets[rank]:
                 if hostname not in skip:
                     return self._workers[hostname]
         return None
 
     # ------------------------------------------------------------ mutations
     def upsert(self, hostname: str, *, routes: Iterable[str], build_limit: int,
-               active: bool = True, incarnation: str = "") -> WorkerEntry:
+               backlog: int = 0, active: bool = True, incarnation: str = "") -> WorkerEntry:
         old = self._workers.get(hostname)
         if old is not None:
             self._unindex(old)
         entry = WorkerEntry(hostname=hostname, routes=frozenset(routes),
-                            build_limit=build_limit, active=active, incarnation=incarnation,
+                            build_limit=build_limit, backlog=backlog, active=active,
+                            incarnation=incarnation,
                             running=set(old.running) if old else set())
         if old is not None:
             entry.healthy = old.healthy
@@ -150,7 +163,7 @@ class WorkerRegistry:
             return
         self._free_total += e.free
         for route in e.routes:
-            self._buckets.setdefault(route, {}).setdefault(e.load, OrderedDict())[e.hostname] = None
+            self._buckets.setdefault(route, {}).setdefault(e.rank, OrderedDict())[e.hostname] = None
             self._free[route] = self._free.get(route, 0) + e.free
 
     def _unindex(self, e: WorkerEntry) -> None:
@@ -159,9 +172,9 @@ class WorkerRegistry:
         self._free_total -= e.free
         for route in e.routes:
             buckets = self._buckets.get(route, {})
-            bucket = buckets.get(e.load)
+            bucket = buckets.get(e.rank)
             if bucket is not None:
                 bucket.pop(e.hostname, None)
                 if not bucket:
-                    del buckets[e.load]
+                    del buckets[e.rank]
             self._free[route] = self._free.get(route, 0) - e.free

@@ -93,13 +93,24 @@ def _fake_server_class():
             return pkg
 
         async def state(self):
-            return {"reports": self.got, "bad_proofs": self.bad_proofs}
+            return {"reports": self.got, "bad_proofs": self.bad_proofs,
+                    "registration": self.registration}
 
     return FakeServer
 
 
 @pytest.fixture
 def double(settings):
+    yield from _double(settings)
+
+
+@pytest.fixture
+def double_with_backlog(settings):
+    settings.worker.backlog = 1
+    yield from _double(settings)
+
+
+def _double(settings):
     import ray
 
     from actors._ray import SCHEDULER
@@ -219,3 +230,23 @@ def test_build_limit_and_drain(double):
     for r in receipts:
         if r["accepted"]:
             assert _finished(fake, r["build_id"])[0]["status"] == "success"
+
+
+def test_a_backlog_is_registered_and_its_packages_start_as_slots_free(double_with_backlog):
+    import ray
+
+    fake, worker = double_with_backlog
+    assert ray.get(fake.state.remote())["registration"]["backlog"] == 1
+    pkgs = [ray.get(fake.package.remote(30 + i, pipeline("sleep 1"))) for i in range(4)]
+    receipts = ray.get([worker.execute_package.remote(p) for p in pkgs])
+    accepted = [r for r in receipts if r["accepted"]]  # two slots and one held
+    assert len(accepted) == 3
+    assert [r["reason"] for r in receipts if not r["accepted"]] == ["no_free_slot"]
+    held = [r["build_id"] for r in accepted if r["start"] is None]
+    assert len(held) == 1 and ray.get(worker.status.remote())["held"] == held
+    wait_until(lambda: all(_finished(fake, r["build_id"]) for r in accepted), 60,
+               "the three builds to finish")
+    for r in accepted:
+        assert _finished(fake, r["build_id"])[0]["status"] == "success"
+    actions = [a for b, a, _ in ray.get(fake.state.remote())["reports"] if b == held[0]]
+    assert actions[0] == "build.start"  # the held build reported its own start

@@ -182,18 +182,18 @@ class System:
         return load_or_create_identity(self.tmp / "workers" / hostname)
 
     async def add_worker(self, hostname: str, *, routes: tuple[str, ...] = ("vela",),
-                         build_limit: int = 1) -> WorkerCore:
+                         build_limit: int = 1, backlog: int = 0) -> WorkerCore:
         state_dir = self.tmp / "workers" / hostname
         identity = self.identity(hostname)
         runtime = choose_runtime(allow_unsandboxed=False, network=False)
         core = WorkerCore(hostname=hostname, routes=list(routes), build_limit=build_limit,
-                          identity=identity, pinned_server_keys={}, runtime=runtime,
-                          server=DirectLink(self), workspace_root=state_dir / "ws",
+                          backlog=backlog, identity=identity, pinned_server_keys={},
+                          runtime=runtime, server=DirectLink(self), workspace_root=state_dir / "ws",
                           flush_s=0.05, report_retry_s=0.01, report_deadline_s=5.0)
         self.directory.clients[hostname] = LocalWorkerClient(core, self.tokens)
         token = await self.authority.registration_token(routes=list(routes), hostname=hostname)
         reg = Registration(hostname=hostname, routes=list(routes), build_limit=build_limit,
-                           sign_public_key=identity.sign_public_key,
+                           backlog=backlog, sign_public_key=identity.sign_public_key,
                            seal_public_key=identity.seal_public_key,
                            actor_name=f"vela-worker-{hostname}")
         key_set = await self.scheduler.register(reg.model_dump(mode="json"), token=token)

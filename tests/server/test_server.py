@@ -213,6 +213,68 @@ async def test_a_prefetched_build_without_a_slot_goes_back_to_the_queue(system):
     assert (await system.pump([waiting]))[waiting].status == "success"
 
 
+
+async def test_a_worker_with_a_backlog_is_sent_builds_beyond_its_slots(system):
+    """``worker.backlog``: the Scheduler places builds on a worker whose slots are taken
+    (after every worker with a slot free); the worker holds them and starts each when
+    a slot frees, so none goes back to the queue and each runs once."""
+    core = await system.add_worker("w1", build_limit=1, backlog=2)
+    ids = [await system.submit(pipeline("sleep 2")) for _ in range(3)]
+    builds = await system.pump(ids, until=lambda b: all(x.status == "running"
+                                                        for x in b.values()))
+    started = [b for b, x in builds.items() if x.started_at is not None]
+    assert len(started) == 1
+    assert core.status()["held"] == sorted(set(ids) - set(started))
+    entry = system.scheduler.registry.get("w1")
+    assert entry is not None and entry.load == 3 and entry.free == 0
+    builds = await system.pump(ids)
+    assert all(b.status == "success" and b.attempts == 1 for b in builds.values())
+    assert system.listener.stats.released == 0
+
+
+async def test_a_worker_with_a_free_slot_goes_before_a_backlog(system):
+    await system.add_worker("full", build_limit=1, backlog=1)
+    first = await system.submit(pipeline("sleep 30"))
+    await system.pump([first], until=lambda b: b[first].started_at is not None)
+    await system.add_worker("free", build_limit=1)
+    nxt = await system.submit(pipeline("true"))
+    assert (await system.pump([nxt]))[nxt].worker == "free"
+    await system.scheduler.cancel(first)
+
+
+async def test_a_held_build_given_up_goes_back_to_the_queue(system):
+    """A held build waits at most half its token's grace; given up unstarted, it is
+    queued again once the Scheduler sees it gone from the worker, and runs later."""
+    system.settings.tokens.build_token_grace_s = 2
+    system.settings.scheduler.worker_lost_after_s = 0.2
+    system.settings.scheduler.health_check_period_s = 0.05
+    core = await system.add_worker("w1", build_limit=1, backlog=1)
+    slow = await system.submit(pipeline("sleep 30"))
+    await system.pump([slow], until=lambda b: b[slow].started_at is not None)
+    held = await system.submit(pipeline("true"))
+    await system.pump([held], until=lambda b: b[held].attempts >= 2)
+    assert system.scheduler.stats.requeued >= 1
+    assert (await system.store.get_build(held)).started_at is None
+    await system.scheduler.cancel(slow)
+    final = (await system.pump([held]))[held]
+    assert final.status == "success" and final.worker == "w1"
+    await core.wait_idle(10)
+
+
+async def test_canceling_a_held_build_drops_it_on_its_worker(system):
+    core = await system.add_worker("w1", build_limit=1, backlog=1)
+    slow = await system.submit(pipeline("sleep 30"))
+    held = await system.submit(pipeline("echo never"))
+    await system.pump([slow, held], until=lambda b: all(x.status == "running"
+                                                        for x in b.values()))
+    assert core.status()["held"] == [held]
+    assert await system.scheduler.cancel(held) is BuildStatus.CANCELED
+    await eventually_idle(core, held)
+    assert core.status()["held"] == [] and core.running == [slow]
+    assert "never" not in await logs_of(system, held)
+    await system.scheduler.cancel(slow)
+    await core.wait_idle(10)
+
 async def test_cancel_running_build(system):
     core = await system.add_worker("w1")
     build_id = await system.submit(pipeline("sleep 30"))

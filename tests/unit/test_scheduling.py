@@ -75,7 +75,8 @@ def test_reregistration_keeps_running_builds():
 def test_index_matches_a_full_scan(ops):
     r = WorkerRegistry()
     for i in range(5):
-        r.upsert(f"w{i}", routes=["vela"] if i % 2 else ["vela", "b"], build_limit=1 + i % 3)
+        r.upsert(f"w{i}", routes=["vela"] if i % 2 else ["vela", "b"], build_limit=1 + i % 3,
+                 backlog=i % 2)
     for op, w, b in ops:
         host = f"w{w}"
         if op == "assign" and r.get(host).eligible:
@@ -94,7 +95,28 @@ def test_index_matches_a_full_scan(ops):
             if not eligible:
                 assert chosen is None
             else:
-                assert chosen.load == min(e.load for e in eligible)
+                # Least loaded among those with a slot free; a backlog only after them.
+                assert chosen.rank == min(e.rank for e in eligible)
+                with_slot = [e for e in eligible if e.load < e.build_limit]
+                if with_slot:
+                    assert chosen.load == min(e.load for e in with_slot)
+
+
+def test_a_backlog_is_taken_only_when_no_worker_has_a_slot_free():
+    r = WorkerRegistry()
+    r.upsert("small", routes=["vela"], build_limit=1, backlog=2)
+    r.upsert("big", routes=["vela"], build_limit=4)
+    r.assign("small", 1)
+    assert r.free_slots() == {"vela": 6}
+    for b in (2, 3, 4, 5):  # big's slots, although small has the lower load
+        assert r.choose("vela").hostname == "big"
+        r.assign("big", b)
+    for b in (6, 7):
+        assert r.choose("vela").hostname == "small"
+        r.assign("small", b)
+    assert r.choose("vela") is None and r.get("small").free == 0
+    r.release("big", 2)
+    assert r.choose("vela").hostname == "big"
 
 
 def test_changes_that_may_free_a_slot_are_announced():

@@ -657,3 +657,86 @@ async def test_close_cuts_short_a_report_hanging_on_the_link(core, server, gate,
     await eventually(lambda: sum(map(len, server.attempt_proofs)) > len(server.reports))
     await asyncio.wait_for(core.close(), 10)
     assert core.running == [] and server.finish(1) is None
+
+
+# -- the backlog: packages held beyond the slots -------------------------------------
+
+
+async def test_a_backlog_holds_packages_until_a_slot_frees(make_core, server, gate):
+    """With ``backlog`` the worker takes that many packages beyond its slots and starts
+    each when a slot frees; a held build reports nothing and runs nothing until then,
+    and reports its own start (its receipt carries none)."""
+    core = make_core(build_limit=1, backlog=2)
+    receipts = [await server.execute(core, server.package(b, one_step(gate.wait)))
+                for b in (1, 2, 3, 4)]
+    assert [r.accepted for r in receipts] == [True, True, True, False]
+    assert receipts[0].start is not None
+    assert receipts[1].start is None and receipts[2].start is None
+    assert receipts[3].reason == NO_FREE_SLOT and "backlog of 2 is full" in receipts[3].message
+    await server.until(lambda: server.of(1, STEP))
+    status = core.status()
+    assert status["running"] == [1, 2, 3] and status["held"] == [2, 3]
+    assert status["free_slots"] == 0 == core.free_slots
+    assert server.of(2) == [] and server.of(3) == []
+    gate.open()
+    await server.until(lambda: all(server.finish(b) for b in (1, 2, 3)))
+    for b in (2, 3):
+        assert server.finish(b)["status"] == "success"
+        assert [r.action for r in server.of(b)][0] == START
+    # One slot: each held build's step began after the one before had finished.
+    finished = [server.of(b, STEP)[-1].payload["finished_at"] for b in (1, 2, 3)]
+    began = [server.of(b, STEP)[0].payload["started_at"] for b in (1, 2, 3)]
+    assert finished[0] <= began[1] and finished[1] <= began[2]
+    await core.wait_idle(10)
+    assert core.free_slots == 3 and core.status()["held"] == []
+
+
+async def test_a_held_build_is_dropped_when_stopped_and_reports_nothing(make_core, server,
+                                                                        gate):
+    core = make_core(build_limit=1, backlog=1)
+    assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
+    held = await server.execute(core, server.package(2, one_step("echo never")))
+    assert held.accepted and held.start is None
+    assert core.cancel(2) is True
+    await eventually(lambda: core.running == [1])
+    assert core.status()["held"] == [] and core.free_slots == 1
+    gate.open()
+    await server.until(lambda: server.finish(1))
+    await core.wait_idle(10)
+    assert server.of(2) == []
+
+
+async def test_a_held_build_whose_token_died_meanwhile_runs_nothing(make_core, server,
+                                                                    gate):
+    """The server dispatched the held build again (or ended it) while it waited: its
+    token is no longer the build's, so its start is refused and no step runs."""
+    core = make_core(build_limit=1, backlog=1)
+    assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
+    assert (await server.execute(core, server.package(2, one_step("echo ran")))).accepted
+    server.revoke(2)
+    gate.open()
+    await server.until(lambda: server.finish(1) and server.refused)
+    await core.wait_idle(10)
+    assert server.refused == [(2, START, "token_revoked")]
+    assert server.of(2) == []
+
+
+async def test_a_held_build_is_given_up_before_its_token_runs_short(make_core, server,
+                                                                    clock, gate, caplog):
+    """A held build waits at most half the slack its token has beyond the build's
+    timeout, keeping the other half for its reports; then it is given up unstarted
+    (the server queues it again when it sees it gone from the worker)."""
+    core = make_core(build_limit=1, backlog=1)
+    assert (await server.execute(core, server.package(1, one_step(gate.wait)))).accepted
+    held = server.package(2, one_step("echo late"))  # token: 60 s timeout + 10 s grace
+    clock.advance(9)  # 1 s of slack left: it may wait 0.5 s
+    assert (await server.execute(core, held)).accepted
+    assert core.running == [1, 2]
+    caplog.set_level(logging.INFO, logger="vela.worker")
+    await eventually(lambda: core.running == [1])
+    assert core.status()["held"] == [] and core.free_slots == 1
+    assert "build 2 given up before it started (no slot freed in time)" in caplog.text
+    gate.open()
+    await server.until(lambda: server.finish(1))
+    await core.wait_idle(10)
+    assert server.of(2) == []

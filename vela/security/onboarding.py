@@ -63,6 +63,8 @@ class Registration(BaseModel):
     hostname: str = Field(pattern=HOSTNAME_RE)
     routes: list[str] = Field(min_length=1, max_length=64)
     build_limit: int = Field(ge=1, le=1024)
+    # Packages it holds beyond build_limit until a slot frees (worker.backlog).
+    backlog: int = Field(default=0, ge=0, le=64)
     sign_public_key: str
     seal_public_key: str
     address: str = Field(default="", max_length=500)

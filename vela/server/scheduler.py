@@ -464,12 +464,13 @@ class Scheduler:
             raise NotFound(f"worker actor {reg.actor_name!r} not found")
         self._links[reg.hostname] = _Link(client=client, sign_public_key=sign_public_key,
                                           actor_name=reg.actor_name)
-        self.registry.upsert(reg.hostname, routes=reg.routes, build_limit=reg.build_limit)
+        self.registry.upsert(reg.hostname, routes=reg.routes, build_limit=reg.build_limit,
+                             backlog=reg.backlog)
         self.registry.set_health(reg.hostname, True)
         await self._adopt(reg.hostname, set(running))
         self._mirror(reg.hostname, last_checked_in=self._now())
-        log.info("worker %s attached (routes %s, limit %d)", reg.hostname,
-                 ",".join(reg.routes), reg.build_limit)
+        log.info("worker %s attached (routes %s, limit %d, backlog %d)", reg.hostname,
+                 ",".join(reg.routes), reg.build_limit, reg.backlog)
 
     async def _adopt(self, hostname: str, running: set[int]) -> None:
         """Take the DB's builds on ``hostname``: those it still runs hold slots; the
@@ -795,6 +796,7 @@ class Scheduler:
                 actor_name=worker.actor_name)
             self.registry.upsert(worker.hostname, routes=worker.routes,
                                  build_limit=worker.build_limit,
+                                 backlog=_backlog(status),
                                  active=not status.get("draining", False))
             await self._adopt(worker.hostname, {int(b) for b in status.get("running", [])})
             self._mirror(worker.hostname, last_checked_in=self._now())
@@ -808,8 +810,8 @@ class Scheduler:
         return {
             "workers": {
                 e.hostname: {"routes": sorted(e.routes), "build_limit": e.build_limit,
-                             "running": sorted(e.running), "healthy": e.healthy,
-                             "active": e.active}
+                             "backlog": e.backlog, "running": sorted(e.running),
+                             "healthy": e.healthy, "active": e.active}
                 for e in self.registry.workers()},
             "free_slots": self.registry.free_slots(),
             "stats": {"dispatched": self.stats.dispatched, "requeued": self.stats.requeued,
@@ -827,6 +829,12 @@ class Scheduler:
 def _call_counts(client: object) -> dict[str, dict[str, int]]:
     counts = getattr(client, "call_counts", None)  # clients that coalesce say so
     return counts() if callable(counts) else {}
+
+
+def _backlog(status: dict[str, Any]) -> int:
+    """The backlog a worker's status names (0 from a worker that has none)."""
+    backlog = status.get("backlog", 0)
+    return backlog if isinstance(backlog, int) and 0 <= backlog <= 64 else 0
 
 
 def _reports_call(call: object) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 :class:`WorkerCore` is what the WorkerActor wraps. It opens a package only if
 the server signed it for this worker, keeps at most ``build_limit`` builds
-running, and reports each build's progress to the server through a
-:class:`ServerLink` with the build's token and a fresh proof of possession
-per report. It never raises to the server over a refusal: it answers with a
-:class:`Receipt` whose ``reason`` is a stable code.
+running (and up to ``backlog`` more held until a slot frees), and reports each
+build's progress to the server through a :class:`ServerLink` with the build's
+token and a fresh proof of possession per report. It never raises to the server
+over a refusal: it answers with a :class:`Receipt` whose ``reason`` is a stable
+code.
 
 What happens once a build is here (slots, the build task, ordered reports
 with retries) is :class:`BuildRunner`, shared with the legacy worker
@@ -99,8 +100,9 @@ class Receipt:
     # "no_free_slot", "draining", "duplicate_package", "already_running".
     reason: str | None = None
     message: str | None = None
-    # When accepted: the build's ``build.start`` report (action, payload, proof), which
-    # travels back with the receipt instead of in a report call of its own.
+    # When accepted into a free slot: the build's ``build.start`` report (action, payload,
+    # proof), which travels back with the receipt instead of in a report call of its own.
+    # None when the package is held for a slot: the build reports its start itself.
     start: dict[str, Any] | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -147,6 +149,8 @@ class _Run:
     # Its steps are over and only its end is being reported: it holds no slot (the
     # server frees the slot when it writes the end, and may offer it again at once).
     finishing: bool = False
+    # While it is held for a slot (the worker's backlog): the event that hands it one.
+    slot: asyncio.Event | None = field(default=None, repr=False)
 
 
 class _BuildReporter:
@@ -183,17 +187,20 @@ class BuildRunner:
     authenticated (:meth:`_send`)."""
 
     def __init__(self, *, hostname: str, routes: list[str], build_limit: int,
-                 runtime: Runtime, workspace_root: Path,
+                 runtime: Runtime, workspace_root: Path, backlog: int = 0,
                  clock: Callable[[], datetime] = _utcnow, batch_lines: int = 100,
                  flush_s: float = 0.5, report_retry_s: float = 0.2,
                  report_deadline_s: float = 300.0) -> None:
         if build_limit < 1:
             raise ValueError("build_limit must be at least 1")
+        if backlog < 0:
+            raise ValueError("backlog must not be negative")
         if report_retry_s <= 0 or report_deadline_s <= 0:
             raise ValueError("report_retry_s and report_deadline_s must be positive")
         self.hostname = hostname
         self.routes = list(routes)
         self.build_limit = build_limit
+        self.backlog = backlog
         self.runtime = runtime
         self.workspace_root = Path(workspace_root)
         self._clock = clock
@@ -203,6 +210,7 @@ class BuildRunner:
         self._deadline_s = report_deadline_s
         self._linger_s = REPORT_LINGER_S
         self._runs: dict[int, _Run] = {}
+        self._held: list[_Run] = []  # accepted, waiting for a slot, in arrival order
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -215,10 +223,16 @@ class BuildRunner:
 
     @property
     def free_slots(self) -> int:
+        """How many more builds this worker takes now: free slots and backlog room."""
         if self._draining:
             return 0
-        busy = sum(1 for run in self._runs.values() if not run.finishing)
-        return max(self.build_limit - busy, 0)
+        taken = sum(1 for run in self._runs.values() if not run.finishing)
+        return max(self.build_limit + self.backlog - taken, 0)
+
+    def _slot_free(self) -> bool:
+        active = sum(1 for run in self._runs.values()
+                     if not run.finishing and run.slot is None)
+        return active < self.build_limit
 
     @property
     def running(self) -> list[int]:
@@ -230,21 +244,27 @@ class BuildRunner:
 
     def status(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "routes": list(self.routes),
-                "build_limit": self.build_limit, "running": self.running,
+                "build_limit": self.build_limit, "backlog": self.backlog,
+                "running": self.running, "held": sorted(run.build_id for run in self._held),
                 "free_slots": self.free_slots, "draining": self._draining}
 
     # -- builds ------------------------------------------------------------------------
 
-    def _start(self, job: Job, token: str = "", *, started_at: str | None = None) -> _Run:
-        """Take a slot and run ``job`` in the background; the caller checked that a slot
-        is free and the build is not running here, with no await since. With
-        ``started_at`` the build does not report its start (the caller handed it over)."""
+    def _start(self, job: Job, token: str = "", *, started_at: str | None = None,
+               held: bool = False) -> _Run:
+        """Take a slot (or, ``held``, a place in the backlog) and run ``job`` in the
+        background; the caller checked that there is room and the build is not here,
+        with no await since. With ``started_at`` the build does not report its start
+        (the caller handed it over)."""
         run = _Run(build_id=job.build_id, token=token, started_at=started_at)
+        if held:
+            run.slot = asyncio.Event()
+            self._held.append(run)
         self._runs[job.build_id] = run
         self._idle.clear()
         run.task = asyncio.create_task(self._drive(run, job), name=f"vela-build-{job.build_id}")
         run.task.add_done_callback(lambda task: self._ended(run, task))
-        log.info("build %s accepted", job.build_id)
+        log.info("build %s accepted%s", job.build_id, " (held for a slot)" if held else "")
         return run
 
     def cancel(self, build_id: int) -> bool:
@@ -287,12 +307,15 @@ class BuildRunner:
 
     async def _drive(self, run: _Run, job: Job) -> None:
         try:
+            if run.slot is not None and not await self._wait_for_slot(run, job):
+                return
             if run.started_at is None and not await self._report(
                     run, BuildAction.START, {"started_at": self._iso_now()}):
                 log.info("build %s not started: the server did not take its start", run.build_id)
                 return
             status, reason, message = await self._execute(run, job)
             run.finishing = True
+            self._hand_slots()
             await self._report(run, BuildAction.FINISH, {
                 "status": status.value, "reason": reason, "message": message,
                 "finished_at": self._iso_now()})
@@ -302,6 +325,40 @@ class BuildRunner:
             if run.sender is not None:
                 run.sender.cancel()  # only if this task was cut short: it is done otherwise
             self._release(run)
+
+    async def _wait_for_slot(self, run: _Run, job: Job) -> bool:
+        """Hold a build until a slot frees; False if it is given up unstarted instead:
+        canceled, the worker closing, or held for half the slack its token has beyond
+        the build's timeout (the other half is for its reports). A build given up
+        reports nothing: the server sees it gone from this worker's running builds and
+        queues it again."""
+        slot = run.slot
+        assert slot is not None
+        wait_s = None
+        limit = _timeout_given(job)
+        if job.deadline is not None and limit is not None:
+            wait_s = max((job.deadline - limit - timestamp(self._clock())) / 2, 0.0)
+        waits = [asyncio.ensure_future(slot.wait()), asyncio.ensure_future(run.cancel.wait())]
+        try:
+            await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        if slot.is_set() and not run.cancel.is_set():
+            return True
+        if run in self._held:
+            self._held.remove(run)
+        log.info("build %s given up before it started (%s)", run.build_id,
+                 "stopped" if run.cancel.is_set() else "no slot freed in time")
+        return False
+
+    def _hand_slots(self) -> None:
+        """Give free slots to held builds, first come first served."""
+        while self._held and self._slot_free():
+            run = self._held.pop(0)
+            assert run.slot is not None
+            slot, run.slot = run.slot, None
+            slot.set()
 
     async def _execute(self, run: _Run,
                        job: Job) -> tuple[BuildStatus, str | None, str | None]:
@@ -325,9 +382,9 @@ class BuildRunner:
                 result.message)
 
     def _build_timeout_s(self, job: Job) -> float:
-        limit = job.build.get("timeout_s")
-        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
-            return float(limit)
+        limit = _timeout_given(job)
+        if limit is not None:
+            return limit
         if job.deadline is None:
             return DEFAULT_BUILD_TIMEOUT_S
         # No limit given: the token's lifetime is the most the server will listen.
@@ -430,6 +487,9 @@ class BuildRunner:
     def _release(self, run: _Run) -> None:
         if self._runs.get(run.build_id) is run:
             del self._runs[run.build_id]
+        if run in self._held:  # cancelled before its task ran
+            self._held.remove(run)
+        self._hand_slots()
         if not self._runs:
             self._idle.set()
 
@@ -445,12 +505,12 @@ class WorkerCore(BuildRunner):
     def __init__(self, *, hostname: str, routes: list[str], build_limit: int,
                  identity: WorkerIdentity, pinned_server_keys: Mapping[str, str],
                  runtime: Runtime, server: ServerLink, workspace_root: Path,
-                 clock: Callable[[], datetime] = _utcnow, batch_lines: int = 100,
-                 flush_s: float = 0.5, report_retry_s: float = 0.2,
+                 backlog: int = 0, clock: Callable[[], datetime] = _utcnow,
+                 batch_lines: int = 100, flush_s: float = 0.5, report_retry_s: float = 0.2,
                  report_deadline_s: float = 300.0) -> None:
         super().__init__(hostname=hostname, routes=routes, build_limit=build_limit,
-                         runtime=runtime, workspace_root=workspace_root, clock=clock,
-                         batch_lines=batch_lines, flush_s=flush_s,
+                         runtime=runtime, workspace_root=workspace_root, backlog=backlog,
+                         clock=clock, batch_lines=batch_lines, flush_s=flush_s,
                          report_retry_s=report_retry_s, report_deadline_s=report_deadline_s)
         self._identity = identity
         self._pinned: dict[str, str] = dict(pinned_server_keys)
@@ -481,9 +541,11 @@ class WorkerCore(BuildRunner):
 
         An accepted receipt carries the build's ``build.start`` report, proof and all:
         the server records it before it takes any later report on the build (one
-        call fewer per build, and the build does not wait for it). Everything up to
-        reserving the slot happens without an await, so calls made concurrently
-        cannot take more than ``build_limit`` slots.
+        call fewer per build, and the build does not wait for it). When every slot is
+        taken, up to ``backlog`` packages are held instead and started as slots free;
+        their receipts carry no start (the build reports it when it starts).
+        Everything up to reserving the slot happens without an await, so calls made
+        concurrently cannot take more than ``build_limit`` slots (and the backlog).
         """
         claimed = package.get("build_id") if isinstance(package, dict) else None
         claimed_id = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) \
@@ -513,7 +575,12 @@ class WorkerCore(BuildRunner):
                            f"build {build_id} is already running on {self.hostname}")
         if self.free_slots <= 0:
             return Receipt(False, build_id, NO_FREE_SLOT,
-                           f"all {self.build_limit} build slots of {self.hostname} are in use")
+                           f"all {self.build_limit} build slots of {self.hostname} are in use"
+                           + (f" and its backlog of {self.backlog} is full" if self.backlog
+                              else ""))
+        if not self._slot_free():
+            self._start(Job.from_package(opened), token=opened.build_token, held=True)
+            return Receipt(True, build_id)
         started_at = now.isoformat()
         self._start(Job.from_package(opened), token=opened.build_token, started_at=started_at)
         return Receipt(True, build_id, start=self._signed(
@@ -556,6 +623,14 @@ class WorkerCore(BuildRunner):
             del self._seen[min(self._seen, key=self._seen.__getitem__)]
         self._seen[package_id] = expires_at
         return True
+
+
+def _timeout_given(job: Job) -> float | None:
+    """The build's own timeout in seconds, if its metadata names one."""
+    limit = job.build.get("timeout_s")
+    if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
+        return float(limit)
+    return None
 
 
 def _meta(job: Job) -> dict[str, str]:
