@@ -83,7 +83,7 @@ class WorkerActor:
 
     async def _register(self) -> None:
         reg = self._registration()
-        running = self.core.running
+        running = self.core.started  # the server queues held builds again
         key_set: dict[str, Any] | None = None
         if self._pinned is not None:
             try:

@@ -5,6 +5,8 @@ random, then every invariant checked and printed with its count.
     python bench/chaos.py --seed 7 --builds 500 --redis --postgres
         # queue on Redis (db 14) and the DB on PostgreSQL (database vela_chaos), both
         # restarted mid-run; this stops and starts the machine's Redis and PostgreSQL
+    python bench/chaos.py --seed 5 --builds 500 --backlog 2
+        # each worker holds two packages beyond its slots (worker.backlog)
 
 The CI-sized run is ``tests/chaos/test_chaos.py`` (same code, fewer builds).
 A failing seed reruns the same kill schedule: ``--seed N``.
@@ -79,7 +81,8 @@ class Chaos:
     """Drives one run on a ``ray.cluster_utils.Cluster`` the caller owns."""
 
     def __init__(self, cluster: Any, data_dir: Path, *, seed: int, builds: int,
-                 kills: int, redis_url: str | None = None, postgres: bool = False) -> None:
+                 kills: int, redis_url: str | None = None, postgres: bool = False,
+                 backlog: int = 0) -> None:
         from vela.config import Settings
 
         self.cluster = cluster
@@ -99,7 +102,7 @@ class Chaos:
             "queue": queue,
             "scheduler": {"health_check_period_s": 0.3, "health_check_timeout_s": 5.0,
                           "worker_lost_after_s": 6.0},
-            "worker": {"checkin_period_s": 1.0, "log_flush_s": 0.1},
+            "worker": {"checkin_period_s": 1.0, "log_flush_s": 0.1, "backlog": backlog},
         })
         self.handles: dict[str, Any] = {}
         self.workers: dict[str, Any] = {}  # hostname -> handle
@@ -373,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="queue on Redis 127.0.0.1:6379/14, restarted mid-run")
     p.add_argument("--postgres", action="store_true",
                    help="database on PostgreSQL (vela_chaos), restarted mid-run")
+    p.add_argument("--backlog", type=int, default=0,
+                   help="packages each worker holds beyond its slots (worker.backlog)")
     args = p.parse_args(argv)
 
     from vela.cli.serve_cmd import ensure_ray_auth_token
@@ -389,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             chaos = Chaos(cluster, Path(tmp), seed=args.seed, builds=args.builds,
                           kills=args.kills,
                           redis_url="redis://127.0.0.1:6379/14" if args.redis else None,
-                          postgres=args.postgres)
+                          postgres=args.postgres, backlog=args.backlog)
             try:
                 report = chaos.run()
             finally:

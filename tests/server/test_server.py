@@ -165,6 +165,35 @@ async def test_scheduler_restart_adopts_running_builds(system):
     assert system.scheduler.registry.free_slots() == {"vela": 2}
 
 
+
+
+async def one_running_one_held(system, running: str, held: str):
+    """A worker with one slot and a backlog of one, running ``running`` and holding
+    ``held``: (its core, the running build, the held build)."""
+    core = await system.add_worker("w1", build_limit=1, backlog=1)
+    first = await system.submit(pipeline(running))
+    await system.pump([first], until=lambda b: b[first].started_at is not None)
+    second = await system.submit(pipeline(held))
+    await system.pump([second], until=lambda b: b[second].status == "running")
+    assert core.status()["held"] == [second]
+    return core, first, second
+
+async def test_a_restarted_scheduler_queues_held_builds_again(system):
+    """A new Scheduler adopts what a worker runs, but not what it holds: a held build
+    goes back to the queue (its token dies, so the held copy never starts) and runs
+    once, later."""
+    core, slow, held = await one_running_one_held(system, "sleep 1", "echo held-once")
+    await system.restart_scheduler()
+    entry = system.scheduler.registry.get("w1")
+    assert entry is not None and entry.running == {slow}
+    requeued = await system.store.get_build(held)
+    assert requeued.status == "pending" and requeued.token_jti is None
+    builds = await system.pump([slow, held])
+    assert builds[slow].status == "success" and builds[slow].attempts == 1
+    # Dispatched again (twice, if the worker still held the stale copy and refused).
+    assert builds[held].status == "success" and builds[held].attempts >= 2
+    assert (await logs_of(system, held)).count("held-once") == 1
+
 async def test_a_restarted_scheduler_records_the_start_it_missed(system):
     """The Scheduler went down after a worker accepted a build but before it recorded
     the start in the receipt: the new one adopts the running build as started (were
@@ -262,12 +291,7 @@ async def test_a_held_build_given_up_goes_back_to_the_queue(system):
 
 
 async def test_canceling_a_held_build_drops_it_on_its_worker(system):
-    core = await system.add_worker("w1", build_limit=1, backlog=1)
-    slow = await system.submit(pipeline("sleep 30"))
-    held = await system.submit(pipeline("echo never"))
-    await system.pump([slow, held], until=lambda b: all(x.status == "running"
-                                                        for x in b.values()))
-    assert core.status()["held"] == [held]
+    core, slow, held = await one_running_one_held(system, "sleep 30", "echo never")
     assert await system.scheduler.cancel(held) is BuildStatus.CANCELED
     await eventually_idle(core, held)
     assert core.status()["held"] == [] and core.running == [slow]

@@ -474,7 +474,8 @@ class Scheduler:
 
     async def _adopt(self, hostname: str, running: set[int]) -> None:
         """Take the DB's builds on ``hostname``: those it still runs hold slots; the
-        rest were lost with its previous incarnation."""
+        rest were lost with its previous incarnation, or are held in its backlog and go
+        back to the queue (their tokens die with that, so they never start there)."""
         for build in await self.store.list_builds(status=[BuildStatus.RUNNING], worker=hostname,
                                                   limit=10_000):
             if build.id in running:
@@ -798,7 +799,9 @@ class Scheduler:
                                  build_limit=worker.build_limit,
                                  backlog=_backlog(status),
                                  active=not status.get("draining", False))
-            await self._adopt(worker.hostname, {int(b) for b in status.get("running", [])})
+            held = {int(b) for b in status.get("held", [])}
+            await self._adopt(worker.hostname,
+                              {int(b) for b in status.get("running", [])} - held)
             self._mirror(worker.hostname, last_checked_in=self._now())
         # Running builds on workers we no longer know.
         for build in await self.store.list_builds(status=[BuildStatus.RUNNING], limit=10_000):

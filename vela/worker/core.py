@@ -236,7 +236,19 @@ class BuildRunner:
 
     @property
     def running(self) -> list[int]:
+        """Every build here, held ones included."""
         return sorted(self._runs)
+
+    @property
+    def held(self) -> list[int]:
+        """Builds accepted and waiting for a slot (the backlog)."""
+        return sorted(run.build_id for run in self._held)
+
+    @property
+    def started(self) -> list[int]:
+        """Builds here that are not held: what a worker tells a server it (re)attaches
+        to. That server queues the held ones again (their starts are then refused)."""
+        return sorted(set(self._runs) - {run.build_id for run in self._held})
 
     @property
     def draining(self) -> bool:
@@ -245,7 +257,7 @@ class BuildRunner:
     def status(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "routes": list(self.routes),
                 "build_limit": self.build_limit, "backlog": self.backlog,
-                "running": self.running, "held": sorted(run.build_id for run in self._held),
+                "running": self.running, "held": self.held,
                 "free_slots": self.free_slots, "draining": self._draining}
 
     # -- builds ------------------------------------------------------------------------
