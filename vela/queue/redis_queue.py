@@ -16,7 +16,9 @@ is always in exactly one of the three structures and its lease record appears
 in the same step that takes it off the ready list: a consumer crashing at any
 point leaves either a ready item or a leased one that ``reclaim_expired``
 brings back. Optimistic transactions (rather than Lua) keep the back end
-working on fakeredis without a Lua runtime.
+working on fakeredis without a Lua runtime. A listener pass takes its items
+from a route's head in one transaction and settles them in one: a round trip
+to read, one to write, whatever their number.
 
 Lease deadlines come from the injected clock, not Redis's: consumers of one
 queue must have roughly synchronised clocks (skew shortens or lengthens leases).
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -42,7 +44,9 @@ from vela.queue.base import (
     QueueError,
     Reservation,
     RouteDepth,
+    Settlement,
     Sleep,
+    check_settlements,
     clip_reason,
 )
 
@@ -123,81 +127,132 @@ class RedisQueue(Queue):
         return item_id
 
     async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None:
+        got = await self._reserve_batch(routes, lease_s, 1)
+        return got[0] if got else None
+
+    async def _reserve_batch(self, routes: list[str], lease_s: float,
+                             n: int) -> list[Reservation]:
+        """Up to ``n`` items, each route's share taken off its head in one transaction.
+        Items taken when an error strikes are returned (the error comes again)."""
+        out: list[Reservation] = []
         for route in routes:
-            res = await self._reserve_route(route, lease_s)
-            if res is not None:
-                return res
-        return None
+            while len(out) < n:
+                try:
+                    got = await self._reserve_route(route, lease_s, n - len(out))
+                except Exception:
+                    if not out:
+                        raise
+                    return out
+                if not got:
+                    break
+                out.extend(got)
+        return out
 
-    async def _reserve_route(self, route: str, lease_s: float) -> Reservation | None:
+    async def _reserve_route(self, route: str, lease_s: float,
+                             n: int) -> list[Reservation]:
+        """Up to ``n`` items off the head of ``route``; empty if it has none. Ids whose
+        item is gone (only if someone deleted a hash by hand) are dropped, so fewer
+        than ``n`` may come back from a route that has more."""
         ready = self._k("ready", route)
-        while True:
-            got = await self._watched([ready], lambda pipe: self._take_head(pipe, route, lease_s))
-            if not isinstance(got, str):
-                return got
-            # An id without its item: only if someone deleted a hash by hand.
-            await self._r.zrem(self._k("leased", route), got)
-            await self._r.delete(self._item(got))
+        got, orphans = await self._watched(
+            [ready], lambda pipe: self._take_heads(pipe, route, lease_s, n))
+        if orphans:
+            await self._r.zrem(self._k("leased", route), *orphans)
+            await self._r.delete(*(self._item(i) for i in orphans))
+        return got
 
-    async def _take_head(self, pipe: Pipeline, route: str,
-                         lease_s: float) -> Reservation | str | None:
+    async def _take_heads(self, pipe: Pipeline, route: str, lease_s: float,
+                          n: int) -> tuple[list[Reservation], list[str]]:
         ready = self._k("ready", route)
-        head = _s(await pipe.lindex(ready, 0))
-        if head is None:
-            return None
-        key, lease_id, deadline = self._item(head), uuid.uuid4().hex, self._clock() + lease_s
+        heads = [_s(raw) or "" for raw in await pipe.lrange(ready, 0, n - 1)]
+        if not heads:
+            return [], []
+        deadline = self._clock() + lease_s
+        leases = [uuid.uuid4().hex for _ in heads]
         pipe.multi()
-        pipe.lpop(ready)
-        pipe.hincrby(key, "deliveries", 1)
-        pipe.hset(key, mapping={"state": LEASED, "lease": lease_id})
-        pipe.zadd(self._k("leased", route), {head: deadline})
-        pipe.hget(key, "payload")
+        pipe.ltrim(ready, len(heads), -1)
+        for item_id, lease_id in zip(heads, leases, strict=True):
+            key = self._item(item_id)
+            pipe.hincrby(key, "deliveries", 1)
+            pipe.hset(key, mapping={"state": LEASED, "lease": lease_id})
+            pipe.hget(key, "payload")
+        pipe.zadd(self._k("leased", route), dict.fromkeys(heads, deadline))
         out = await pipe.execute()
-        if out[-1] is None:
-            return head
-        return Reservation(id=head, route=route, payload=bytes(out[-1]), lease_id=lease_id,
-                           deadline=deadline, deliveries=int(out[1]))
-
-    async def _settle(self, res: Reservation,
-                      write: Callable[[Pipeline, str, str], object]) -> bool:
-        """Apply ``write`` if ``res`` still holds the current lease on its item."""
-        key = self._item(res.id)
-
-        async def body(pipe: Pipeline) -> bool:
-            state, lease, route = (_s(v) for v in await pipe.hmget(key, "state", "lease", "route"))
-            if state != LEASED or lease != res.lease_id or route is None:
-                return False
-            pipe.multi()
-            pipe.zrem(self._k("leased", route), res.id)
-            write(pipe, key, route)
-            await pipe.execute()
-            return True
-
-        return await self._watched([key], body)
+        got: list[Reservation] = []
+        orphans: list[str] = []
+        for i, (item_id, lease_id) in enumerate(zip(heads, leases, strict=True)):
+            deliveries, payload = out[1 + 3 * i], out[3 + 3 * i]
+            if payload is None:
+                orphans.append(item_id)
+                continue
+            got.append(Reservation(id=item_id, route=route, payload=bytes(payload),
+                                   lease_id=lease_id, deadline=deadline,
+                                   deliveries=int(deliveries)))
+        return got, orphans
 
     async def ack(self, res: Reservation) -> bool:
-        return await self._settle(res, lambda pipe, key, route: pipe.delete(key))
+        return (await self.settle_many([Settlement(res, "ack")]))[0]
 
     async def release(self, res: Reservation) -> bool:
-        def write(pipe: Pipeline, key: str, route: str) -> None:
+        return (await self.settle_many([Settlement(res, "release")]))[0]
+
+    async def dead_letter(self, res: Reservation, reason: str, detail: str = "") -> bool:
+        return (await self.settle_many([Settlement(res, "dead", reason, detail)]))[0]
+
+    async def settle_many(self, settlements: Sequence[Settlement]) -> list[bool]:
+        """Settle every reservation whose lease is still current in one transaction
+        (their items watched, their states read in one round trip); items released
+        together go back to the head of their route in the order given."""
+        check_settlements(settlements)
+        if not settlements:
+            return []
+        keys = list(dict.fromkeys(self._item(x.res.id) for x in settlements))
+
+        async def body(pipe: Pipeline) -> list[bool]:
+            async with self._r.pipeline(transaction=False) as read:
+                for x in settlements:
+                    read.hmget(self._item(x.res.id), "state", "lease", "route")
+                states = await read.execute()
+            current: list[bool] = []
+            routes: list[str] = []
+            for x, values in zip(settlements, states, strict=True):
+                state, lease, route = (_s(v) for v in values)
+                current.append(state == LEASED and lease == x.res.lease_id
+                               and route is not None)
+                routes.append(route or "")
+            if not any(current):
+                return current
+            pipe.multi()
+            now = self._clock()
+            for x, ok, route in zip(settlements, current, routes, strict=True):
+                if ok and x.action != "release":
+                    self._write_settled(pipe, x, route, now)
+            for x, ok, route in reversed(list(zip(settlements, current, routes,
+                                                   strict=True))):
+                if ok and x.action == "release":  # the last first: the first ends at the head
+                    self._write_settled(pipe, x, route, now)
+            await pipe.execute()
+            return current
+
+        # Watched before they are read: a change by anyone in between aborts the write.
+        return await self._watched(keys, body)
+
+    def _write_settled(self, pipe: Pipeline, x: Settlement, route: str, now: float) -> None:
+        key = self._item(x.res.id)
+        pipe.zrem(self._k("leased", route), x.res.id)
+        if x.action == "ack":
+            pipe.delete(key)
+        elif x.action == "release":
             pipe.hset(key, "state", READY)
             pipe.hdel(key, "lease")
             pipe.hincrby(key, "deliveries", -1)
-            pipe.lpush(self._k("ready", route), res.id)
-
-        return await self._settle(res, write)
-
-    async def dead_letter(self, res: Reservation, reason: str, detail: str = "") -> bool:
-        reason, detail = clip_reason(reason, detail)
-        now = self._clock()
-
-        def write(pipe: Pipeline, key: str, route: str) -> None:
+            pipe.lpush(self._k("ready", route), x.res.id)
+        else:
+            reason, detail = clip_reason(x.reason, x.detail)
             pipe.hset(key, mapping={"state": DEAD, "reason": reason, "detail": detail,
                                     "dead_at": repr(now)})
             pipe.hdel(key, "lease")
-            pipe.zadd(self._k("dead", route), {res.id: now})
-
-        return await self._settle(res, write)
+            pipe.zadd(self._k("dead", route), {x.res.id: now})
 
     async def reclaim_expired(self, now: float | None = None) -> int:
         now = self._now(now)
