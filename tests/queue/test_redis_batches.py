@@ -59,7 +59,9 @@ async def test_a_stale_lease_in_a_batch_is_refused_alone(backend, clock):
     assert out == [False, True, True]
     depth = (await queue.depth())["vela"]
     assert (depth.ready, depth.in_flight) == (1, 1)  # c back; a still leased, anew
-    assert await queue.settle_many([Settlement(fresh[0], "ack")]) == [True]
+    assert await queue.settle_many([Settlement(fresh[0], "ack"),
+                                    Settlement(fresh[0], "release")]) == [True, False]
+    assert (await queue.depth())["vela"].in_flight == 0
 
 
 async def test_an_id_whose_item_was_deleted_by_hand_is_dropped(backend, clock):

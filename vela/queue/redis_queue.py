@@ -215,10 +215,13 @@ class RedisQueue(Queue):
                 states = await read.execute()
             current: list[bool] = []
             routes: list[str] = []
+            seen: set[str] = set()
             for x, values in zip(settlements, states, strict=True):
                 state, lease, route = (_s(v) for v in values)
+                # An item given twice is settled once, as two calls in a row would.
                 current.append(state == LEASED and lease == x.res.lease_id
-                               and route is not None)
+                               and route is not None and x.res.id not in seen)
+                seen.add(x.res.id)
                 routes.append(route or "")
             if not any(current):
                 return current
