@@ -237,7 +237,7 @@ def test_a_backlog_is_registered_and_its_packages_start_as_slots_free(double_wit
 
     fake, worker = double_with_backlog
     assert ray.get(fake.state.remote())["registration"]["backlog"] == 1
-    pkgs = [ray.get(fake.package.remote(30 + i, pipeline("sleep 1"))) for i in range(4)]
+    pkgs = [ray.get(fake.package.remote(30 + i, pipeline("sleep 2"))) for i in range(4)]
     receipts = ray.get([worker.execute_package.remote(p) for p in pkgs])
     accepted = [r for r in receipts if r["accepted"]]  # two slots and one held
     assert len(accepted) == 3

@@ -165,8 +165,6 @@ async def test_scheduler_restart_adopts_running_builds(system):
     assert system.scheduler.registry.free_slots() == {"vela": 2}
 
 
-
-
 async def one_running_one_held(system, running: str, held: str):
     """A worker with one slot and a backlog of one, running ``running`` and holding
     ``held``: (its core, the running build, the held build)."""
@@ -178,11 +176,12 @@ async def one_running_one_held(system, running: str, held: str):
     assert core.status()["held"] == [second]
     return core, first, second
 
+
 async def test_a_restarted_scheduler_queues_held_builds_again(system):
     """A new Scheduler adopts what a worker runs, but not what it holds: a held build
     goes back to the queue (its token dies, so the held copy never starts) and runs
     once, later."""
-    core, slow, held = await one_running_one_held(system, "sleep 1", "echo held-once")
+    core, slow, held = await one_running_one_held(system, "sleep 3", "echo held-once")
     await system.restart_scheduler()
     entry = system.scheduler.registry.get("w1")
     assert entry is not None and entry.running == {slow}
@@ -249,8 +248,10 @@ async def test_a_worker_with_a_backlog_is_sent_builds_beyond_its_slots(system):
     a slot frees, so none goes back to the queue and each runs once."""
     core = await system.add_worker("w1", build_limit=1, backlog=2)
     ids = [await system.submit(pipeline("sleep 2")) for _ in range(3)]
+    # Its start is recorded after the receipt: wait for that too.
     builds = await system.pump(ids, until=lambda b: all(x.status == "running"
-                                                        for x in b.values()))
+                                                        for x in b.values())
+                               and any(x.started_at for x in b.values()))
     started = [b for b, x in builds.items() if x.started_at is not None]
     assert len(started) == 1
     assert core.status()["held"] == sorted(set(ids) - set(started))
