@@ -231,6 +231,12 @@ def test_registration_tokens_queue_stats_and_status(client, admin):
     assert status["workers"]["connected"] == 1 and status["free_slots"]["vela"] >= 0
     assert set(status["builds"]) == {"pending", "running"}
     assert status["queue"]["backend"] == "database"
+    # Writes and calls that may carry several builds' requests are counted.
+    create(client, admin, "acme/web", HELLO)
+    calls = client.get("/api/v1/status", headers=admin).json()["calls"]
+    assert set(calls) == {"authority", "database", "workers"}
+    shared = calls["database"]["write_shared"]
+    assert 0 < shared["calls"] <= shared["requests"]
 
 
 def test_real_http_follow_streams_while_the_build_runs(harness):

@@ -246,6 +246,8 @@ class ServerBackend:
                        for s in (BuildStatus.PENDING, BuildStatus.RUNNING)},
             "queue": await self.queue_stats(),
             "scheduler": sched["stats"],
+            # Coalesced calls: how many requests each carried (the Scheduler's view).
+            "calls": sched["calls"],
         }
 
     async def queue_stats(self) -> dict[str, Any]:
