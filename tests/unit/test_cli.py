@@ -194,3 +194,31 @@ def test_the_cli_loads_no_server_library_until_a_command_needs_one():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_worker_backlog_flag_reaches_the_worker_and_its_summary(env, monkeypatch):
+    """`vela worker --backlog N` starts the WorkerActor with worker.backlog = N and says
+    how many slots it has and how many builds it holds beyond them."""
+    import actors.deploy
+    from vela.cli import serve_cmd
+
+    started = {}
+
+    def start_worker(settings, **kw):
+        started.update(kw, backlog=settings.worker.backlog)
+        return None, {"registered": True, "routes": kw["routes"],
+                      "build_limit": kw["build_limit"], "backlog": settings.worker.backlog,
+                      "free_slots": kw["build_limit"] + settings.worker.backlog}
+
+    monkeypatch.setattr(serve_cmd, "_connect", lambda s, **kw: False)
+    monkeypatch.setattr(serve_cmd, "_check_sandbox", lambda s: None)
+    monkeypatch.setattr(actors.deploy, "start_worker", start_worker)
+    r = invoke(["worker", "--build-limit", "2", "--backlog", "3", "--hostname", "h1"], env)
+    assert r.exit_code == 0, r.output
+    assert started["backlog"] == 3 and started["build_limit"] == 2
+    assert "worker h1 registered: routes vela, 2 slot(s), 3 more held" in r.output
+    r = invoke(["worker", "--hostname", "h1"], env)  # the configured default: none
+    assert r.exit_code == 0 and started["backlog"] == 0
+    assert "2 slot(s)" not in r.output and "more held" not in r.output
+    r = invoke(["worker", "--backlog", "65"], env)
+    assert r.exit_code == 2 and "backlog" in r.output  # out of range: refused, named

@@ -406,6 +406,10 @@ def worker(
                                "worker.routes)."),
     build_limit: int = typer.Option(0, "--build-limit", "-n", help="Concurrent builds "
                                     "(default: worker.build_limit)."),
+    backlog: int = typer.Option(-1, "--backlog", min=-1, max=64,
+                                help="Builds held beyond the slots, each started when a "
+                                     "slot frees; 0 for long builds (default: "
+                                     "worker.backlog)."),
     hostname: str = typer.Option("", "--hostname", help="Worker name (default: this host)."),
 ) -> None:
     """Start this node's WorkerActor on a running cluster (idempotent).
@@ -419,6 +423,8 @@ def worker(
     s = state.settings
     if address:
         s.ray.address = address
+    if backlog >= 0:
+        s.worker.backlog = backlog
     _check_modes(s, serve=False, routes=[])
     _check_sandbox(s)
     _connect(s)
@@ -440,8 +446,9 @@ def worker(
         registration_token=token)
     if not status.get("registered"):
         raise fail(f"worker {name} did not register: {status.get('error')}")
+    held = f", {status['backlog']} more held" if status.get("backlog") else ""
     console.print(f"worker {name} registered: routes {', '.join(status['routes'])}, "
-                  f"{status['free_slots']} slot(s)", highlight=False)
+                  f"{status['build_limit']} slot(s){held}", highlight=False)
 
 
 def _parse_secret(text: str) -> tuple[str, str]:
