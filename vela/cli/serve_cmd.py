@@ -330,7 +330,7 @@ def _start_actors(s: Settings, credential: str | None, *, n_workers: int, starte
         hostname = f"{default_hostname()}-{i}"
         status = _local_worker(s, hostname, handles[AUTHORITY])
         console.print(f"worker {hostname} registered (routes {', '.join(status['routes'])}, "
-                      f"{status['free_slots']} slot(s), {status['sandbox']})", highlight=False)
+                      f"{_slots(status)}, {status['sandbox']})", highlight=False)
     host = "127.0.0.1" if not s.ray.address else s.ray.address.split(":")[0]
     console.print(f"[green]ready[/green] in {time.monotonic() - t0:.1f}s. API: {api_url}  "
                   f"Ray dashboard: http://{host}:{s.ray.dashboard_port}  "
@@ -435,7 +435,7 @@ def worker(
             routes=[r.strip() for r in routes.split(",") if r.strip()] or list(s.worker.routes),
             build_limit=build_limit or s.worker.build_limit, state_dir=s.worker.state_dir)
         console.print(f"legacy worker {name} started: routes {', '.join(status['routes'])}, "
-                      f"{status['free_slots']} slot(s)", highlight=False)
+                      f"{_slots(status)}", highlight=False)
         return
     token = s.worker.registration_token.get_secret_value() if s.worker.registration_token \
         else None
@@ -446,9 +446,14 @@ def worker(
         registration_token=token)
     if not status.get("registered"):
         raise fail(f"worker {name} did not register: {status.get('error')}")
-    held = f", {status['backlog']} more held" if status.get("backlog") else ""
     console.print(f"worker {name} registered: routes {', '.join(status['routes'])}, "
-                  f"{status['build_limit']} slot(s){held}", highlight=False)
+                  f"{_slots(status)}", highlight=False)
+
+
+def _slots(status: dict[str, Any]) -> str:
+    """A worker's slots as its status gives them, and the builds it holds beyond."""
+    held = f", {status['backlog']} more held" if status.get("backlog") else ""
+    return f"{status['build_limit']} slot(s){held}"
 
 
 def _parse_secret(text: str) -> tuple[str, str]:
