@@ -177,7 +177,9 @@ class _BuildRun:
     async def run(self, workspace_root: Path) -> BuildResult:
         started = _now()
         if not self.runtime.sandboxed:
-            logger.warning("build %s: steps run WITHOUT a sandbox", self.meta.get("VELA_BUILD_ID"))
+            # The worker warned once, loudly, when it chose this runtime (choose_runtime),
+            # and its status names it; a warning per build only floods the logs.
+            logger.info("build %s: steps run WITHOUT a sandbox", self.meta.get("VELA_BUILD_ID"))
         missing = [n for n in self.executable.secret_names() if n not in self.secrets]
         if missing:
             return await self._finish(
