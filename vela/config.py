@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from vela.domain import DEFAULT_ROUTE
+from vela.domain import DEFAULT_ROUTE, MAX_BACKLOG
 from vela.errors import ConfigError
 
 ENV_PREFIX = "VELA_"
@@ -160,7 +160,7 @@ class WorkerSettings(_Section):
     build_limit: int = Field(default=1, gt=0)
     # Packages held beyond build_limit, each started when a slot frees (hides the
     # dispatch round trips between short builds; a held build waits for a slot).
-    backlog: int = Field(default=0, ge=0, le=64)
+    backlog: int = Field(default=0, ge=0, le=MAX_BACKLOG)
     mode: Literal["queueless", "legacy"] = "queueless"
     registration_token: SecretStr | None = None
     # Legacy mode only: the shared WORKER_SECRET this worker presents to the server.

@@ -11,6 +11,8 @@ from enum import StrEnum
 from vela.errors import InvalidTransition, VelaError
 
 DEFAULT_ROUTE = "vela"
+# The most builds a worker holds beyond its slots (worker.backlog).
+MAX_BACKLOG = 64
 
 
 class BuildStatus(StrEnum):

@@ -25,6 +25,7 @@ import typer
 
 from vela.cli._app import app, command, console, err_console, fail, print_json, run, state
 from vela.config import Settings
+from vela.domain import MAX_BACKLOG
 from vela.errors import VelaError
 
 build_app = typer.Typer(help="Run builds.", no_args_is_help=True)
@@ -406,7 +407,7 @@ def worker(
                                "worker.routes)."),
     build_limit: int = typer.Option(0, "--build-limit", "-n", help="Concurrent builds "
                                     "(default: worker.build_limit)."),
-    backlog: int = typer.Option(-1, "--backlog", min=-1, max=64,
+    backlog: int = typer.Option(-1, "--backlog", min=-1, max=MAX_BACKLOG,
                                 help="Builds held beyond the slots, each started when a "
                                      "slot frees; 0 for long builds (default: "
                                      "worker.backlog)."),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vela.domain import MAX_BACKLOG
 from vela.security._codec import b64u, b64u_decode
 from vela.security.challenge import Answer, Challenge, ChallengeBook, Purpose
 from vela.security.errors import Reason, Rejected
@@ -64,7 +65,7 @@ class Registration(BaseModel):
     routes: list[str] = Field(min_length=1, max_length=64)
     build_limit: int = Field(ge=1, le=1024)
     # Packages it holds beyond build_limit until a slot frees (worker.backlog).
-    backlog: int = Field(default=0, ge=0, le=64)
+    backlog: int = Field(default=0, ge=0, le=MAX_BACKLOG)
     sign_public_key: str
     seal_public_key: str
     address: str = Field(default="", max_length=500)

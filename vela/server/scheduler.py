@@ -35,7 +35,7 @@ from vela.coalesce import answer_each
 from vela.config import Settings
 from vela.db.models import Build
 from vela.db.store import Store
-from vela.domain import BuildStatus, WorkerStatus
+from vela.domain import MAX_BACKLOG, BuildStatus, WorkerStatus
 from vela.errors import Conflict, NotFound, WorkerGone
 from vela.legacy.modes import check_queueless_routes
 from vela.metrics import Metrics
@@ -837,7 +837,7 @@ def _call_counts(client: object) -> dict[str, dict[str, int]]:
 def _backlog(status: dict[str, Any]) -> int:
     """The backlog a worker's status names (0 from a worker that has none)."""
     backlog = status.get("backlog", 0)
-    return backlog if isinstance(backlog, int) and 0 <= backlog <= 64 else 0
+    return backlog if isinstance(backlog, int) and 0 <= backlog <= MAX_BACKLOG else 0
 
 
 def _reports_call(call: object) -> dict[str, Any]:
