@@ -736,6 +736,7 @@ async def test_a_held_build_is_given_up_before_its_token_runs_short(make_core, s
     await eventually(lambda: core.running == [1])
     assert core.status()["held"] == [] and core.free_slots == 1
     assert "build 2 given up before it started (no slot freed in time)" in caplog.text
+    assert core.status()["given_up"] == [2]  # for the server's health check
     gate.open()
     await server.until(lambda: server.finish(1))
     await core.wait_idle(10)

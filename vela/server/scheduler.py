@@ -605,11 +605,14 @@ class Scheduler:
 
     async def _reconcile(self, hostname: str, link: _Link, status: dict[str, Any]) -> None:
         """Builds the DB has running here that the worker no longer runs: their final
-        report was lost. After a grace they end as ``worker_lost``."""
+        report was lost. After a grace they end as ``worker_lost`` (or go back to the
+        queue if they never started); at once if the worker says it gave them up
+        unstarted (held builds, ``worker.backlog``)."""
         entry = self.registry.get(hostname)
         if entry is None:
             return
         alive = {int(b) for b in status.get("running", [])}
+        given_up = {int(b) for b in status.get("given_up", [])}
         now = self._mono()
         grace = self.settings.scheduler.worker_lost_after_s
         for build_id in list(entry.running):
@@ -617,7 +620,7 @@ class Scheduler:
                 link.missing_since.pop(build_id, None)
                 continue
             since = link.missing_since.setdefault(build_id, now)
-            if now - since >= grace:
+            if now - since >= grace or build_id in given_up:
                 link.missing_since.pop(build_id, None)
                 try:
                     build = await self.store.get_build(build_id)

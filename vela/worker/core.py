@@ -17,6 +17,7 @@ how a report is authenticated.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -67,6 +68,8 @@ CLOSE_GRACE_S = 10.0
 REPORT_BATCH = 32
 # How long a step's report waits for the next one to travel with it.
 REPORT_LINGER_S = 0.05
+# Held builds given up, remembered for the server's health checks to see.
+MAX_GIVEN_UP = 1000
 # Package ids remembered until their package expires; far above what a worker
 # can receive within one package lifetime.
 MAX_SEEN_PACKAGES = 10_000
@@ -211,6 +214,8 @@ class BuildRunner:
         self._linger_s = REPORT_LINGER_S
         self._runs: dict[int, _Run] = {}
         self._held: list[_Run] = []  # accepted, waiting for a slot, in arrival order
+        # Held builds dropped unstarted, latest last: the server queues them again.
+        self._given_up: collections.deque[int] = collections.deque(maxlen=MAX_GIVEN_UP)
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -258,6 +263,7 @@ class BuildRunner:
         return {"hostname": self.hostname, "routes": list(self.routes),
                 "build_limit": self.build_limit, "backlog": self.backlog,
                 "running": self.running, "held": self.held,
+                "given_up": list(self._given_up),
                 "free_slots": self.free_slots, "draining": self._draining}
 
     # -- builds ------------------------------------------------------------------------
@@ -269,6 +275,8 @@ class BuildRunner:
         with no await since. With ``started_at`` the build does not report its start
         (the caller handed it over)."""
         run = _Run(build_id=job.build_id, token=token, started_at=started_at)
+        if job.build_id in self._given_up:  # here again: no longer given up
+            self._given_up.remove(job.build_id)
         if held:
             run.slot = asyncio.Event()
             self._held.append(run)
@@ -342,8 +350,8 @@ class BuildRunner:
         """Hold a build until a slot frees; False if it is given up unstarted instead:
         canceled, the worker closing, or held for half the slack its token has beyond
         the build's timeout (the other half is for its reports). A build given up
-        reports nothing: the server sees it gone from this worker's running builds and
-        queues it again."""
+        reports nothing: the server sees it listed as given up in this worker's status
+        and queues it again."""
         slot = run.slot
         assert slot is not None
         wait_s = None
@@ -360,6 +368,7 @@ class BuildRunner:
             return True
         if run in self._held:
             self._held.remove(run)
+        self._given_up.append(run.build_id)
         log.info("build %s given up before it started (%s)", run.build_id,
                  "stopped" if run.cancel.is_set() else "no slot freed in time")
         return False
