@@ -140,6 +140,8 @@ def test_accepts_a_valid_package_and_reports_with_proofs(double):
     import ray
 
     fake, worker = double
+    # No backlog: the field stays out of the registration (older servers refuse it).
+    assert "backlog" not in ray.get(fake.state.remote())["registration"]
     pkg = ray.get(fake.package.remote(1, pipeline('echo "s=$API_TOKEN"', secrets=("api_token",)),
                                       secrets={"api_token": SECRET}))
     receipt = ray.get(worker.execute_package.remote(pkg))
