@@ -845,6 +845,13 @@ async def test_worker_rows_follow_the_registry_once_per_watch_pass(system):
     row = await system.store.get_worker("w1")
     assert row.running_builds == [build_id] and row.last_build_started is not None
     await system.pump([build_id])
+    # The finish is committed before the Scheduler frees the slot (after the write
+    # returns): the row follows the registry at the first watch pass after that.
+    for _ in range(200):
+        entry = system.scheduler.registry.get("w1")
+        if entry is not None and not entry.running:
+            break
+        await asyncio.sleep(0.05)  # poll with a deadline
     await system.scheduler.check_workers()
     row = await system.store.get_worker("w1")
     assert row.running_builds == [] and row.last_build_finished is not None
