@@ -213,7 +213,6 @@ class BuildRunner:
         self._deadline_s = report_deadline_s
         self._linger_s = REPORT_LINGER_S
         self._runs: dict[int, _Run] = {}
-        self._held: list[_Run] = []  # accepted, waiting for a slot, in arrival order
         # Held builds dropped unstarted, latest last: the server queues them again.
         self._given_up: collections.deque[int] = collections.deque(maxlen=MAX_GIVEN_UP)
         self._draining = False
@@ -247,13 +246,13 @@ class BuildRunner:
     @property
     def held(self) -> list[int]:
         """Builds accepted and waiting for a slot (the backlog)."""
-        return sorted(run.build_id for run in self._held)
+        return sorted(run.build_id for run in self._runs.values() if run.slot is not None)
 
     @property
     def started(self) -> list[int]:
         """Builds here that are not held: what a worker tells a server it (re)attaches
         to. That server queues the held ones again (their starts are then refused)."""
-        return sorted(set(self._runs) - {run.build_id for run in self._held})
+        return sorted(run.build_id for run in self._runs.values() if run.slot is None)
 
     @property
     def draining(self) -> bool:
@@ -279,7 +278,6 @@ class BuildRunner:
             self._given_up.remove(job.build_id)
         if held:
             run.slot = asyncio.Event()
-            self._held.append(run)
         self._runs[job.build_id] = run
         self._idle.clear()
         run.task = asyncio.create_task(self._drive(run, job), name=f"vela-build-{job.build_id}")
@@ -366,18 +364,19 @@ class BuildRunner:
                 waiter.cancel()
         if slot.is_set() and not run.cancel.is_set():
             return True
-        if run in self._held:
-            self._held.remove(run)
         self._given_up.append(run.build_id)
         log.info("build %s given up before it started (%s)", run.build_id,
                  "stopped" if run.cancel.is_set() else "no slot freed in time")
         return False
 
     def _hand_slots(self) -> None:
-        """Give free slots to held builds, first come first served."""
-        while self._held and self._slot_free():
-            run = self._held.pop(0)
-            assert run.slot is not None
+        """Give free slots to held builds, first come first served (runs are kept in
+        the order they arrived)."""
+        for run in self._runs.values():
+            if run.slot is None:
+                continue
+            if not self._slot_free():
+                return
             slot, run.slot = run.slot, None
             slot.set()
 
@@ -508,8 +507,6 @@ class BuildRunner:
     def _release(self, run: _Run) -> None:
         if self._runs.get(run.build_id) is run:
             del self._runs[run.build_id]
-        if run in self._held:  # cancelled before its task ran
-            self._held.remove(run)
         self._hand_slots()
         if not self._runs:
             self._idle.set()
