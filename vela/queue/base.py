@@ -229,8 +229,10 @@ class Queue(ABC):
     @abstractmethod
     async def _push(self, route: str, payload: bytes) -> str: ...
 
-    @abstractmethod
-    async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None: ...
+    async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None:
+        """The next item, as :meth:`reserve`; a back end implements this or
+        :meth:`_reserve_batch` (ours take whole batches)."""
+        raise NotImplementedError
 
     async def _reserve_batch(self, routes: list[str], lease_s: float,
                              n: int) -> list[Reservation]:

@@ -77,10 +77,6 @@ class DatabaseQueue(Queue):
             route=route, payload=payload, state=READY, deliveries=0,
             created_at=self._clock()).returning(t.c.id)).scalar_one())
 
-    async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None:
-        got = await self._reserve_batch(routes, lease_s, 1)
-        return got[0] if got else None
-
     async def _reserve_batch(self, routes: list[str], lease_s: float,
                              n: int) -> list[Reservation]:
         """Up to ``n`` items in one transaction. One statement per item and route keeps

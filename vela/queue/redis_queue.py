@@ -126,10 +126,6 @@ class RedisQueue(Queue):
             await pipe.execute()
         return item_id
 
-    async def _reserve_once(self, routes: list[str], lease_s: float) -> Reservation | None:
-        got = await self._reserve_batch(routes, lease_s, 1)
-        return got[0] if got else None
-
     async def _reserve_batch(self, routes: list[str], lease_s: float,
                              n: int) -> list[Reservation]:
         """Up to ``n`` items, each route's share taken off its head in one transaction.
