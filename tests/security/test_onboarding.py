@@ -142,13 +142,17 @@ def test_registration_validates_its_fields(worker_a):
     from pydantic import ValidationError
     bad = [dict(hostname="-bad"), dict(hostname="a b"), dict(routes=[]),
            dict(routes=["ok", "no spaces"]), dict(sign_public_key="AAAA"),
-           dict(seal_public_key=worker_a.sign_public_key + "A")]
+           dict(seal_public_key=worker_a.sign_public_key + "A"),
+           dict(backlog=-1), dict(backlog=65)]
     for over in bad:
         with pytest.raises(ValidationError):
             Registration(**{**reg(worker_a).model_dump(), **over})
     with pytest.raises(Rejected) as e:
         Registration.from_wire({"hostname": "a"})
     assert e.value.reason is Reason.MALFORMED
+    # No backlog on the wire (a worker without one, or older than it): none.
+    wire = reg(worker_a).model_dump(mode="json", exclude={"backlog"})
+    assert Registration.from_wire(wire).backlog == 0
 
 
 @pytest.fixture

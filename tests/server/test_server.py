@@ -185,6 +185,7 @@ async def test_a_restarted_scheduler_queues_held_builds_again(system):
     await system.restart_scheduler()
     entry = system.scheduler.registry.get("w1")
     assert entry is not None and entry.running == {slow}
+    assert entry.backlog == 1  # read back from the worker's status
     requeued = await system.store.get_build(held)
     assert requeued.status == "pending" and requeued.token_jti is None
     builds = await system.pump([slow, held])

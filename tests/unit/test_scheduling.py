@@ -131,3 +131,14 @@ def test_changes_that_may_free_a_slot_are_announced():
     assert len(calls) == 4
     r.set_health("a", True)
     assert r.free_total == 2 and r.free_slots() == {"vela": 2, "gpu": 2}
+
+
+def test_a_backlog_read_from_a_worker_status_is_bounded():
+    """A recovering Scheduler takes a worker's backlog from its status: anything but a
+    count within MAX_BACKLOG counts as none."""
+    from vela.domain import MAX_BACKLOG
+    from vela.server.scheduler import _backlog
+
+    assert _backlog({"backlog": 3}) == 3 and _backlog({}) == 0
+    for bad in (-1, MAX_BACKLOG + 1, "3", None, 2.5):
+        assert _backlog({"backlog": bad}) == 0
