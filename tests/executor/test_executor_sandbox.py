@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -14,7 +15,7 @@ import yaml
 
 from vela.domain import BuildStatus
 from vela.executor import BwrapRuntime, LocalRuntime, SandboxUnavailable, choose_runtime
-from vela.executor.runtime import DEFAULT_HIDDEN_PATHS
+from vela.executor.runtime import DEFAULT_HIDDEN_PATHS, DEFAULT_PATH, BuildDirs
 
 
 def one_step(*commands: str, secrets: list[str] | None = None) -> str:
@@ -128,6 +129,35 @@ async def test_own_pid_namespace_no_capabilities_no_secret_in_argv(build, bwrap_
     assert int(nprocs) < 10  # only the sandbox's own processes
     assert caps.split() == ["CapEff:", "0000000000000000"]
     assert "bwrap" in cmdline and "***" not in cmdline  # the secret is not on argv
+
+
+def group_session_terminal(pid: int) -> tuple[int, int, int]:
+    """A process's group, session and controlling terminal (0: none), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[2]), int(fields[3]), int(fields[4])
+
+
+async def test_kill_reaches_every_sandbox_process_and_none_has_a_terminal(
+    bwrap_runtime, tmp_path, marker, processes, no_process
+):
+    """Every process of a step (bwrap, the sandbox's init, the shell, its child) is
+    in the process group that kill() signals, so ending a step never rests on
+    --die-with-parent alone; and the step leads a session of its own without a
+    controlling terminal, so it cannot push input to the worker's (TIOCSTI)."""
+    proc = await bwrap_runtime.spawn(f"echo ready; sleep {marker}",
+                                     env={"PATH": DEFAULT_PATH}, dirs=BuildDirs.create(tmp_path))
+    try:
+        assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"ready\n"
+        pids = processes(marker)
+        assert len(pids) >= 3  # bwrap, the sandbox's init, sh; sleep once it has exec'd
+        for pid in pids:
+            assert group_session_terminal(pid) == (proc.pid, proc.pid, 0), pid
+        assert os.getsid(0) != proc.pid
+    finally:
+        bwrap_runtime.kill(proc)
+        await proc.wait()
+        proc.close_output()
+    no_process(marker)
 
 
 def host_interfaces() -> set[str]:

@@ -320,7 +320,13 @@ class BwrapRuntime(Runtime):
             "--unshare-all",
             *(["--share-net"] if self.network else []),
             "--die-with-parent",
-            "--new-session",
+            # No --new-session: bwrap would setsid() its init (pid 1 of the
+            # sandbox), taking it out of the process group that kill() reaches
+            # and leaving the step's end to --die-with-parent alone, which CI
+            # once saw miss (a cancelled step's processes lived on). The step
+            # already leads a session of its own with no controlling terminal
+            # (_start's start_new_session), which is what --new-session guards:
+            # nothing inside can reach the worker's terminal (TIOCSTI).
             "--cap-drop", "ALL",
             "--hostname", "vela-step",
         ]
@@ -391,7 +397,7 @@ class BwrapRuntime(Runtime):
             try:
                 res = subprocess.run(
                     argv, env={"PATH": DEFAULT_PATH}, capture_output=True,
-                    timeout=timeout_s, check=False, cwd=tmp,
+                    timeout=timeout_s, check=False, cwd=tmp, start_new_session=True,
                 )
             except (OSError, subprocess.TimeoutExpired) as e:
                 raise SandboxUnavailable(f"bubblewrap at {self.bwrap} cannot run: {e}") from None
