@@ -137,9 +137,9 @@ class FakeStore:
 
     async def upsert_worker(self, hostname, *, routes, build_limit, sign_public_key,
                             seal_public_key, key_thumbprint, address="", ray_node_id=None,
-                            actor_name=None):
+                            actor_name=None, backlog=0):
         row = self.workers.get(hostname) or Worker(hostname=hostname, active=True)
-        row.routes, row.build_limit = list(routes), build_limit
+        row.routes, row.build_limit, row.backlog = list(routes), build_limit, backlog
         row.sign_public_key, row.seal_public_key = sign_public_key, seal_public_key
         row.key_thumbprint, row.address = key_thumbprint, address
         self.workers[hostname] = row

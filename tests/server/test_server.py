@@ -194,6 +194,19 @@ async def test_a_restarted_scheduler_queues_held_builds_again(system):
     assert builds[held].status == "success" and builds[held].attempts >= 2
     assert (await logs_of(system, held)).count("held-once") == 1
 
+async def test_the_worker_row_and_its_api_view_carry_the_backlog(system):
+    """The backlog a worker registers is stored with it and shown by the API (and so
+    by `vela workers`); a worker without one shows none."""
+    from vela.api.backend import worker_out
+
+    await system.add_worker("w1", build_limit=2, backlog=3)
+    await system.add_worker("w2", build_limit=1)
+    rows = {h: await system.store.get_worker(h) for h in ("w1", "w2")}
+    assert (rows["w1"].build_limit, rows["w1"].backlog) == (2, 3)
+    assert rows["w2"].backlog == 0
+    assert worker_out(rows["w1"], connected=True)["backlog"] == 3
+
+
 async def test_a_restarted_scheduler_records_the_start_it_missed(system):
     """The Scheduler went down after a worker accepted a build but before it recorded
     the start in the receipt: the new one adopts the running build as started (were

@@ -196,6 +196,42 @@ def test_the_cli_loads_no_server_library_until_a_command_needs_one():
     assert out.stdout.strip() == "[]"
 
 
+def test_workers_table_shows_held_builds_apart_from_slots(env, monkeypatch):
+    """A worker running 2 builds in 2 slots and holding 1 of a backlog of 3 shows 2/2
+    slots and 1/3 held, not 3/2; without any backlog there is no held column."""
+    from vela.cli import client_cmd
+
+    def row(name, running, limit, backlog):
+        return {"hostname": name, "status": "busy", "connected": True, "active": True,
+                "routes": ["vela"], "running_builds": list(range(running)),
+                "build_limit": limit, "backlog": backlog, "last_checked_in": None}
+
+    class Api:
+        rows: list = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def get(self, path):
+            assert path == "/api/v1/workers"
+            return self.rows
+
+    monkeypatch.setattr(client_cmd, "_client", Api)
+    Api.rows = [row("w-held", 3, 2, 3), row("w-plain", 1, 4, 0)]
+    r = invoke(["workers"], env)
+    assert r.exit_code == 0, r.output
+    assert "held" in r.output
+    lines = {line.split()[1]: line for line in r.output.splitlines() if "w-" in line}
+    assert "2/2" in lines["w-held"] and "1/3" in lines["w-held"] and "3/2" not in r.output
+    assert "1/4" in lines["w-plain"] and "0/0" in lines["w-plain"]
+    Api.rows = [row("w-plain", 1, 4, 0)]
+    r = invoke(["workers"], env)
+    assert r.exit_code == 0 and "1/4" in r.output and "held" not in r.output
+
+
 def test_worker_backlog_flag_reaches_the_worker_and_its_summary(env, monkeypatch):
     """`vela worker --backlog N` starts the WorkerActor with worker.backlog = N and says
     how many slots it has and how many builds it holds beyond them."""

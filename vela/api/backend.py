@@ -149,7 +149,8 @@ def step_out(s: Step) -> dict[str, Any]:
 def worker_out(w: Worker, *, connected: bool) -> dict[str, Any]:
     return {"hostname": w.hostname, "address": w.address, "routes": list(w.routes),
             "active": w.active, "connected": connected, "status": w.status,
-            "build_limit": w.build_limit, "running_builds": list(w.running_builds),
+            "build_limit": w.build_limit, "backlog": w.backlog or 0,
+            "running_builds": list(w.running_builds),
             "key_thumbprint": w.key_thumbprint, "actor_name": w.actor_name,
             "registered_at": _iso(w.registered_at),
             **{k: _iso(getattr(w, k)) for k in ("last_checked_in", "last_status_update",

@@ -163,7 +163,9 @@ class WorkerOut(_Out):
     connected: bool = Field(description="attached to the Scheduler right now")
     status: str
     build_limit: int
-    running_builds: list[int]
+    backlog: int = Field(0, description="builds it holds beyond its slots, each started "
+                                        "when one frees (worker.backlog)")
+    running_builds: list[int] = Field(description="builds it runs or holds")
     key_thumbprint: str
     actor_name: str | None = None
     registered_at: str

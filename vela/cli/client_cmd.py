@@ -362,7 +362,7 @@ def workers(
                                    help="Give this worker no new builds (running ones go on)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Workers: status, routes, slots used/limit, last check-in."""
+    """Workers: status, routes, slots used/limit, builds held beyond them, last check-in."""
     with _client() as api:
         for name, active in ((activate, True), (deactivate, False)):
             if name:
@@ -373,13 +373,18 @@ def workers(
     if as_json:
         print_json(rows)
         return
-    table = Table("name", "status", "routes", "slots", "last check-in", title="workers")
+    # A worker with a backlog (worker.backlog) holds builds beyond its slots: its
+    # running_builds are both, the ones it runs first.
+    held = any(w.get("backlog") for w in rows)
+    table = Table("name", "status", "routes", "slots", *(["held"] if held else []),
+                  "last check-in", title="workers")
     for w in rows:
         status = w["status"] if w["connected"] else "error (disconnected)"
         if not w["active"]:
             status += ", inactive"
-        table.add_row(w["hostname"], status, ",".join(w["routes"]),
-                      f"{len(w['running_builds'])}/{w['build_limit']}",
+        n, limit = len(w["running_builds"]), w["build_limit"]
+        table.add_row(w["hostname"], status, ",".join(w["routes"]), f"{min(n, limit)}/{limit}",
+                      *([f"{max(n - limit, 0)}/{w.get('backlog', 0)}"] if held else []),
                       _ago(w["last_checked_in"]))
     console.print(table)
     if not rows:

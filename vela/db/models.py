@@ -135,6 +135,8 @@ class Worker(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     status: Mapped[str] = mapped_column(String(20))
     build_limit: Mapped[int] = mapped_column(Integer, default=1)
+    # Builds it holds beyond its slots, each started when one frees (worker.backlog).
+    backlog: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     running_builds: Mapped[list[int]] = mapped_column(JSON)
     sign_public_key: Mapped[str] = mapped_column(String(100))
     seal_public_key: Mapped[str] = mapped_column(String(100))

@@ -413,9 +413,9 @@ class Store:
     async def upsert_worker(self, hostname: str, *, routes: Sequence[str], build_limit: int,
                             sign_public_key: str, seal_public_key: str, key_thumbprint: str,
                             address: str = "", ray_node_id: str | None = None,
-                            actor_name: str | None = None) -> Worker:
+                            actor_name: str | None = None, backlog: int = 0) -> Worker:
         now = utcnow()
-        fields = dict(routes=list(routes), build_limit=build_limit,
+        fields = dict(routes=list(routes), build_limit=build_limit, backlog=backlog,
                       sign_public_key=sign_public_key, seal_public_key=seal_public_key,
                       key_thumbprint=key_thumbprint, address=address,
                       ray_node_id=ray_node_id, actor_name=actor_name,

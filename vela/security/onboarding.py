@@ -187,7 +187,8 @@ async def reregister_worker(store: Store, registration: Registration, *, book: C
 async def _save(store: Store, registration: Registration) -> Worker:
     return await store.upsert_worker(
         registration.hostname, routes=registration.routes,
-        build_limit=registration.build_limit, sign_public_key=registration.sign_public_key,
+        build_limit=registration.build_limit, backlog=registration.backlog,
+        sign_public_key=registration.sign_public_key,
         seal_public_key=registration.seal_public_key, key_thumbprint=registration.thumbprint,
         address=registration.address, ray_node_id=registration.ray_node_id,
         actor_name=registration.actor_name)
