@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from ray.util import metrics as rm
 
 from vela.domain import WorkerStatus
-from vela.metrics import DISPATCH_BUCKETS_S, Metrics
+from vela.metrics import DISPATCH_BUCKETS_S, CallIncrements, Metrics
 
 
 class RayMetrics(Metrics):
@@ -27,6 +27,12 @@ class RayMetrics(Metrics):
         self._rejected = rm.Counter("vela_token_rejections_total",
                                     "refused tokens, proofs and challenge answers",
                                     tag_keys=("reason",))
+        self._calls = rm.Counter("vela_coalesced_calls_total",
+                                 "the Scheduler's coalesced calls, per target and method",
+                                 tag_keys=("target", "method"))
+        self._requests = rm.Counter("vela_coalesced_requests_total",
+                                    "requests carried by the Scheduler's coalesced calls",
+                                    tag_keys=("target", "method"))
         self._routes: set[str] = set()
         self._depth_routes: set[str] = set()
 
@@ -56,3 +62,9 @@ class RayMetrics(Metrics):
 
     def rejected(self, reason: str) -> None:
         self._rejected.inc(tags={"reason": reason})
+
+    def coalesced(self, increments: CallIncrements) -> None:
+        for (target, method), (calls, requests) in increments.items():
+            tags = {"target": target, "method": method}
+            self._calls.inc(calls, tags=tags)
+            self._requests.inc(requests, tags=tags)

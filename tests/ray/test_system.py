@@ -81,7 +81,7 @@ def test_metrics_reach_the_dashboard_exporter(settings, server):
     assert wait_terminal(server, build_id)["status"] == "success"
 
     names = ("vela_builds_finished_total", "vela_dispatch_latency_seconds",
-             "vela_free_slots", "vela_workers")
+             "vela_free_slots", "vela_workers", "vela_coalesced_requests_total")
 
     def exported() -> str:
         # Each process exports on its own period: wait until all have.

@@ -741,6 +741,13 @@ async def test_metrics_follow_the_builds(system):
     assert m.gauges["free_slots"] == {"vela": 2}
     assert m.gauges["workers"] == {"idle": 1}
     assert m.gauges["running_builds"] == {"": 0}
+    # The coalesced calls, counted as the status gives them: two packages issued, and
+    # never fewer requests than calls.
+    assert m.requests["authority", "issue_packages"] == 2
+    assert 1 <= m.calls["workers", "execute_packages"] <= m.requests["workers", "execute_packages"]
+    assert m.requests["workers", "execute_packages"] == 2
+    await system.scheduler.check_workers()  # nothing new: nothing counted twice
+    assert m.requests["authority", "issue_packages"] == 2
     with pytest.raises(Rejected):
         await report_one(system.scheduler, build_id=ok, action=BuildAction.FINISH,
                          payload={"status": "success"}, token="x.y.z", proof="")

@@ -135,3 +135,24 @@ async def test_concurrent_answers_let_one_request_wait_on_another():
         return n
 
     assert await answer_each([0, 1], one, concurrently=True) == [0, 1]
+
+
+def test_call_counter_turns_totals_into_increments():
+    """Running totals per client become increments per target and method; a client
+    whose totals restart (a worker attached again) counts from zero, a gone one is
+    forgotten, and an unchanged one adds nothing."""
+    from vela.metrics import CallCounter
+
+    counter = CallCounter()
+    assert counter.increments({("workers", "w1", "m"): (2, 5), ("workers", "w2", "m"): (1, 1),
+                               ("authority", "", "v"): (3, 3)}) == {
+        ("workers", "m"): (3, 6), ("authority", "v"): (3, 3)}
+    assert counter.increments({("workers", "w1", "m"): (2, 5), ("workers", "w2", "m"): (1, 1),
+                               ("authority", "", "v"): (3, 3)}) == {}
+    # w1 reattached (a new client: its totals restart), w2 is gone, the authority moved.
+    assert counter.increments({("workers", "w1", "m"): (1, 2),
+                               ("authority", "", "v"): (4, 7)}) == {
+        ("workers", "m"): (1, 2), ("authority", "v"): (1, 4)}
+    # w2 back with a new client: counted from zero, not against its old totals.
+    assert counter.increments({("workers", "w1", "m"): (1, 2), ("workers", "w2", "m"): (1, 1),
+                               ("authority", "", "v"): (4, 7)}) == {("workers", "m"): (1, 1)}

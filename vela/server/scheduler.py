@@ -38,7 +38,7 @@ from vela.db.store import Store
 from vela.domain import MAX_BACKLOG, BuildStatus, WorkerStatus
 from vela.errors import Conflict, NotFound, WorkerGone
 from vela.legacy.modes import check_queueless_routes
-from vela.metrics import Metrics
+from vela.metrics import CallCounter, Metrics
 from vela.queue.item import QueueItem
 from vela.queue.listener import Capacity, Outcome, SubmitResult, submit_each
 from vela.queue.listener import Rejected as ItemRejected
@@ -151,6 +151,7 @@ class Scheduler:
                                   ttl_s=settings.scheduler.challenge_ttl_s)
         self.stats = SchedulerStats()
         self.metrics = metrics or Metrics()
+        self._call_counter = CallCounter()
         self.writer = ReportWriter(store, metrics=self.metrics, now=now)
         # Builds on these routes belong to legacy workers (vela.legacy): never
         # dispatched, adopted or ended as lost here.
@@ -602,6 +603,14 @@ class Scheduler:
         self.metrics.workers(by_status)
         self.metrics.free_slots(self.registry.free_slots())
         self.metrics.running_builds(running)
+        calls = self._calls()
+        totals = {(target, "", method): (n["calls"], n["requests"])
+                  for target in ("authority", "database")
+                  for method, n in calls[target].items()}
+        totals.update({("workers", host, method): (n["calls"], n["requests"])
+                       for host, counts in calls["workers"].items()
+                       for method, n in counts.items()})
+        self.metrics.coalesced(self._call_counter.increments(totals))
 
     async def _reconcile(self, hostname: str, link: _Link, status: dict[str, Any]) -> None:
         """Builds the DB has running here that the worker no longer runs: their final
@@ -825,11 +834,14 @@ class Scheduler:
                       "refused": dict(self.stats.refused),
                       "report_rejections": dict(self.stats.report_rejections)},
             # Coalesced calls (vela.coalesce): how many requests each call carried.
-            "calls": {"authority": _call_counts(self.authority),
-                      "database": self.store.call_counts(),
-                      "workers": {host: _call_counts(link.client)
-                                  for host, link in self._links.items()}},
+            "calls": self._calls(),
         }
+
+    def _calls(self) -> dict[str, Any]:
+        return {"authority": _call_counts(self.authority),
+                "database": self.store.call_counts(),
+                "workers": {host: _call_counts(link.client)
+                            for host, link in self._links.items()}}
 
 
 def _call_counts(client: object) -> dict[str, dict[str, int]]:
