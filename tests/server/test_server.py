@@ -306,6 +306,37 @@ async def test_a_held_build_given_up_goes_back_to_the_queue(system):
     await core.wait_idle(10)
 
 
+async def test_a_health_check_asked_before_a_placement_says_nothing_of_that_build(system):
+    """A worker's health check answer can come back after the Scheduler placed a build
+    there: asked before, it cannot speak for that build. Here the late answer names the
+    build as given up, as an answer about an earlier held copy of it would; the build
+    is neither queued again nor ended, and runs once."""
+    system.settings.scheduler.worker_lost_after_s = 600
+    core = await system.add_worker("w1", build_limit=1, backlog=1)
+    client = system.directory.clients["w1"]
+    honest, asked, release, answered = client.status, asyncio.Event(), asyncio.Event(), []
+
+    async def late_status() -> dict:
+        before = core.status()  # taken now: the build does not exist yet
+        asked.set()
+        await release.wait()
+        return {**before, "given_up": answered}
+
+    client.status = late_status
+    await system.scheduler.check_workers()
+    await asyncio.wait_for(asked.wait(), 5)
+    build_id = await system.submit(pipeline("sleep 1", "echo ran"))
+    answered.append(build_id)
+    await system.pump([build_id], until=lambda b: b[build_id].started_at is not None)
+    client.status = honest
+    release.set()
+    final = (await system.pump([build_id]))[build_id]
+    assert (final.status, final.attempts) == ("success", 1)
+    assert system.scheduler.stats.requeued == 0
+    assert (await logs_of(system, build_id)).count("ran") == 1
+    await core.wait_idle(10)
+
+
 async def test_canceling_a_held_build_drops_it_on_its_worker(system):
     core, slow, held = await one_running_one_held(system, "sleep 30", "echo never")
     assert await system.scheduler.cancel(held) is BuildStatus.CANCELED

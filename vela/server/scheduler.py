@@ -113,6 +113,11 @@ class _Link:
     actor_name: str | None
     check: asyncio.Task[dict[str, Any]] | None = None
     check_started: float = 0.0
+    # The Scheduler's placement count when the pending check was asked: a build placed
+    # here later (see placed) cannot be in its answer.
+    check_placements: int = 0
+    # build id -> the placement count when it was last placed here.
+    placed: dict[int, int] = field(default_factory=dict)
     next_check: float = 0.0
     failing_since: float | None = None
     # Builds RUNNING here in the DB that the worker no longer runs, and since when.
@@ -159,6 +164,7 @@ class Scheduler:
         self._links: dict[str, _Link] = {}
         self._dirty: dict[str, dict[str, Any]] = {}  # worker rows to write (flush_mirrors)
         self._dispatching: set[int] = set()
+        self._placements = 0  # builds placed on workers so far (_Link.placed)
         # Builds whose start is not recorded yet (set when it is): their reports wait.
         self._starting: dict[int, asyncio.Event] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -246,6 +252,8 @@ class Scheduler:
         if link is None:
             return None
         self.registry.assign(hostname, build.id)
+        self._placements += 1
+        link.placed[build.id] = self._placements
         recorded: IssuedPackage | None = None
         accepted = False
         # Reports the worker sends before its start is recorded wait for it (_record_start).
@@ -576,7 +584,7 @@ class Scheduler:
                 else:
                     link.failing_since = None
                     self._set_health(hostname, True)
-                    await self._reconcile(hostname, link, status)
+                    await self._reconcile(hostname, link, status, link.check_placements)
             if hostname not in self._links:
                 continue
             silent_since = link.failing_since
@@ -588,6 +596,7 @@ class Scheduler:
             if link.check is None and now >= link.next_check:
                 link.next_check = now + period
                 link.check_started = now
+                link.check_placements = self._placements
                 link.check = asyncio.ensure_future(self._call(link.client.status()))
         self._publish_gauges()
         await self.flush_mirrors()
@@ -612,20 +621,26 @@ class Scheduler:
                        for method, n in counts.items()})
         self.metrics.coalesced(self._call_counter.increments(totals))
 
-    async def _reconcile(self, hostname: str, link: _Link, status: dict[str, Any]) -> None:
+    async def _reconcile(self, hostname: str, link: _Link, status: dict[str, Any],
+                         asked_after: int) -> None:
         """Builds the DB has running here that the worker no longer runs: their final
         report was lost. After a grace they end as ``worker_lost`` (or go back to the
         queue if they never started); at once if the worker says it gave them up
-        unstarted (held builds, ``worker.backlog``)."""
+        unstarted (held builds, ``worker.backlog``). ``status`` was asked for after
+        ``asked_after`` placements: it says nothing of a build placed here since (one
+        given up and placed here again, say, which it still names as given up)."""
         entry = self.registry.get(hostname)
         if entry is None:
             return
+        for build_id in set(link.placed) - entry.running:
+            del link.placed[build_id]
         alive = {int(b) for b in status.get("running", [])}
         given_up = {int(b) for b in status.get("given_up", [])}
         now = self._mono()
         grace = self.settings.scheduler.worker_lost_after_s
         for build_id in list(entry.running):
-            if build_id in alive or build_id in self._dispatching:
+            if (build_id in alive or build_id in self._dispatching
+                    or link.placed.get(build_id, 0) > asked_after):
                 link.missing_since.pop(build_id, None)
                 continue
             since = link.missing_since.setdefault(build_id, now)
