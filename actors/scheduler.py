@@ -106,10 +106,6 @@ class SchedulerActor:
     async def worker_left(self, hostname: str) -> None:
         await (await self._get()).worker_left(hostname)
 
-    async def reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
-                      ) -> None:
-        await (await self._get()).reports(build_id=build_id, token=token, reports=reports)
-
     async def reports_many(self, calls: list[dict[str, Any]]) -> list[None | Exception]:
         return await (await self._get()).reports_many(calls)
 

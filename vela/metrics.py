@@ -9,6 +9,7 @@ name                            kind       tags         meaning
 ==============================  =========  ===========  =================================
 vela_workers                    gauge      status       registered workers per status
 vela_free_slots                 gauge      route        free build slots per route
+                                                        (backlog room included)
 vela_running_builds             gauge                   builds running on workers
 vela_queue_depth                gauge      route        items waiting per route
 vela_builds_finished_total      counter    status       builds ended, per final status
