@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from vela.cli import _commands  # noqa: F401  (registers commands on ``app``)
 from vela.cli._app import app
 
@@ -13,4 +11,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -54,7 +55,7 @@ def _connect(s: Settings, *, head: subprocess.Popen[str] | None = None) -> bool:
         raise VelaError(f"no local Ray head on port {s.ray.head_port}: the server is not "
                         "running; start it with `vela serve`")
     try:
-        ray.init(address=_address(s), namespace=s.ray.namespace, logging_level="WARNING",
+        ray.init(address=_address(s), namespace=s.ray.namespace, logging_level=logging.WARNING,
                  log_to_driver=False)
     except (ConnectionError, RuntimeError) as e:
         hint = ("start it with `vela serve`" if not s.ray.address
@@ -63,6 +64,7 @@ def _connect(s: Settings, *, head: subprocess.Popen[str] | None = None) -> bool:
                         f"{hint}") from None
     if started:
         node = ray._private.worker._global_node  # the session dir names our processes
+        assert node is not None  # ray.init returned: this driver is connected
         s.server.data_dir.mkdir(parents=True, exist_ok=True)
         (s.server.data_dir / HEAD_MARKER).write_text(json.dumps(
             {"port": s.ray.head_port, "address": node.address,

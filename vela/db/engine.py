@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as create_sync_engine
@@ -189,6 +189,12 @@ def shaped(key: tuple[object, ...], build: Callable[[], T]) -> T:
 
 
 _DATABASES: weakref.WeakKeyDictionary[AsyncEngine, Database] = weakref.WeakKeyDictionary()
+
+
+def rowcount(result: Any) -> int:
+    """Rows a write statement's result says it changed (``Session.execute`` types its
+    result as a plain ``Result``, which has no ``rowcount``)."""
+    return int(result.rowcount)
 
 
 def database(engine: AsyncEngine) -> Database:

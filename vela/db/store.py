@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from vela.coalesce import Coalescer, call_counts
-from vela.db.engine import database, shaped
+from vela.db.engine import database, rowcount, shaped
 from vela.db.models import (
     ApiCredential,
     ApiTokenRevocation,
@@ -134,7 +134,7 @@ class Store:
                            timeout_s: int | None = None,
                            parent_id: int | None = None,
                            enqueued_at: datetime | None = None,
-                           then: Callable[[Session, Build], None] | None = None) -> Build:
+                           then: Callable[[Session, Build], object] | None = None) -> Build:
         """A new ``pending`` build with its steps; the repo's counter gives the number.
         One transaction (shared, as :meth:`write_shared`), the repo's row read and
         counted in one statement (a first build of a repo creates the repo first);
@@ -257,9 +257,9 @@ class Store:
         return await self._db.read(lambda s: list(s.scalars(q)))
 
     async def count_builds(self, status: BuildStatus) -> int:
-        return int(await self._db.read(lambda s: s.scalar(
+        return await self._db.read(lambda s: int(s.scalar(
             select(func.count()).select_from(Build).where(Build.status == status.value)
-        )) or 0)
+        ) or 0))
 
     async def set_build_fields(self, build_id: int, **fields: Any) -> None:
         """Bookkeeping fields that are not part of the state machine (e.g. enqueued_at)."""
@@ -384,7 +384,7 @@ class Store:
     async def delete_secret(self, scope: str, org: str, target: str, name: str) -> None:
         if scope == "org":
             target = "*"
-        deleted = await self._db.write(lambda s: _rowcount(s.execute(delete(Secret).where(
+        deleted = await self._db.write(lambda s: rowcount(s.execute(delete(Secret).where(
             Secret.scope == scope, Secret.org == org, Secret.target == target,
             Secret.name == name))))
         if deleted != 1:
@@ -453,7 +453,7 @@ class Store:
         if "status" in fields:
             fields["status"] = WorkerStatus(fields["status"]).value
             fields.setdefault("last_status_update", utcnow())
-        updated = await self._db.write(lambda s: _rowcount(s.execute(
+        updated = await self._db.write(lambda s: rowcount(s.execute(
             update(Worker).where(Worker.hostname == hostname).values(**fields))))
         if updated != 1:
             raise NotFound(f"worker {hostname} is not registered")
@@ -478,7 +478,7 @@ class Store:
     async def use_registration_token(self, token_hash: str, *, used_by: str,
                                      now: datetime) -> bool:
         """Compare-and-set: marks the token used only if unused and unexpired."""
-        return await self._db.write(lambda s: _rowcount(s.execute(
+        return await self._db.write(lambda s: rowcount(s.execute(
             update(RegistrationToken)
             .where(RegistrationToken.token_hash == token_hash,
                    RegistrationToken.used_at.is_(None),
@@ -694,10 +694,6 @@ def _detached(model: type[M], row: Any) -> M:
     obj = model(**row._mapping)
     make_transient_to_detached(obj)
     return obj
-
-
-def _rowcount(result: Any) -> int:
-    return int(result.rowcount)
 
 
 def _secret_info(row: Secret) -> SecretInfo:

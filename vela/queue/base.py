@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from vela.errors import VelaError
 
@@ -99,7 +99,7 @@ class Queue(ABC):
         """Append ``payload`` to ``route``; returns the new item's id."""
         return await self._push(*check_push(route, payload))
 
-    def pusher_within(self, engine: object) -> Callable[[object, str, bytes], str] | None:
+    def pusher_within(self, engine: object) -> Callable[[Any, str, bytes], str] | None:
         """A push that runs inside a transaction of ``engine``'s database — the item
         then exists exactly when that transaction commits — as ``push(session, route,
         payload) -> id``; None if this queue is not in that database."""

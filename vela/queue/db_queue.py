@@ -27,7 +27,7 @@ from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
-from vela.db.engine import database, shaped
+from vela.db.engine import database, rowcount, shaped
 from vela.db.models import QueueItem as QueueRow
 from vela.errors import NotFound
 from vela.queue.base import (
@@ -101,7 +101,7 @@ class DatabaseQueue(Queue):
 
     async def _changed(self, stmt: Any, params: dict[str, object] | None = None) -> int:
         """Rows one write statement changed, in its own transaction."""
-        return await self._db.write(lambda s: int(s.execute(stmt, params).rowcount))
+        return await self._db.write(lambda s: rowcount(s.execute(stmt, params)))
 
     async def ack(self, res: Reservation) -> bool:
         return (await self.settle_many([Settlement(res, "ack")]))[0]
@@ -117,7 +117,7 @@ class DatabaseQueue(Queue):
         check_settlements(settlements)
         todo = [self._settling(x) for x in settlements]
         return await self._db.write(
-            lambda s: [s.execute(stmt, params).rowcount == 1 for stmt, params in todo])
+            lambda s: [rowcount(s.execute(stmt, params)) == 1 for stmt, params in todo])
 
     def _settling(self, x: Settlement) -> tuple[Any, dict[str, object]]:
         """The statement that settles ``x`` while its lease is current, and its parameters."""
@@ -189,7 +189,7 @@ class DatabaseQueue(Queue):
                                  deliveries=0, created_at=self._clock()).returning(t.c.id)
             ).scalar_one()
             gone = s.execute(delete(t).where(t.c.id == old, t.c.state == DEAD))
-            if gone.rowcount != 1:
+            if rowcount(gone) != 1:
                 raise missing  # requeued concurrently; rolls back our insert
             return int(new_id)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import cast
 
 from vela.domain import BuildStatus
 from vela.security.authz import authorize_build_request
@@ -45,7 +46,8 @@ class BuildRequestGuard:
         """
         claims = self.verify(token=token, requests=requests, keys=keys, build_id=build_id,
                              worker_sign_key=worker_sign_key, now=now)
-        authorize_all(claims, [request[0] for request in requests], build_id=build_id,
+        pairs = cast(Sequence[tuple[str, object]], requests)  # verify checked their shape
+        authorize_all(claims, [action for action, _ in pairs], build_id=build_id,
                       build_status=build_status, build_worker=build_worker,
                       build_token_jti=build_token_jti)
         return claims

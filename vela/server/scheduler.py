@@ -257,8 +257,9 @@ class Scheduler:
         recorded: IssuedPackage | None = None
         accepted = False
         # Reports the worker sends before its start is recorded wait for it (_record_start).
-        started: asyncio.Event | None = asyncio.Event()
-        self._starting[build.id] = started
+        starting = asyncio.Event()
+        self._starting[build.id] = starting
+        started: asyncio.Event | None = starting
         try:
             challenge = self.book.issue(hostname=hostname, build_id=build.id, now=self._now())
             answer = await self._call(link.client.availability(challenge.model_dump(mode="json")))
@@ -285,7 +286,7 @@ class Scheduler:
                 self._mirror(hostname, last_build_started=self._now())
                 if receipt.get("start") is not None:  # else the worker reports it itself
                     self._spawn(self._record_start(build.id, hostname, issued, receipt["start"],
-                                                   started))
+                                                   starting))
                     started = None  # opened by _record_start
                 return Outcome.DISPATCHED
             self._refused(hostname, str(receipt.get("reason") or "refused"))
