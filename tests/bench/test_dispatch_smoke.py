@@ -33,3 +33,14 @@ def test_tokens_bench_runs_and_prints_every_row():
     for row in ("mint build token", "verify build token", "full check",
                 "4 reports in one call"):
         assert row in res.stdout, row
+
+
+def test_inprocess_bench_runs_and_prints_its_table():
+    res = subprocess.run([sys.executable, "bench/inprocess.py", "--builds", "10",
+                          "--workers", "2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    header, row = res.stdout.splitlines()[-2:]
+    assert header.split() == ["W", "builds/s", "CPU", "ms/build", "steps", "ms/build"]
+    w, rate, cpu, steps = row.split()
+    assert w == "2" and float(rate) > 0 and float(cpu) > 0 and float(steps) >= 0

@@ -19,7 +19,7 @@ from vela.coalesce import BatchingAuthority, Coalescer, answer_each, call_counts
 from vela.config import Settings
 from vela.db.store import Store
 from vela.domain import BuildStatus
-from vela.executor import choose_runtime
+from vela.executor import Runtime, choose_runtime
 from vela.metrics import RecordingMetrics
 from vela.queue.db_queue import DatabaseQueue
 from vela.queue.listener import Listener
@@ -182,10 +182,13 @@ class System:
         return load_or_create_identity(self.tmp / "workers" / hostname)
 
     async def add_worker(self, hostname: str, *, routes: tuple[str, ...] = ("vela",),
-                         build_limit: int = 1, backlog: int = 0) -> WorkerCore:
+                         build_limit: int = 1, backlog: int = 0,
+                         runtime: Runtime | None = None) -> WorkerCore:
+        """A registered worker; its steps run in the bubblewrap sandbox unless
+        ``runtime`` says otherwise."""
         state_dir = self.tmp / "workers" / hostname
         identity = self.identity(hostname)
-        runtime = choose_runtime(allow_unsandboxed=False, network=False)
+        runtime = runtime or choose_runtime(allow_unsandboxed=False, network=False)
         core = WorkerCore(hostname=hostname, routes=list(routes), build_limit=build_limit,
                           backlog=backlog, identity=identity, pinned_server_keys={},
                           runtime=runtime, server=DirectLink(self), workspace_root=state_dir / "ws",
