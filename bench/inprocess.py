@@ -28,27 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import func, select  # noqa: E402
 
-from bench.dispatch import PIPELINE, REPO  # noqa: E402
+from bench.dispatch import PIPELINE, REPO, TERMINAL  # noqa: E402
 from vela.config import Settings  # noqa: E402
-from vela.db.engine import create_engine, database  # noqa: E402
-from vela.db.models import Base, Build  # noqa: E402
+from vela.db.engine import database  # noqa: E402
+from vela.db.models import Build  # noqa: E402
 from vela.db.store import Store  # noqa: E402
 from vela.executor import LocalRuntime, choose_runtime  # noqa: E402
 from vela.queue.db_queue import DatabaseQueue  # noqa: E402
 from vela.server.context import ServerContext  # noqa: E402
 
-ENDED = ("success", "failure", "error", "killed", "canceled")
 IN_FLIGHT = 16
 
 
 async def run(workers: int, n: int, backlog: int, sandbox: bool) -> tuple[float, float, float]:
     """(builds/s, CPU ms per build in this process, CPU ms per build of the steps)."""
+    from tests.conftest import fresh_engine
     from tests.server.conftest import System
 
     with tempfile.TemporaryDirectory(prefix="vela-inprocess-") as tmp:
-        engine = create_engine(f"sqlite+aiosqlite:///{tmp}/vela.db")
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+        engine = await fresh_engine(f"sqlite+aiosqlite:///{tmp}/vela.db")
         settings = Settings.model_validate({"server": {"data_dir": tmp}})
         master_key = os.urandom(32)
         ctx = ServerContext(settings=settings, engine=engine, store=Store(engine, master_key),
@@ -73,7 +71,7 @@ async def run(workers: int, n: int, backlog: int, sandbox: bool) -> tuple[float,
 
         async def ended() -> int:
             return int(await db.read(lambda s: s.scalar(
-                select(func.count()).select_from(Build).where(Build.status.in_(ENDED)))) or 0)
+                select(func.count()).select_from(Build).where(Build.status.in_(TERMINAL)))) or 0)
 
         async def burst(count: int) -> tuple[float, float, float]:
             before, room = await ended(), asyncio.Semaphore(IN_FLIGHT)
