@@ -155,9 +155,10 @@ class RayServerLink:
                 raise TimeoutError("the scheduler is not running")
         return self._scheduler
 
-    async def send_reports(self, *, build_id: int, token: str,
+    async def send_reports(self, *, build_id: int, token: str, proof: str,
                            reports: list[dict[str, Any]]) -> None:
-        await self._reports.call({"build_id": build_id, "token": token, "reports": reports})
+        await self._reports.call({"build_id": build_id, "token": token, "proof": proof,
+                                  "reports": reports})
 
     def call_counts(self) -> dict[str, dict[str, int]]:
         return call_counts(reports_many=self._reports)

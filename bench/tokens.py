@@ -1,6 +1,8 @@
-"""Build-token throughput on one core: mint, verify, and the full request check
-(token + proof of possession + authorization) per second, for one report and for the
-four a no-op build's final call carries (the token checked once, each proof on its own).
+"""Build-token throughput on one core: mint, verify, and the full check of a report call
+(token + proof of possession over the call's reports + authorization of each) per second,
+for a call of one report and for a call of the four a no-op build's final call carries
+(one proof per call: the token and the proof checked once, each report authorized);
+those two rows count calls per second.
 
     python bench/tokens.py [--seconds 3]
 """
@@ -52,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     guard = BuildRequestGuard(issuer="bench", proof_max_age_s=30,
                               started_at=datetime.fromtimestamp(now.timestamp() - 60, UTC))
 
-    def check(reports: int) -> Callable[[int], None]:
+    def check(count: int) -> Callable[[int], None]:
+        reports = [(BuildAction.LOG_APPEND.value, {"number": 1, "lines": ["x"]})] * count
+
         def one_call(i: int) -> None:
             t = datetime.now(UTC)
-            requests = [(BuildAction.LOG_APPEND, make_proof(
-                worker, token=token, action=BuildAction.LOG_APPEND, build_id=1, now=t))
-                for _ in range(reports)]
-            guard.check(token=token, requests=requests, keys=keys, build_id=1,
+            proof = make_proof(worker, token=token, reports=reports, build_id=1, now=t)
+            guard.check(token=token, proof=proof, reports=reports, keys=keys, build_id=1,
                         build_status=BuildStatus.RUNNING, build_worker="w1",
                         build_token_jti=claims.jti, worker_sign_key=worker.sign_public_key,
                         now=t)
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         ("mint build token", rate(mint, args.seconds)),
         ("verify build token", rate(lambda i: verify_build_token(
             token, keys=keys, issuer="bench", now=now), args.seconds)),
-        ("worker: make proof + server: full check", rate(check(1), args.seconds)),
+        # Per call: the worker's one proof over its reports, the server's full check.
+        ("call of 1 report: make proof + full check", rate(check(1), args.seconds)),
         ("the same for 4 reports in one call", rate(check(4), args.seconds)),
     ]
     print(f"{'operation (one core)':<42} {'per second':>12}")

@@ -138,10 +138,9 @@ class BatchingAuthority:
         """An ``IssuedPackage`` (vela.server.authority, not imported: workers import this)."""
         return await self._packages.call((build_id, hostname))
 
-    async def verify(self, *, build_id: int, token: object,
-                     requests: list[tuple[str, object]],
-                     worker_sign_key: str | None = None) -> Any:
+    async def verify(self, *, build_id: int, token: object, proof: object,
+                     reports_digest: str, worker_sign_key: str | None = None) -> Any:
         """The token's ``BuildClaims`` (vela.security.tokens, not imported: see above)."""
         return await self._checks.call({"build_id": build_id, "token": token,
-                                        "requests": requests,
+                                        "proof": proof, "reports_digest": reports_digest,
                                         "worker_sign_key": worker_sign_key})

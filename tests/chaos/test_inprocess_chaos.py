@@ -12,7 +12,7 @@ import pytest
 
 from tests.server.conftest import pipeline, report_one
 from vela.domain import BuildStatus
-from vela.security import BuildAction, Rejected, make_proof
+from vela.security import BuildAction, Reason, Rejected, make_proof
 
 
 async def test_tokens_of_ended_builds_are_dead_after_chaos(system):
@@ -42,15 +42,17 @@ async def test_tokens_of_ended_builds_are_dead_after_chaos(system):
     assert all(BuildStatus(b.status).terminal for b in builds.values())
     assert system.tokens, "workers reported with tokens"
     now = datetime.now(UTC)
+    late = {"number": 1, "lines": ["late"]}
     for build_id, token in system.tokens.items():
-        # A valid proof by the very worker the token is bound to.
+        # A valid proof, over the very report sent, by the worker the token is bound to.
         hostname = jwt.decode(token, options={"verify_signature": False})["wkr"]
         proof = make_proof(system.identity(hostname), token=token,
-                           action=BuildAction.LOG_APPEND, build_id=build_id, now=now)
-        with pytest.raises(Rejected):
+                           reports=[(BuildAction.LOG_APPEND, late)], build_id=build_id,
+                           now=now)
+        with pytest.raises(Rejected) as e:
             await report_one(system.scheduler, build_id=build_id, action=BuildAction.LOG_APPEND,
-                             payload={"number": 1, "lines": ["late"]},
-                             token=token, proof=proof)
+                             payload=late, token=token, proof=proof)
+        assert e.value.reason is not Reason.PROOF_WRONG_ACTION  # refused for the token
     for b in ids:
         text = "".join(t for _, _, t in await system.store.get_logs(b))
         assert text.count("RUN") <= 1 and "late" not in text

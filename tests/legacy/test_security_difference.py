@@ -52,30 +52,30 @@ async def test_queueless_worker_loot_reads_no_secret_legacy_secret_reads_all(mix
     identity = mixed.identity("w1")  # loaded from those files
     token = mixed.tokens[mine]
 
-    def proof(action: str, build_id: int) -> str:
-        return make_proof(identity, token=token, action=action, build_id=build_id,
-                          now=datetime.now(UTC))
+    def proof(action: str, build_id: int, payload: dict) -> str:
+        return make_proof(identity, token=token, reports=[(action, payload)],
+                          build_id=build_id, now=datetime.now(UTC))
 
     # 1. No action of a build token reads a secret: the one authorization path says so.
+    wanted = {"repo": "other/vault", "names": ["deploy_key"]}
     for action in SECRET_ACTIONS:
         for target in (mine, theirs):
             with pytest.raises(Rejected) as e:
                 await report_one(
                     mixed.scheduler, build_id=target, action=action, token=token,
-                    proof=proof(action, target),
-                    payload={"repo": "other/vault", "names": ["deploy_key"]})
+                    proof=proof(action, target, wanted), payload=wanted)
             assert e.value.reason in ({Reason.FORBIDDEN_ACTION} if target == mine
                                       else OTHER_BUILD)
     # 2. The token cannot act on another build, even with a valid proof for it.
     for action in BuildAction:
         with pytest.raises(Rejected) as e:
             await report_one(mixed.scheduler, build_id=theirs, action=action, token=token,
-                             proof=proof(action, theirs),
+                             proof=proof(action, theirs, {"status": "success"}),
                              payload={"status": "success"})
         assert e.value.reason in OTHER_BUILD
     assert (await mixed.store.get_build(theirs)).status == "pending"
     # 3. The legacy secrets entry point takes none of it as the worker secret.
-    loot = [token, proof("secret.read", mine), identity.sign_public_key,
+    loot = [token, proof("secret.read", mine, wanted), identity.sign_public_key,
             *(f.decode(errors="replace") for f in key_files)]
     for credential in loot:
         with pytest.raises(Rejected) as e:

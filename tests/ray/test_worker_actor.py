@@ -26,6 +26,7 @@ def _fake_server_class():
         jwk_thumbprint,
         mint_build_token,
         publish_key_set,
+        reports_hash,
         seal_package,
         verify_proof,
     )
@@ -56,19 +57,19 @@ def _fake_server_class():
         async def worker_left(self, hostname):
             return None
 
-        async def reports(self, *, build_id, token, reports):  # the Scheduler actor's
+        async def reports(self, *, build_id, token, proof, reports):  # the Scheduler's
             now = self._now()
             claims = verify_build_token(token, keys=self.ring.verifying_keys(now),
                                         issuer="test-server", now=now)
-            for r in reports:
-                try:
-                    verify_proof(r["proof"], token=token, claims=claims,
-                                 worker_sign_key=self.registration["sign_public_key"],
-                                 action=r["action"], build_id=build_id, cache=self.replay,
-                                 now=now)
-                except Exception:
-                    self.bad_proofs += 1
-                    raise
+            try:  # one proof per call, over all its reports
+                verify_proof(proof, token=token, claims=claims,
+                             worker_sign_key=self.registration["sign_public_key"],
+                             reports_digest=reports_hash(
+                                 [(r["action"], r["payload"]) for r in reports]),
+                             build_id=build_id, cache=self.replay, now=now)
+            except Exception:
+                self.bad_proofs += 1
+                raise
             self.got += [(build_id, r["action"], r["payload"]) for r in reports]
 
         async def reports_many(self, calls):  # how the worker sends them (coalesced)
@@ -146,13 +147,17 @@ def test_accepts_a_valid_package_and_reports_with_proofs(double):
                                       secrets={"api_token": SECRET}))
     receipt = ray.get(worker.execute_package.remote(pkg))
     assert receipt["accepted"] is True, receipt
-    # The start comes back with the receipt, for the server to check like any report.
-    assert receipt["start"]["action"] == "build.start" and receipt["start"]["proof"]
+    # The start comes back with the receipt, for the server to check like any report call.
+    start = receipt["start"]
+    assert set(start) == {"reports", "proof"} and start["proof"]
+    assert [r["action"] for r in start["reports"]] == ["build.start"]
+    ray.get(fake.reports.remote(build_id=1, token=pkg["build_token"], **start))
     (finish,) = wait_until(lambda: _finished(fake, 1), 60, "the finish report")
     assert finish["status"] == "success"
     st = ray.get(fake.state.remote())
     actions = [a for b, a, _ in st["reports"] if b == 1]
-    assert "build.start" not in actions and actions[-1] == "build.finish"
+    # The worker did not report its start again: only the one checked above.
+    assert actions.count("build.start") == 1 and actions[-1] == "build.finish"
     lines = [line for b, a, p in st["reports"] if a == "log.append" for line in p["lines"]]
     assert "s=***" in lines and not any(SECRET in x for x in lines)
     assert st["bad_proofs"] == 0
@@ -173,7 +178,8 @@ def test_batch_calls_answer_each_package_and_challenge_on_its_own(double):
     good = ray.get(fake.package.remote(31, pipeline("echo batched")))
     tampered = ray.get(fake.package.remote(32, pipeline("echo hi"), tamper=True))
     ok, bad, junk = ray.get(worker.execute_packages.remote([good, tampered, "junk"]))
-    assert ok["accepted"] is True and ok["start"]["action"] == "build.start"
+    assert ok["accepted"] is True
+    assert [r["action"] for r in ok["start"]["reports"]] == ["build.start"]
     assert (bad["accepted"], bad["reason"]) == (False, "package_tampered")
     assert (junk["accepted"], junk["reason"]) == (False, "malformed")
     (finish,) = wait_until(lambda: _finished(fake, 31), 60, "the finish report")
@@ -209,8 +215,9 @@ def test_build_limit_and_drain(double):
     # A running build's start, signed afresh (for a server whose copy went stale).
     first = next(r for r in receipts if r["accepted"])
     fresh = ray.get(worker.start_report.remote(first["build_id"]))
-    assert fresh["action"] == "build.start" and fresh["proof"] != first["start"]["proof"]
-    assert fresh["payload"] == first["start"]["payload"]
+    assert set(fresh) == {"reports", "proof"} and fresh["proof"] != first["start"]["proof"]
+    assert [r["action"] for r in fresh["reports"]] == ["build.start"]
+    assert fresh["reports"] == first["start"]["reports"]
     assert ray.get(worker.start_report.remote(999)) is None
     drained = worker.drain.remote(60)
     late = ray.get(worker.execute_package.remote(

@@ -64,19 +64,22 @@ class Running:
     status: BuildStatus = BuildStatus.RUNNING
     registered: dict[str, str] = field(default_factory=dict)  # hostname -> sign key
 
-    def proof(self, clock, *, action="step.update", build_id=None, identity=None, token=None):
-        return make_proof(identity or self.identity, token=token or self.token, action=action,
+    def proof(self, clock, *, action="step.update", payload=None, reports=None,
+              build_id=None, identity=None, token=None):
+        """A proof over ``reports``, by default the one report ``(action, payload)``."""
+        return make_proof(identity or self.identity, token=token or self.token,
+                          reports=reports or [(action, payload or {})],
                           build_id=self.build_id if build_id is None else build_id,
                           now=clock.now)
 
-    def check(self, clock, *, proof, action="step.update", **kw):
-        return self.check_all(clock, requests=[(action, proof)], **kw)
+    def check(self, clock, *, proof, action="step.update", payload=None, **kw):
+        return self.check_all(clock, proof=proof, reports=[(action, payload or {})], **kw)
 
-    def check_all(self, clock, *, requests, token=None, build_id=None, status=None,
+    def check_all(self, clock, *, proof, reports, token=None, build_id=None, status=None,
                   worker=None, jti=None):
         build_worker = self.worker if worker is None else worker
         return self.guard.check(
-            token=self.token if token is None else token, requests=requests,
+            token=self.token if token is None else token, proof=proof, reports=reports,
             keys=self.ring.verifying_keys(clock.now),
             build_id=self.build_id if build_id is None else build_id,
             build_status=status or self.status, build_worker=build_worker,

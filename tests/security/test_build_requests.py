@@ -33,31 +33,42 @@ def test_happy_path_every_allowed_action(running, clock):
         assert claims.build_id == 7 and claims.wkr == "a"
 
 
-def test_several_requests_one_token_check_but_every_proof_checked(running, clock, worker_b):
-    """A call's requests share the token's check; each still needs its own fresh proof,
-    made by the bound key for its own action and build, and one bad request refuses
-    the call."""
-    def good(action="log.append"):
-        return (action, running.proof(clock, action=action))
-
-    claims = running.check_all(clock, requests=[good(), good("step.update"), good()])
+def test_one_proof_covers_a_call_of_several_reports(running, clock, worker_b):
+    """A call's reports share the token's check and one fresh proof, made by the bound
+    key over all of them — actions and payloads, in order — for its build; change any
+    of them after signing and the proof no longer fits."""
+    reports = [("log.append", {"number": 1, "lines": ["a"]}),
+               ("step.update", {"number": 1, "status": "success"}),
+               ("build.finish", {"status": "success"})]
+    claims = running.check_all(clock, proof=running.proof(clock, reports=reports),
+                               reports=reports)
     assert claims.wkr == "a"
-    again = good()
-    for requests, reason in [
-        ([good(), again, again], Reason.PROOF_REPLAYED),
-        ([good(), ("log.append", running.proof(clock, identity=worker_b, action="log.append"))],
-         Reason.PROOF_INVALID),
-        ([good(), ("log.append", running.proof(clock, action="log.append", build_id=8))],
-         Reason.WRONG_BUILD),
-        ([good(), ("build.finish", running.proof(clock, action="log.append"))],
-         Reason.PROOF_WRONG_ACTION),
-        ([good(), ("log.append",)], Reason.MALFORMED),
-        ([good(), "log.append"], Reason.MALFORMED),
+    tampered = {
+        "payload changed": [*reports[:2], ("build.finish", {"status": "failure"})],
+        "action changed": [*reports[:2], ("step.update", {"status": "success"})],
+        "reordered": [reports[1], reports[0], reports[2]],
+        "one dropped": reports[:2],
+        "one added": [*reports, ("log.append", {"number": 1, "lines": ["b"]})],
+        "log line injected": [("log.append", {"number": 1, "lines": ["a", "b"]}),
+                              *reports[1:]],
+    }
+    for sent in tampered.values():
+        rejected(Reason.PROOF_WRONG_ACTION, running.check_all, clock,
+                 proof=running.proof(clock, reports=reports), reports=sent)
+    proof = running.proof(clock, reports=reports)
+    running.check_all(clock, proof=proof, reports=reports)
+    for proof, reason in [
+        (proof, Reason.PROOF_REPLAYED),
+        (running.proof(clock, reports=reports, identity=worker_b), Reason.PROOF_INVALID),
+        (running.proof(clock, reports=reports, build_id=8), Reason.WRONG_BUILD),
     ]:
-        rejected(reason, running.check_all, clock, requests=requests)
+        rejected(reason, running.check_all, clock, proof=proof, reports=reports)
+    for reports_sent in ([], "log.append", [("log.append",)], [("log.append", {1, 2})]):
+        rejected(Reason.MALFORMED, running.check_all, clock, proof=running.proof(clock),
+                 reports=reports_sent)
     forged = running.token[:-4] + ("AAAA" if not running.token.endswith("AAAA") else "BBBB")
     rejected(Reason.BAD_SIGNATURE, running.check_all, clock, token=forged,
-             requests=[good(), good()])
+             proof=running.proof(clock, reports=reports), reports=reports)
 
 
 def test_no_proof_rejected(running, clock):
@@ -72,9 +83,12 @@ def test_replayed_proof_rejected(running, clock):
     rejected(Reason.PROOF_REPLAYED, running.check, clock, proof=proof)
 
 
-def test_proof_for_another_action_rejected(running, clock):
+def test_proof_for_another_action_or_payload_rejected(running, clock):
     proof = running.proof(clock, action="log.append")
     rejected(Reason.PROOF_WRONG_ACTION, running.check, clock, proof=proof, action="build.finish")
+    proof = running.proof(clock, action="build.finish", payload={"status": "failure"})
+    rejected(Reason.PROOF_WRONG_ACTION, running.check, clock, proof=proof,
+             action="build.finish", payload={"status": "success"})
 
 
 def test_stale_proof_rejected(running, clock):
@@ -132,7 +146,7 @@ def test_proof_not_signed_with_eddsa_rejected(running, clock):
 
 def test_proof_with_malformed_claims_rejected(running, clock, worker_a):
     bad = jws_compact({"alg": "EdDSA", "typ": "vela-proof+jwt"},
-                      {"ath": "x", "act": "step.update", "bid": 7, "iat": 1, "jti": "j"},
+                      {"ath": "x", "rqh": "step.update", "bid": 7, "iat": 1, "jti": "j"},
                       worker_a.sign)
     rejected(Reason.PROOF_INVALID, running.check, clock, proof=bad)
 

@@ -16,6 +16,7 @@ from vela.security import (
     mint_build_token,
     open_package,
     pin_key_set,
+    reports_hash,
     seal_package,
     verify_api_token,
     verify_build_token,
@@ -80,24 +81,26 @@ def test_mutated_token_rejected(data):
 def test_proof_verifier(proof):
     cache = ReplayCache(max_age_s=30, started_at=START - timedelta(seconds=1))
     only_rejected(verify_proof, proof, token=TOKEN, claims=CLAIMS,
-                  worker_sign_key=WORKER.sign_public_key, action="log.append", build_id=7,
+                  worker_sign_key=WORKER.sign_public_key,
+                  reports_digest=reports_hash([("log.append", {})]), build_id=7,
                   cache=cache, now=START)
 
 
 @settings(max_examples=100, deadline=None)
 @given(token=garbage | jws_like, proof=garbage | jws_like, action=st.text(max_size=20),
-       shape=st.sampled_from(["one", "garbage", "empty"]), junk=garbage)
-def test_guard(token, proof, action, shape, junk):
+       payload=garbage, shape=st.sampled_from(["one", "garbage", "empty"]), junk=garbage)
+def test_guard(token, proof, action, payload, shape, junk):
     guard = BuildRequestGuard(issuer=ISSUER, proof_max_age_s=30, started_at=START)
-    requests = {"one": [(action, proof)], "garbage": junk, "empty": []}[shape]
-    only_rejected(guard.check, token=token, requests=requests, keys=KEYS, build_id=7,
-                  build_status="running", build_worker="a", build_token_jti=CLAIMS.jti,
-                  worker_sign_key=WORKER.sign_public_key, now=START)
-    # The real token without a request, or with requests that are not (action, proof):
-    only_rejected(guard.check, token=TOKEN, requests=[] if shape == "empty" else [junk],
-                  keys=KEYS, build_id=7, build_status="running", build_worker="a",
+    reports = {"one": [(action, payload)], "garbage": junk, "empty": []}[shape]
+    only_rejected(guard.check, token=token, proof=proof, reports=reports, keys=KEYS,
+                  build_id=7, build_status="running", build_worker="a",
                   build_token_jti=CLAIMS.jti, worker_sign_key=WORKER.sign_public_key,
                   now=START)
+    # The real token without a report, or with reports that are not (action, payload):
+    only_rejected(guard.check, token=TOKEN, proof=proof,
+                  reports=[] if shape == "empty" else [junk], keys=KEYS, build_id=7,
+                  build_status="running", build_worker="a", build_token_jti=CLAIMS.jti,
+                  worker_sign_key=WORKER.sign_public_key, now=START)
 
 
 @settings(max_examples=150, deadline=None)

@@ -98,19 +98,19 @@ async def test_no_secret_material_in_logs_errors_or_reprs(caplog, tmp_path, fake
 
     guard = BuildRequestGuard(issuer=ISSUER, proof_max_age_s=30, started_at=clock.now)
     clock.advance(1)
-    proof = make_proof(worker, token=token, action="log.append", build_id=7, now=clock.now)
-    check = dict(keys=ring.verifying_keys(clock.now), build_id=7,
+    reports = [("log.append", {"number": 1, "lines": ["built"]})]
+    proof = make_proof(worker, token=token, reports=reports, build_id=7, now=clock.now)
+    check = dict(reports=reports, keys=ring.verifying_keys(clock.now), build_id=7,
                  build_status="running", build_worker="a", build_token_jti=claims.jti,
                  worker_sign_key=worker.sign_public_key, now=clock.now)
-    def asked(p: str) -> list[tuple[str, str]]:
-        return [("log.append", p)]
 
-    guard.check(token=token, requests=asked(proof), **check)
-    expect_rejected(guard.check, token=token, requests=asked(proof), **check)  # replayed
-    expect_rejected(guard.check, token=token + SECRETS["api_key"], requests=asked(proof),
-                    **check)
-    expect_rejected(guard.check, token=SECRETS["api_key"], requests=asked(proof), **check)
-    expect_rejected(guard.check, token=token, requests=asked(SECRETS["api_key"]), **check)
+    guard.check(token=token, proof=proof, **check)
+    expect_rejected(guard.check, token=token, proof=proof, **check)  # replayed
+    expect_rejected(guard.check, token=token + SECRETS["api_key"], proof=proof, **check)
+    expect_rejected(guard.check, token=SECRETS["api_key"], proof=proof, **check)
+    expect_rejected(guard.check, token=token, proof=SECRETS["api_key"], **check)
+    expect_rejected(guard.check, token=token, proof=proof,
+                    **{**check, "reports": [("log.append", {"lines": [SECRETS["api_key"]]})]})
     expect_rejected(verify_build_token, reg_token, keys=ring.verifying_keys(clock.now),
                     issuer=ISSUER, now=clock.now)
     api, _ = mint_api_token(ring, issuer=ISSUER, subject="admin", scopes=["admin"], ttl_s=60,

@@ -128,10 +128,11 @@ class DirectLink:
         self.calls: Coalescer[dict[str, Any], None] = Coalescer(
             lambda batch: system.scheduler.reports_many(batch))
 
-    async def send_reports(self, *, build_id: int, token: str,
+    async def send_reports(self, *, build_id: int, token: str, proof: str,
                            reports: list[dict[str, Any]]) -> None:
         self.system.tokens[build_id] = token  # what a thief on the wire would see
-        await self.calls.call({"build_id": build_id, "token": token, "reports": reports})
+        await self.calls.call({"build_id": build_id, "token": token, "proof": proof,
+                               "reports": reports})
 
 
 @dataclass
@@ -264,5 +265,5 @@ async def system(engine, tmp_path, master_key):
 async def report_one(scheduler: Any, *, build_id: int, action: str, payload: dict[str, Any],
                      token: str, proof: str) -> None:
     """One report through :meth:`Scheduler.reports`, as a worker sends a single one."""
-    await scheduler.reports(build_id=build_id, token=token,
-                            reports=[{"action": action, "payload": payload, "proof": proof}])
+    await scheduler.reports(build_id=build_id, token=token, proof=proof,
+                            reports=[{"action": action, "payload": payload}])

@@ -15,7 +15,7 @@ from vela.domain import BuildStatus
 from vela.errors import NotFound
 from vela.queue.item import QueueItem
 from vela.queue.listener import Outcome, Step
-from vela.security import BuildAction, Reason, Rejected, make_proof
+from vela.security import BuildAction, Reason, Rejected, make_proof, reports_hash
 from vela.server.reports import MAX_BATCH
 from vela.server.scheduler import WORKER_LOST
 
@@ -24,6 +24,15 @@ SECRET = "s3cr3t-Value-42"
 
 async def logs_of(system, build_id: int) -> str:
     return "".join(text for _, _, text in await system.store.get_logs(build_id))
+
+
+def signed(identity, *, token: str, build_id: int, reports: list[tuple[str, dict]]
+           ) -> tuple[str, list[dict]]:
+    """A report call as a worker makes it: one fresh proof over ``reports`` (their
+    actions and payloads, in order), and the reports as they go on the wire."""
+    proof = make_proof(identity, token=token, reports=reports, build_id=build_id,
+                       now=datetime.now(UTC))
+    return proof, [{"action": action, "payload": payload} for action, payload in reports]
 
 
 async def test_build_runs_with_secret_masked(system):
@@ -120,12 +129,13 @@ async def test_worker_killed_mid_build_ends_worker_lost_and_token_dies(system):
     builds = await system.pump([slow])
     assert builds[slow].status == "error" and builds[slow].reason == WORKER_LOST
     # The token of the ended build is dead, even with a valid fresh proof.
-    proof = make_proof(system.identity(victim), token=token, action=BuildAction.LOG_APPEND,
-                       build_id=slow, now=datetime.now(UTC))
+    forged = {"number": 1, "lines": ["forged"]}
+    proof = make_proof(system.identity(victim), token=token,
+                       reports=[(BuildAction.LOG_APPEND, forged)], build_id=slow,
+                       now=datetime.now(UTC))
     with pytest.raises(Rejected) as e:
         await report_one(system.scheduler, build_id=slow, action=BuildAction.LOG_APPEND,
-                         payload={"number": 1, "lines": ["forged"]},
-                         token=token, proof=proof)
+                         payload=forged, token=token, proof=proof)
     assert e.value.reason is Reason.BUILD_ENDED
     assert "forged" not in await logs_of(system, slow)
     # Other builds still flow on the surviving worker.
@@ -360,19 +370,14 @@ async def test_cancel_running_build(system):
 @pytest.mark.parametrize("moved_on", ["canceled", "dispatched_again"])
 async def test_reports_are_checked_against_the_row_in_their_own_transaction(system,
                                                                             moved_on):
-    """A good token and fresh proofs pass the TokenAuthority, but the build's row, read
+    """A good token and a fresh proof pass the TokenAuthority, but the build's row, read
     in the transaction that would write the reports, refuses them once the build has
     moved on: nothing is written."""
     await system.add_worker("w1")
     a = await system.submit(pipeline("sleep 30"))
     await system.pump([a], until=lambda x: x[a].started_at is not None)
     token, me = system.tokens[a], system.identity("w1")
-
-    def logs(text: str) -> list[dict]:
-        proof = make_proof(me, token=token, action=BuildAction.LOG_APPEND, build_id=a,
-                           now=datetime.now(UTC))
-        return [{"action": BuildAction.LOG_APPEND, "proof": proof,
-                 "payload": {"number": 1, "seq": 99, "lines": [text]}}]
+    late = [(BuildAction.LOG_APPEND, {"number": 1, "seq": 99, "lines": ["too-late"]})]
 
     if moved_on == "canceled":
         await system.scheduler.cancel(a)
@@ -380,12 +385,13 @@ async def test_reports_are_checked_against_the_row_in_their_own_transaction(syst
     else:  # the row holds another token now
         await system.store.set_build_fields(a, token_jti="another-jti")
         expected = Reason.TOKEN_REVOKED
-    batch = logs("too-late")
-    claims = await system.authority.verify(build_id=a, token=token,
-                                           requests=[(r["action"], r["proof"]) for r in batch])
+    proof, _ = signed(me, token=token, build_id=a, reports=late)
+    claims = await system.authority.verify(build_id=a, token=token, proof=proof,
+                                           reports_digest=reports_hash(late))
     assert claims.wkr == "w1"  # the token and the proof themselves are good
+    proof, reports = signed(me, token=token, build_id=a, reports=late)  # a fresh one
     with pytest.raises(Rejected) as e:
-        await system.scheduler.reports(build_id=a, token=token, reports=logs("too-late"))
+        await system.scheduler.reports(build_id=a, token=token, proof=proof, reports=reports)
     assert e.value.reason is expected
     assert "too-late" not in await logs_of(system, a)
     await system.scheduler.cancel(a)
@@ -404,8 +410,9 @@ async def test_forged_reports_are_rejected(system, forgery):
         tok, proof, target = "x.y.z", "a.b.c", a
     elif forgery == "other_build":
         tok, target = token, b
-        proof = make_proof(identity, token=token, action=BuildAction.FINISH, build_id=b,
-                           now=now)
+        proof = make_proof(identity, token=token,
+                           reports=[(BuildAction.FINISH, {"status": "success"})],
+                           build_id=b, now=now)
     else:
         tok, proof, target = token, "", a
     with pytest.raises(Rejected):
@@ -462,11 +469,13 @@ async def test_a_start_whose_proof_went_stale_is_signed_afresh_by_its_worker(
                              "failed_write": "proof_replayed"}[spent_by]}, refused
 
 
-@pytest.mark.parametrize("forgery", ["tampered", "other_build", "no_proof", "replayed"])
+@pytest.mark.parametrize("forgery", ["tampered", "other_build", "no_proof", "replayed",
+                                     "payload_changed"])
 async def test_a_forged_start_in_the_receipt_ends_the_build(system, forgery):
-    """The start comes back with the receipt of ``execute_package``; it is checked like
-    any report. A forged one ends the build ``error`` with the reason, frees the slot
-    and stops the build on the worker, whose later reports are refused."""
+    """The start (``{reports, proof}``) comes back with the receipt of
+    ``execute_package``; it is checked like any report call. A forged one ends the build
+    ``error`` with the reason, frees the slot and stops the build on the worker, whose
+    later reports are refused."""
     core = await system.add_worker("w1", build_limit=2)
     client = system.directory.clients["w1"]
     honest = client.execute_package
@@ -481,11 +490,16 @@ async def test_a_forged_start_in_the_receipt_ends_the_build(system, forgery):
                                                     else "BBBB")
         elif forgery == "other_build":
             start["proof"] = make_proof(system.identity("w1"), token=package["build_token"],
-                                        action=BuildAction.START,
+                                        reports=[(r["action"], r["payload"])
+                                                 for r in start["reports"]],
                                         build_id=package["build_id"] + 1,
                                         now=datetime.now(UTC))
         elif forgery == "no_proof":
             del start["proof"]
+        elif forgery == "payload_changed":  # the start time, rewritten after signing
+            start["reports"] = [{**r, "payload": {**r["payload"],
+                                                  "started_at": "2000-01-01T00:00:00+00:00"}}
+                                for r in start["reports"]]
         elif len(seen) > 1:  # replayed: the first build's start, proof and all
             receipt["start"] = seen[0]
         return receipt
@@ -498,7 +512,8 @@ async def test_a_forged_start_in_the_receipt_ends_the_build(system, forgery):
     build = (await system.pump([build_id]))[build_id]
     assert build.status == "error" and build.started_at is None
     assert build.reason == {"tampered": "proof_invalid", "other_build": "wrong_build",
-                            "no_proof": "malformed", "replayed": "proof_invalid"}[forgery]
+                            "no_proof": "malformed", "replayed": "proof_invalid",
+                            "payload_changed": "proof_wrong_action"}[forgery]
     assert "refused" in (build.message or "")
     await eventually_idle(core, build_id)
     assert sum(system.scheduler.stats.report_rejections.values()) >= 1
@@ -516,57 +531,77 @@ async def eventually_idle(core, build_id: int) -> None:
     raise AssertionError(f"build {build_id} still runs on the worker")
 
 
-BAD_BATCHES = ["one_forged", "other_workers_key", "replayed_within", "action_swapped",
-               "finish_not_last", "start_not_first", "too_many", "empty", "not_a_list"]
+BAD_BATCHES = ["forged", "other_workers_key", "replayed", "action_swapped", "one_dropped",
+               "one_added", "reordered", "finish_not_last", "start_not_first", "too_many",
+               "empty", "not_a_list"]
+# Why each bad call is refused.
+BAD_BATCH_REASONS = {"forged": Reason.PROOF_INVALID, "other_workers_key": Reason.PROOF_INVALID,
+                     "replayed": Reason.PROOF_REPLAYED,
+                     **dict.fromkeys(["action_swapped", "one_dropped", "one_added",
+                                      "reordered"], Reason.PROOF_WRONG_ACTION),
+                     **dict.fromkeys(["finish_not_last", "start_not_first", "too_many",
+                                      "empty", "not_a_list"], Reason.MALFORMED)}
 
 
 @pytest.mark.parametrize("bad", BAD_BATCHES)
 async def test_a_batch_of_reports_passes_whole_or_not_at_all(system, bad):
-    """Reports sent together are all checked before any is written: one forged,
-    replayed, swapped or misplaced report refuses the lot."""
+    """Reports sent together are all checked before any is written: a forged or
+    replayed proof, a proof made over other reports (one swapped, dropped, added or
+    moved), or a misplaced report refuses the lot."""
     await system.add_worker("w1")
     await system.add_worker("w2", routes=("other",))
     a = await system.submit(pipeline("sleep 30"))
     await system.pump([a], until=lambda x: x[a].started_at is not None)
     token, me = system.tokens[a], system.identity("w1")
 
-    def report(action: BuildAction, payload: dict, *, signer=me, proof_action=None,
-               proof: str | None = None) -> dict:
-        proof = proof or make_proof(signer, token=token, action=proof_action or action,
-                                    build_id=a, now=datetime.now(UTC))
-        return {"action": action, "payload": payload, "proof": proof}
+    def proof(reports: list[tuple[str, dict]], *, signer=me) -> str:
+        return make_proof(signer, token=token, reports=reports, build_id=a,
+                          now=datetime.now(UTC))
 
-    def log(text: str, seq: int) -> dict:
-        return report(BuildAction.LOG_APPEND, {"number": 1, "seq": seq, "lines": [text]})
+    def log(text: str, seq: int) -> tuple[str, dict]:
+        return (BuildAction.LOG_APPEND, {"number": 1, "seq": seq, "lines": [text]})
 
-    finish = report(BuildAction.FINISH, {"status": "success"})
-    start = report(BuildAction.START, {})
-    batch: object = {
-        "one_forged": [log("batched-1", 1), {**finish, "proof": "a.b.c"}],
-        "other_workers_key": [log("batched-1", 1),
-                              report(BuildAction.FINISH, {"status": "success"},
-                                     signer=system.identity("w2"))],
-        "replayed_within": [(first := log("batched-1", 1)), {**first, "payload": {
-            "number": 1, "seq": 2, "lines": ["batched-2"]}}],
-        "action_swapped": [log("batched-1", 1),
-                           report(BuildAction.LOG_APPEND, {"number": 1, "lines": ["x"]},
-                                  proof_action=BuildAction.FINISH)],
-        "finish_not_last": [finish, log("batched-1", 1)],
-        "start_not_first": [log("batched-1", 1), start],
-        "too_many": [log(f"batched-{i}", i) for i in range(1, MAX_BATCH + 2)],
-        "empty": [],
-        "not_a_list": log("batched-1", 1),
+    logs = [log("batched-1", 1), log("batched-2", 2)]
+    finish = (BuildAction.FINISH, {"status": "success"})
+    start = (BuildAction.START, {})
+    spent = proof(logs)
+    if bad == "replayed":  # its proof already taken by the Authority, for another call
+        await system.authority.verify(build_id=a, token=token, proof=spent,
+                                      reports_digest=reports_hash(logs))
+    swapped = (BuildAction.LOG_APPEND, {"number": 1, "lines": ["batched-x"]})
+    many = [log(f"batched-{i}", i) for i in range(1, MAX_BATCH + 2)]
+    # (the reports sent, the call's proof)
+    sent, call_proof = {
+        "forged": ([*logs, finish], "a.b.c"),
+        "other_workers_key": ([*logs, finish],
+                              proof([*logs, finish], signer=system.identity("w2"))),
+        "replayed": (logs, spent),
+        "action_swapped": ([logs[0], swapped],
+                           proof([logs[0], (BuildAction.FINISH, swapped[1])])),
+        "one_dropped": (logs[:1], proof(logs)),
+        "one_added": ([*logs, finish], proof(logs)),
+        "reordered": (logs[::-1], proof(logs)),
+        "finish_not_last": ([finish, logs[0]], proof([finish, logs[0]])),
+        "start_not_first": ([logs[0], start], proof([logs[0], start])),
+        "too_many": (many, proof(many)),
+        "empty": ([], proof([])),
+        "not_a_list": (logs[:1], proof(logs[:1])),
     }[bad]
+    reports: object = [{"action": action, "payload": payload} for action, payload in sent]
+    if bad == "not_a_list":
+        reports = reports[0]  # type: ignore[index]
     with pytest.raises(Rejected) as e:
-        await system.scheduler.reports(build_id=a, token=token, reports=batch)  # type: ignore[arg-type]
-    if bad in ("finish_not_last", "start_not_first", "too_many", "empty", "not_a_list"):
-        assert e.value.reason is Reason.MALFORMED
+        await system.scheduler.reports(build_id=a, token=token, proof=call_proof,
+                                       reports=reports)  # type: ignore[arg-type]
+    assert e.value.reason is BAD_BATCH_REASONS[bad]
     assert "batched-" not in await logs_of(system, a)
     assert (await system.store.get_build(a)).status == "running"
     assert sum(system.scheduler.stats.report_rejections.values()) == 1
-    # The build's own reports still go through together.
-    await system.scheduler.reports(build_id=a, token=token,
-                                   reports=[log("ok-1", 1), log("ok-2", 2)])
+    # The build's own reports still go through together, with a fresh proof over them.
+    ok = [log("ok-1", 1), log("ok-2", 2)]
+    call_proof, reports = signed(me, token=token, build_id=a, reports=ok)
+    await system.scheduler.reports(build_id=a, token=token, proof=call_proof,
+                                   reports=reports)
     assert "ok-1\nok-2" in await logs_of(system, a)
     await system.scheduler.cancel(a)
 
@@ -579,55 +614,97 @@ async def test_a_batch_is_written_whole_or_not_at_all(system):
     await system.pump([a], until=lambda x: x[a].started_at is not None)
     token, me = system.tokens[a], system.identity("w1")
 
-    def report(action: BuildAction, payload: dict) -> dict:
-        return {"action": action, "payload": payload, "proof": make_proof(
-            me, token=token, action=action, build_id=a, now=datetime.now(UTC))}
-
     for _ in range(500):  # the worker's "running" report for step 1 (it may linger)
         if (await system.store.get_steps(a))[0].status == "running":
             break
         await asyncio.sleep(0.01)
-    done = report(BuildAction.STEP_UPDATE, {"number": 1, "status": "success", "exit_code": 0})
-    back = report(BuildAction.STEP_UPDATE, {"number": 1, "status": "running"})
-    logged = report(BuildAction.LOG_APPEND, {"number": 1, "seq": 90, "lines": ["not-kept"]})
+    done = (BuildAction.STEP_UPDATE, {"number": 1, "status": "success", "exit_code": 0})
+    back = (BuildAction.STEP_UPDATE, {"number": 1, "status": "running"})
+    logged = (BuildAction.LOG_APPEND, {"number": 1, "seq": 90, "lines": ["not-kept"]})
+    proof, reports = signed(me, token=token, build_id=a, reports=[logged, done, back])
     with pytest.raises(Rejected) as e:
-        await system.scheduler.reports(build_id=a, token=token, reports=[logged, done, back])
+        await system.scheduler.reports(build_id=a, token=token, proof=proof, reports=reports)
     assert e.value.reason is Reason.MALFORMED
     assert "not-kept" not in await logs_of(system, a)
     assert (await system.store.get_steps(a))[0].status == "running"
     await system.scheduler.cancel(a)
 
 
-async def test_the_authority_checks_each_request_of_a_call(system):
-    """The TokenAuthority does not rely on the Scheduler's parsing: a call's requests
-    must be 1 to MAX_BATCH (action, proof) pairs, and each proof must be fresh and made
-    for its own action."""
+async def test_a_report_changed_after_signing_is_refused(system):
+    """The proof binds the reports' payloads, not only their actions: a ``build.finish``
+    the worker signed as ``failure``, turned into ``success`` on its way, is refused
+    (``proof_wrong_action``) and nothing is written; the report as signed goes through."""
+    await system.add_worker("w1")
+    a = await system.submit(pipeline("sleep 30"))
+    await system.pump([a], until=lambda x: x[a].started_at is not None)
+    token, me = system.tokens[a], system.identity("w1")
+    before = await system.store.get_build(a)
+    proof, reports = signed(me, token=token, build_id=a,
+                            reports=[(BuildAction.FINISH, {"status": "failure"})])
+    flipped = [{**reports[0], "payload": {"status": "success"}}]  # in transit
+    with pytest.raises(Rejected) as e:
+        await system.scheduler.reports(build_id=a, token=token, proof=proof, reports=flipped)
+    assert e.value.reason is Reason.PROOF_WRONG_ACTION
+    after = await system.store.get_build(a)
+    assert after.status == "running" and after.finished_at is None
+    assert (after.reason, after.message) == (before.reason, before.message)
+    assert system.scheduler.stats.report_rejections == {"proof_wrong_action": 1}
+    assert system.metrics.rejections == {"proof_wrong_action": 1}
+    # The worker's own report, as it signed it (with a fresh proof), ends the build.
+    proof, reports = signed(me, token=token, build_id=a,
+                            reports=[(BuildAction.FINISH, {"status": "failure"})])
+    await system.scheduler.reports(build_id=a, token=token, proof=proof, reports=reports)
+    assert (await system.store.get_build(a)).status == "failure"
+
+
+async def test_the_authority_checks_a_calls_proof_against_its_reports(system):
+    """The TokenAuthority does not rely on the Scheduler's parsing: a call's proof must
+    be fresh and made over exactly the reports that hash to the digest it is given (the
+    same actions and payloads, in the same order, none dropped or added), a request
+    must name that digest, and each call counts once."""
     await system.add_worker("w1")
     a = await system.submit(pipeline("sleep 30"))
     await system.pump([a], until=lambda x: x[a].started_at is not None)
     token, me = system.tokens[a], system.identity("w1")
 
-    def proof(action: BuildAction) -> str:
-        return make_proof(me, token=token, action=action, build_id=a, now=datetime.now(UTC))
+    def proof(reports: list[tuple[str, dict]]) -> str:
+        return make_proof(me, token=token, reports=reports, build_id=a, now=datetime.now(UTC))
 
-    log = BuildAction.LOG_APPEND
-    p = proof(log)
-    for requests, reason in [
-        ([], Reason.MALFORMED),
-        ([(log, proof(log))] * (MAX_BATCH + 1), Reason.MALFORMED),
-        ([(log, proof(log), "extra")], Reason.MALFORMED),
-        ("not a list", Reason.MALFORMED),
-        ([(log, p), (log, p)], None),  # the same proof twice: a replay
-        ([(BuildAction.FINISH, proof(log))], None),  # a proof made for another action
+    log = (BuildAction.LOG_APPEND, {"number": 1, "seq": 9, "lines": ["x"]})
+    step = (BuildAction.STEP_UPDATE, {"number": 1, "status": "running"})
+    ok = [log, step]
+    for sent, signed_over in [
+        ([log], [(BuildAction.FINISH, log[1])]),             # made for another action
+        ([log], [(log[0], {**log[1], "lines": ["y"]})]),     # made for another payload
+        ([step, log], ok),                                   # in another order
+        ([log], ok),                                         # one report dropped
+        ([*ok, log], ok),                                    # one report added
     ]:
         with pytest.raises(Rejected) as e:
-            await system.authority.verify(build_id=a, token=token,
-                                          requests=requests)  # type: ignore[arg-type]
-        assert reason is None or e.value.reason is reason
-    ok = [(log, proof(log)), (BuildAction.STEP_UPDATE, proof(BuildAction.STEP_UPDATE))]
-    assert (await system.authority.verify(build_id=a, token=token, requests=ok)).wkr == "w1"
-    with pytest.raises(Rejected):  # and never twice
-        await system.authority.verify(build_id=a, token=token, requests=ok)
+            await system.authority.verify(build_id=a, token=token, proof=proof(signed_over),
+                                          reports_digest=reports_hash(sent))
+        assert e.value.reason is Reason.PROOF_WRONG_ACTION
+    p = proof(ok)
+    answers = await system.authority.verify_many([
+        {"build_id": a, "token": token, "proof": p},                          # no digest
+        {"build_id": a, "token": token, "proof": p, "reports_digest": ok},    # not a digest
+        {"build_id": a, "token": token, "reports_digest": reports_hash(ok)},  # no proof
+        {"build_id": a, "token": token, "requests": [(log[0], p)]},           # per report
+    ])
+    assert [getattr(r, "reason", r) for r in answers] == [Reason.MALFORMED] * 4
+    with pytest.raises(Rejected) as e:
+        await system.authority.verify(build_id=a, token=token, proof="",
+                                      reports_digest=reports_hash(ok))
+    assert e.value.reason is Reason.PROOF_MISSING
+    verified = system.authority.stats.verified
+    claims = await system.authority.verify(build_id=a, token=token, proof=p,
+                                           reports_digest=reports_hash(ok))
+    assert claims.wkr == "w1"
+    assert system.authority.stats.verified == verified + 1  # one call, however many reports
+    with pytest.raises(Rejected) as e:  # and never twice
+        await system.authority.verify(build_id=a, token=token, proof=p,
+                                      reports_digest=reports_hash(ok))
+    assert e.value.reason is Reason.PROOF_REPLAYED
     await system.scheduler.cancel(a)
 
 
@@ -644,10 +721,13 @@ async def test_a_batch_of_report_checks_answers_each_on_its_own(system):
     on = {i: builds[i].worker for i in (a, b)}
     log = BuildAction.LOG_APPEND
 
+    reports = [(log, {"number": 1, "lines": ["checked"]})]
+
     def request(build_id: int, token: str, hostname: str) -> dict:
-        proof = make_proof(system.identity(hostname), token=token, action=log,
+        proof = make_proof(system.identity(hostname), token=token, reports=reports,
                            build_id=build_id, now=datetime.now(UTC))
-        return {"build_id": build_id, "token": token, "requests": [(log, proof)]}
+        return {"build_id": build_id, "token": token, "proof": proof,
+                "reports_digest": reports_hash(reports)}
 
     good_a = request(a, system.tokens[a], on[a])
     header, claims, sig = system.tokens[b].split(".")
@@ -658,7 +738,7 @@ async def test_a_batch_of_report_checks_answers_each_on_its_own(system):
         request(b, system.tokens[b], on[a]),       # b's token, proof by a's worker
         request(b, forged, on[b]),                 # b's token, signature not the server's
         good_a,                                    # the same proof again: a replay
-        {"build_id": b, "token": system.tokens[b]},   # no requests
+        {"build_id": b, "token": system.tokens[b]},   # no proof, no reports
         "not a request",
         request(b, system.tokens[b], on[b]),
     ])
@@ -683,11 +763,9 @@ async def test_several_builds_reports_in_one_call_are_answered_each_on_its_own(s
     me = system.identity("w1")
 
     def call(build_id: int, token: str, text: str) -> dict:
-        proof = make_proof(me, token=token, action=BuildAction.LOG_APPEND, build_id=build_id,
-                           now=datetime.now(UTC))
-        return {"build_id": build_id, "token": token, "reports": [{
-            "action": BuildAction.LOG_APPEND, "proof": proof,
-            "payload": {"number": 1, "seq": 90, "lines": [text]}}]}
+        proof, reports = signed(me, token=token, build_id=build_id, reports=[
+            (BuildAction.LOG_APPEND, {"number": 1, "seq": 90, "lines": [text]})])
+        return {"build_id": build_id, "token": token, "proof": proof, "reports": reports}
 
     header, claims, _ = system.tokens[b].split(".")
     forged = ".".join([header, claims, base64.urlsafe_b64encode(b"x" * 64).decode()])

@@ -24,9 +24,13 @@ from vela.security import (
     KeyRing,
     Reason,
     Rejected,
+    ReplayCache,
     WorkerIdentity,
     mint_build_token,
+    reports_hash,
     seal_package,
+    verify_build_token,
+    verify_proof,
 )
 from vela.worker import Receipt, WorkerCore
 from vela.worker.core import NO_FREE_SLOT
@@ -70,12 +74,13 @@ class Report:
     build_id: int
     action: str
     payload: dict[str, Any]
-    proof: str
+    proof: str  # the proof of the call it came in (one per call, over all its reports)
 
 
 class FakeServer:
-    """An in-memory ServerLink that checks every report as the server does (token,
-    proof of possession, the build's current row) and records the good ones."""
+    """An in-memory ServerLink that checks every report call as the server does (token,
+    proof of possession over the call's reports, the build's current row) and records
+    the good ones."""
 
     def __init__(self, ring: KeyRing, identity: WorkerIdentity, clock: Clock) -> None:
         self.ring = ring
@@ -86,9 +91,11 @@ class FakeServer:
         self.jtis: dict[int, str] = {}
         self.ended: set[int] = set()
         self.reports: list[Report] = []
-        self.attempt_proofs: list[list[str]] = []  # one list per call
+        self.calls: list[tuple[str, list[Report]]] = []  # (proof, reports) of good calls
+        self.attempt_proofs: list[str] = []  # one per call, the failed ones included
+        self.attempt_actions: list[list[str]] = []  # the actions of each call, likewise
         self.failed_calls = 0
-        self.refused: list[tuple[int, str, str]] = []  # build, action, reason
+        self.refused: list[tuple[int, str, str]] = []  # build, first action, reason
         self.fail: Callable[[int, str], Exception | None] | None = None
         self.hang: asyncio.Event | None = None  # set: reports hang until it is set
         self.changed = asyncio.Condition()
@@ -121,44 +128,65 @@ class FakeServer:
         later reports; a refused one stops the build on the worker."""
         receipt = await core.execute_package(package)
         if receipt.accepted and receipt.start is not None:
+            start = receipt.start
             try:
-                self._record(receipt.build_id, package["build_token"], [receipt.start])
+                if set(start) != {"reports", "proof"}:  # as the Scheduler refuses it
+                    raise Rejected(Reason.MALFORMED, "signed reports are reports and a proof")
+                self._record(receipt.build_id, package["build_token"], start["proof"],
+                             start["reports"])
             except Rejected:
                 core.cancel(receipt.build_id)
         return receipt
 
-    async def send_reports(self, *, build_id: int, token: str,
+    async def send_reports(self, *, build_id: int, token: str, proof: str,
                            reports: list[dict[str, Any]]) -> None:
-        """All of a call's reports are checked before any is recorded, as the server does."""
-        self.attempt_proofs.append([r["proof"] for r in reports])
+        """All of a call's reports are checked, with its one proof, before any is
+        recorded, as the server does."""
+        self.attempt_proofs.append(proof)
+        self.attempt_actions.append([r["action"] for r in reports])
         if self.hang is not None:
             await self.hang.wait()
         for r in reports:
             if self.fail is not None and (err := self.fail(build_id, r["action"])) is not None:
                 self.failed_calls += 1
                 raise err
-        self._record(build_id, token, reports)
+        self._record(build_id, token, proof, reports)
 
-    def _record(self, build_id: int, token: str, reports: list[dict[str, Any]]) -> None:
-        action = ""
+    def _record(self, build_id: int, token: str, proof: str,
+                reports: list[dict[str, Any]]) -> None:
+        # The payloads as they arrived, as the Scheduler reads them off the wire.
+        got = [(r["action"], json.loads(json.dumps(r["payload"]))) for r in reports]
         try:
-            for r in reports:
-                action = r["action"]
-                now = self.clock()
-                self.guard.check(
-                    token=token, requests=[(action, r["proof"])],
-                    keys=self.ring.verifying_keys(now), build_id=build_id,
-                    build_status=BuildStatus.SUCCESS if build_id in self.ended
-                    else BuildStatus.RUNNING,
-                    build_worker=HOST, build_token_jti=self.jtis.get(build_id),
-                    worker_sign_key=self.identity.sign_public_key, now=now)
-            self.reports += [Report(build_id, r["action"], json.loads(json.dumps(r["payload"])),
-                                    r["proof"]) for r in reports]
+            now = self.clock()
+            self.guard.check(
+                token=token, proof=proof, reports=got,
+                keys=self.ring.verifying_keys(now), build_id=build_id,
+                build_status=BuildStatus.SUCCESS if build_id in self.ended
+                else BuildStatus.RUNNING,
+                build_worker=HOST, build_token_jti=self.jtis.get(build_id),
+                worker_sign_key=self.identity.sign_public_key, now=now)
+            call = [Report(build_id, action, payload, proof) for action, payload in got]
+            self.calls.append((proof, call))
+            self.reports += call
         except Rejected as e:
-            self.refused.append((build_id, action, e.reason.value))
+            self.refused.append((build_id, got[0][0] if got else "", e.reason.value))
             raise
         finally:
             asyncio.get_running_loop().create_task(self._notify())
+
+    def proof_covers(self, token: str, build_id: int, proof: str,
+                     reports: list[Report]) -> None:
+        """Check ``proof`` anew (its own replay cache) for a call of ``reports`` on
+        ``build_id`` made with ``token``; :class:`Rejected` if it does not cover them."""
+        now = self.clock()
+        claims = verify_build_token(token, keys=self.ring.verifying_keys(now), issuer=ISSUER,
+                                    now=now)
+        verify_proof(proof, token=token, claims=claims,
+                     worker_sign_key=self.identity.sign_public_key,
+                     reports_digest=reports_hash([(r.action, r.payload) for r in reports]),
+                     build_id=build_id,
+                     cache=ReplayCache(max_age_s=30, started_at=now - timedelta(seconds=60)),
+                     now=now)
 
     async def _notify(self) -> None:
         async with self.changed:
@@ -270,8 +298,9 @@ async def test_accepted_build_reports_in_order_with_fresh_proofs(core, server, c
     assert (receipt.accepted, receipt.build_id, receipt.reason) == (True, 1, None)
     assert receipt.as_dict() == {"accepted": True, "build_id": 1, "reason": None,
                                  "message": None, "start": receipt.start}
-    # The build's start came back with the receipt, signed like any report.
-    assert receipt.start is not None and receipt.start["action"] == START
+    # The build's start came back with the receipt, signed like any report call.
+    assert receipt.start is not None and set(receipt.start) == {"reports", "proof"}
+    assert [r["action"] for r in receipt.start["reports"]] == [START]
     assert receipt.start["proof"] not in repr(receipt)
     await server.until(lambda: server.finish(1))
     await core.wait_idle(5)
@@ -303,13 +332,25 @@ async def test_accepted_build_reports_in_order_with_fresh_proofs(core, server, c
     assert server.lines(1, 1) == ["hello", f"len={len(SECRET)}", MASK, "1 acme/app 3 vela"]
     assert server.lines(1, 2) == ["two"]
     assert SECRET not in json.dumps([r.payload for r in reports])
-    # Every report carried its own proof, and each verified (the guard refuses replays).
-    proofs = [r.proof for r in reports]
-    assert len(set(proofs)) == len(proofs) and server.refused == []
+    # Every call carried its own fresh proof (the guard refuses replays), and each
+    # verifies with the reports it came with, and only with them.
+    assert server.refused == [] and [r for _, call in server.calls for r in call] == reports
+    proofs = [proof for proof, _ in server.calls]
+    assert len(set(proofs)) == len(proofs) == len(server.attempt_proofs) + 1  # + the start
+    assert proofs[0] == receipt.start["proof"] and proofs[1:] == server.attempt_proofs
+    pkg_token = pkg["build_token"]
+    for proof, call in server.calls:
+        server.proof_covers(pkg_token, 1, proof, call)
+    (_, start_call), (_, next_call), *_ = server.calls
+    with pytest.raises(Rejected) as e:
+        server.proof_covers(pkg_token, 1, proofs[0], next_call)
+    assert e.value.reason is Reason.PROOF_WRONG_ACTION
+    with pytest.raises(Rejected) as e:
+        server.proof_covers(pkg_token, 1, proofs[1], start_call + next_call)
+    assert e.value.reason is Reason.PROOF_WRONG_ACTION
     for text_out in (repr(core), caplog.text, json.dumps(core.status())):
         assert SECRET not in text_out
         assert all(p not in text_out for p in proofs)
-    pkg_token = pkg["build_token"]
     assert pkg_token not in repr(core) and pkg_token not in caplog.text
 
 
@@ -473,8 +514,10 @@ async def test_refused_proofs_are_signed_afresh_and_the_build_goes_on(core, serv
     assert (await server.execute(core, server.package(1, one_step("echo hi")))).accepted
     await server.until(lambda: server.finish(1))
     assert server.finish(1)["status"] == "success" and server.failed_calls == 1
-    proofs = [p for call in server.attempt_proofs for p in call]
+    proofs = server.attempt_proofs  # one per call
     assert len(proofs) == len(set(proofs))  # the second attempt signed afresh
+    refused_at = next(i for i, actions in enumerate(server.attempt_actions) if FINISH in actions)
+    assert server.attempt_actions[refused_at + 1] == server.attempt_actions[refused_at]
     await core.wait_idle(10)
 
 
@@ -519,10 +562,10 @@ async def test_transient_report_errors_are_retried(core, server):
     assert budget == dict.fromkeys(failures, 0)
     assert [r.action for r in server.of(1)][:2] == [START, STEP]
     assert server.lines(1, 1) == ["hi"]
-    # A fresh proof on every attempt, the failed ones included.
+    # A fresh proof on every attempt (one per call), the failed ones included.
     assert server.failed_calls == sum(failures.values())
-    proofs = [p for call in server.attempt_proofs for p in call]
-    assert len(set(proofs)) == len(proofs)
+    proofs = server.attempt_proofs
+    assert len(set(proofs)) == len(proofs) == len(server.attempt_actions)
     assert {r.proof for r in server.reports if r.action != START} <= set(proofs)
 
 
@@ -583,9 +626,40 @@ async def test_a_short_steps_reports_travel_with_the_finish(core, server):
     core._linger_s = 60.0  # a step's report waits for the next that must go at once
     assert (await server.execute(core, server.package(1, one_step("echo hi")))).accepted
     await server.until(lambda: server.finish(1))
-    # build.start came with the receipt; everything else in one call.
-    assert [len(call) for call in server.attempt_proofs] == [4]
+    # build.start came with the receipt; everything else in one call, with one proof.
+    assert server.attempt_actions == [[STEP, LOG, STEP, FINISH]]
+    assert len(server.attempt_proofs) == 1
     assert [r.action for r in server.of(1)] == [START, STEP, LOG, STEP, FINISH]
+
+
+@pytest.mark.parametrize("change", ["payload", "dropped", "added", "reordered"])
+async def test_reports_changed_after_signing_are_refused(core, server, change):
+    """A call's proof covers its reports, payloads and order included: reports changed
+    on the way (a line rewritten, a report dropped, added or moved) are refused as a
+    whole, and the build stops."""
+    core._linger_s = 60.0  # the step's reports travel with the finish, in one call
+    original = server.send_reports
+
+    async def tamper(**kw: Any) -> None:
+        reports = [dict(r) for r in kw["reports"]]
+        if change == "payload":
+            (log,) = [r for r in reports if r["action"] == LOG]
+            log["payload"] = {**log["payload"], "lines": ["forged"]}
+        elif change == "dropped":
+            del reports[1]
+        elif change == "added":
+            reports.insert(1, dict(reports[1]))
+        else:
+            reports[0], reports[1] = reports[1], reports[0]
+        await original(**{**kw, "reports": reports})
+
+    server.send_reports = tamper  # type: ignore[method-assign]
+    assert (await server.execute(core, server.package(1, one_step("echo hi")))).accepted
+    await server.until(lambda: server.refused)
+    await core.wait_idle(10)
+    assert [r[2] for r in server.refused] == [Reason.PROOF_WRONG_ACTION.value]
+    assert len(server.attempt_proofs) == 1  # not retried: the build was stopped
+    assert [r.action for r in server.of(1)] == [START] and server.finish(1) is None
 
 
 async def test_server_unreachable_past_the_deadline_stops_the_build(make_core, server):
@@ -654,7 +728,7 @@ async def test_close_cuts_short_a_report_hanging_on_the_link(core, server, gate,
     await server.until(lambda: server.of(1, STEP))
     server.hang = asyncio.Event()  # never set: the server stopped answering
     gate.open()  # the step ends and its report hangs
-    await eventually(lambda: sum(map(len, server.attempt_proofs)) > len(server.reports))
+    await eventually(lambda: sum(map(len, server.attempt_actions)) > len(server.reports))
     await asyncio.wait_for(core.close(), 10)
     assert core.running == [] and server.finish(1) is None
 

@@ -34,7 +34,7 @@ from vela.security.pinning import (
     publish_key_set,
     save_pinned_server,
 )
-from vela.security.proof import ReplayCache, make_proof, verify_proof
+from vela.security.proof import ReplayCache, make_proof, reports_hash, verify_proof
 from vela.security.tokens import (
     ApiClaims,
     BuildClaims,
@@ -54,6 +54,6 @@ __all__ = [
     "jwk_thumbprint", "load_or_create_identity", "load_or_create_keyring",
     "load_pinned_server", "make_proof", "mint_api_token", "mint_build_token",
     "mint_registration_token", "open_package", "pin_key_set", "publish_key_set",
-    "register_worker", "reregister_worker", "rotate_keyring", "save_pinned_server",
+    "register_worker", "reports_hash", "reregister_worker", "rotate_keyring", "save_pinned_server",
     "seal_package", "verify_api_token", "verify_build_token", "verify_proof",
 ]

@@ -80,7 +80,7 @@ _HINTS: dict[Reason, str] = {
     Reason.PROOF_INVALID: "the proof of possession does not verify for this token and worker",
     Reason.PROOF_REPLAYED: "this proof was already used; sign a fresh one per request",
     Reason.PROOF_STALE: "the proof is outside the acceptance window; sign a fresh one",
-    Reason.PROOF_WRONG_ACTION: "the proof was signed for another action",
+    Reason.PROOF_WRONG_ACTION: "the proof was signed for other reports (actions or payloads)",
     Reason.BUILD_ENDED: "the build has ended; its token is dead",
     Reason.TOKEN_REVOKED: "the token was revoked (a build token: its build has moved on)",
     Reason.FORBIDDEN_ACTION: "a build token may only report on its own build",

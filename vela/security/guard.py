@@ -1,7 +1,8 @@
 """The full check of a request made with a build token, in its one order.
 
 token (signature, type, time) → proof of possession (bound key, fresh,
-unreplayed) → authorization against the build's current row. The proof comes
+unreplayed, over the call's reports) → authorization of each report against the
+build's current row. The proof comes
 before authorization so that a stolen token alone learns nothing about the
 build's state.
 """
@@ -11,12 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import cast
 
 from vela.domain import BuildStatus
 from vela.security.authz import authorize_build_request
 from vela.security.errors import Reason, Rejected
-from vela.security.proof import ReplayCache, verify_proof
+from vela.security.proof import ReplayCache, reports_hash, verify_proof
 from vela.security.tokens import DEFAULT_LEEWAY_S, BuildClaims, verify_build_token
 
 log = logging.getLogger(__name__)
@@ -33,56 +33,55 @@ class BuildRequestGuard:
         self.replay = ReplayCache(max_age_s=proof_max_age_s, started_at=started_at,
                                   max_entries=max_replay_entries, skew_s=leeway_s)
 
-    def check(self, *, token: object, requests: Sequence[object], keys: Mapping[str, str],
-              build_id: int, build_status: BuildStatus | str, build_worker: str | None,
-              build_token_jti: str | None, worker_sign_key: str | None,
-              now: datetime) -> BuildClaims:
-        """Claims of the token if every request — an ``(action, proof)`` made with
-        ``token``, in the order sent — may proceed; :class:`Rejected` for the first that
-        may not: :meth:`verify`, then :func:`authorize_build_request` for each.
+    def check(self, *, token: object, proof: object, reports: Sequence[tuple[str, object]],
+              keys: Mapping[str, str], build_id: int, build_status: BuildStatus | str,
+              build_worker: str | None, build_token_jti: str | None,
+              worker_sign_key: str | None, now: datetime) -> BuildClaims:
+        """Claims of the token if a call of ``(action, payload)`` reports, in the order
+        sent, made with ``token`` and ``proof``, may proceed; :class:`Rejected` for the
+        first check that fails: :meth:`verify`, then :func:`authorize_build_request` for
+        each report.
 
         ``build_*`` come from the build row named by the request; ``worker_sign_key``
         is the registered key of ``build_worker`` (None if it has none).
         """
-        claims = self.verify(token=token, requests=requests, keys=keys, build_id=build_id,
-                             worker_sign_key=worker_sign_key, now=now)
-        pairs = cast(Sequence[tuple[str, object]], requests)  # verify checked their shape
-        authorize_all(claims, [action for action, _ in pairs], build_id=build_id,
+        if not isinstance(reports, list | tuple) or not reports:
+            # Never a token alone: a proof covers one or more reports.
+            raise Rejected(Reason.MALFORMED, "one or more (action, payload) reports")
+        claims = self.verify(token=token, proof=proof, reports_digest=reports_hash(reports),
+                             keys=keys, build_id=build_id, worker_sign_key=worker_sign_key,
+                             now=now)
+        authorize_all(claims, [action for action, _ in reports], build_id=build_id,
                       build_status=build_status, build_worker=build_worker,
                       build_token_jti=build_token_jti)
         return claims
 
-    def verify(self, *, token: object, requests: Sequence[object], keys: Mapping[str, str],
-               build_id: int, worker_sign_key: str | None, now: datetime) -> BuildClaims:
-        """The token and every request's proof, without the build's row: the claims if
-        the token is the server's, current, and each ``(action, proof)`` was made with
-        it by the key it is bound to, fresh and unreplayed. The token is checked once
-        for all of them, each proof on its own. Whoever acts on the requests must
-        still pass them through :func:`authorize_build_request` against the row
-        (:func:`authorize_all`), ideally in the transaction that writes them.
+    def verify(self, *, token: object, proof: object, reports_digest: str,
+               keys: Mapping[str, str], build_id: int, worker_sign_key: str | None,
+               now: datetime) -> BuildClaims:
+        """The token and the call's proof, without the build's row: the claims if the
+        token is the server's and current, and ``proof`` was made with it by the key it
+        is bound to, fresh, unreplayed, over the reports that hash to ``reports_digest``
+        (:func:`~vela.security.proof.reports_hash` of the call as it arrived). Whoever
+        acts on the reports must still pass them through
+        :func:`authorize_build_request` against the row (:func:`authorize_all`),
+        ideally in the transaction that writes them.
 
         ``keys`` are the server's verifying keys; ``worker_sign_key`` the registered
         key of the worker the build runs on.
         """
-        action = ""
         try:
-            if not isinstance(requests, list | tuple) or not requests:
-                # Never a token alone: each request needs its proof.
-                raise Rejected(Reason.MALFORMED, "one or more (action, proof) requests")
             claims = verify_build_token(token, keys=keys, issuer=self.issuer, now=now,
                                         leeway_s=self.leeway_s)
             if claims.build_id != build_id:
                 raise Rejected(Reason.WRONG_BUILD, f"token is for build {claims.build_id}")
             assert isinstance(token, str)
-            for request in requests:
-                if not isinstance(request, list | tuple) or len(request) != 2:
-                    raise Rejected(Reason.MALFORMED, "a request is (action, proof)")
-                action, proof = request
-                verify_proof(proof, token=token, claims=claims,
-                             worker_sign_key=worker_sign_key or "", action=action,
-                             build_id=build_id, cache=self.replay, now=now)
+            verify_proof(proof, token=token, claims=claims,
+                         worker_sign_key=worker_sign_key or "",
+                         reports_digest=reports_digest, build_id=build_id,
+                         cache=self.replay, now=now)
         except Rejected as e:
-            _rejected(e, build_id, action)
+            _rejected(e, build_id, "")
             raise
         return claims
 

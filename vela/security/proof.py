@@ -1,22 +1,25 @@
 """Proof of possession for build-token requests (DPoP-like, RFC 9449 in spirit).
 
-Every request made with a build token carries a fresh proof: a small JWS by
-the worker's Ed25519 key over the token's hash (``ath``), the action
-(``act``), the build (``bid``), the time (``iat``) and a never-repeated value
-(``jti``). A copied token without the worker's key is useless; a copied proof
-is good for one request only, within ``max_age_s``.
+Every call made with a build token carries a fresh proof: a small JWS by the
+worker's Ed25519 key over the token's hash (``ath``), the hash of the call's
+reports — their actions and payloads, in order (``rqh``) —, the build (``bid``),
+the time (``iat``) and a never-repeated value (``jti``). A copied token without
+the worker's key is useless; a copied proof is good for its one call only,
+within ``max_age_s``, and no report of that call can be changed, dropped,
+added or reordered under it.
 """
 
 from __future__ import annotations
 
 import heapq
 import os
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vela.security._codec import b64u, jws_compact, sha256_b64u, timestamp
+from vela.security._codec import b64u, canonical_json, jws_compact, sha256_b64u, timestamp
 from vela.security.errors import Reason, Rejected
 from vela.security.keys import jwk_thumbprint, same
 from vela.security.tokens import ALGORITHM, BuildClaims, decode_jws, read_jws_header
@@ -32,7 +35,7 @@ class ProofClaims(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     ath: str = Field(pattern=r"^[A-Za-z0-9_-]{43}$")
-    act: str = Field(max_length=64)
+    rqh: str = Field(pattern=r"^[A-Za-z0-9_-]{43}$")
     bid: int
     iat: float
     jti: str = Field(pattern=r"^[A-Za-z0-9_-]{16,64}$")
@@ -42,10 +45,21 @@ def token_hash(token: str) -> str:
     return sha256_b64u(token.encode("ascii", "replace"))
 
 
-def make_proof(identity: WorkerIdentity, *, token: str, action: str, build_id: int,
-               now: datetime) -> str:
-    """Worker side: a proof for one request (never reuse it)."""
-    claims = ProofClaims(ath=token_hash(token), act=str(action), bid=build_id,
+def reports_hash(reports: Sequence[tuple[str, object]]) -> str:
+    """What a proof signs of its call: the hash of its ``(action, payload)`` reports, in
+    order, as canonical JSON; ``malformed`` if they are not plain JSON."""
+    try:
+        return sha256_b64u(canonical_json([[str(action), payload]
+                                           for action, payload in reports]))
+    except (TypeError, ValueError):
+        raise Rejected(Reason.MALFORMED, "reports that are not plain JSON") from None
+
+
+def make_proof(identity: WorkerIdentity, *, token: str,
+               reports: Sequence[tuple[str, object]], build_id: int, now: datetime) -> str:
+    """Worker side: a proof for one call of ``(action, payload)`` reports on
+    ``build_id``, sent in this order (never reuse it)."""
+    claims = ProofClaims(ath=token_hash(token), rqh=reports_hash(reports), bid=build_id,
                          iat=round(timestamp(now), 3), jti=b64u(os.urandom(16)))
     return jws_compact({"alg": ALGORITHM, "typ": PROOF_TYPE}, claims.model_dump(),
                        identity.sign)
@@ -93,8 +107,10 @@ class ReplayCache:
 
 
 def verify_proof(proof: object, *, token: str, claims: BuildClaims, worker_sign_key: str,
-                 action: str, build_id: int, cache: ReplayCache, now: datetime) -> ProofClaims:
-    """Check ``proof`` for a request made with ``token`` (already verified to ``claims``).
+                 reports_digest: str, build_id: int, cache: ReplayCache,
+                 now: datetime) -> ProofClaims:
+    """Check ``proof`` for a call made with ``token`` (already verified to ``claims``)
+    whose reports hash to ``reports_digest`` (:func:`reports_hash` of what arrived).
 
     ``worker_sign_key`` is the registered key of the worker the build runs on;
     it must be the key the token is bound to (``cnf.jkt``).
@@ -119,7 +135,7 @@ def verify_proof(proof: object, *, token: str, claims: BuildClaims, worker_sign_
         raise Rejected(Reason.PROOF_INVALID, "proof is for another token")
     if body.bid != build_id:
         raise Rejected(Reason.WRONG_BUILD, "proof is for another build")
-    if body.act != action:
+    if not same(body.rqh, reports_digest):
         raise Rejected(Reason.PROOF_WRONG_ACTION)
     cache.admit(f"{claims.cnf.jkt}:{body.jti}", body.iat, now)
     return body

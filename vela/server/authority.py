@@ -3,7 +3,8 @@
 It mints a build token bound to one worker's key and seals the build's
 package (secrets encrypted to that worker, the whole signed), verifies every
 request made with a build token (the token, then each request's proof of
-possession, through the one :class:`~vela.security.BuildRequestGuard`), and
+possession over the call's reports, through the one
+:class:`~vela.security.BuildRequestGuard`), and
 mints registration tokens. The last check, against the build's row, is made
 where the requests are written, in the same transaction
 (:class:`~vela.server.reports.ReportWriter`). Revocation is the build row itself: a
@@ -41,7 +42,6 @@ from vela.security import (
 )
 from vela.security.keys import PURPOSE_TOKEN
 from vela.server.builds import build_meta
-from vela.server.reports import MAX_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -137,36 +137,35 @@ class Authority:
 
     async def verify_many(self, requests: Sequence[object]
                           ) -> list[BuildClaims | Exception]:
-        """:meth:`verify` for each ``{"build_id", "token", "requests", "worker_sign_key"}``
-        (the reports of several builds), answered in order, each on its own."""
+        """:meth:`verify` for each ``{"build_id", "token", "proof", "reports_digest",
+        "worker_sign_key"}`` (the report calls of several builds), answered in order,
+        each on its own."""
         return await answer_each(requests, lambda r: self.verify(**_report_request(r)))
 
-    async def verify(self, *, build_id: int, token: object,
-                     requests: Sequence[tuple[str, object]],
-                     worker_sign_key: str | None = None) -> BuildClaims:
-        """Check a worker's requests on ``build_id``, each an ``(action, proof)`` made with
-        ``token`` (one report, or the reports a worker sends together): the token, then
-        each proof against ``worker_sign_key`` — the registered key of the worker the
-        build runs on, as the Scheduler knows it; read from the database when None.
-        Returns the token's claims, for the writer to check against the build's row
-        (:func:`~vela.security.authorize_all`). All of them pass or none:
-        :class:`Rejected` with the reason code of the first that fails.
+    async def verify(self, *, build_id: int, token: object, proof: object,
+                     reports_digest: str, worker_sign_key: str | None = None) -> BuildClaims:
+        """Check a worker's call on ``build_id``: ``token``, then ``proof`` over the
+        call's reports (which hash to ``reports_digest``, as the Scheduler received
+        them) against ``worker_sign_key`` — the registered key of the worker the build
+        runs on, as the Scheduler knows it; read from the database when None.
+        Returns the token's claims, for the writer to check each report against the
+        build's row (:func:`~vela.security.authorize_all`); :class:`Rejected` with the
+        reason code of the first check that fails.
         """
         now = self._clock()
         try:
             if not isinstance(build_id, int) or isinstance(build_id, bool):
                 raise Rejected(Reason.MALFORMED, "build id")
-            if not isinstance(requests, list | tuple) or not 1 <= len(requests) <= MAX_BATCH:
-                raise Rejected(Reason.MALFORMED, f"1 to {MAX_BATCH} requests at a time")
             if worker_sign_key is None:
                 worker_sign_key = await self._key_of_builds_worker(build_id)
             claims = self.guard.verify(
-                token=token, requests=requests, keys=self.ring.verifying_keys(now),
-                build_id=build_id, worker_sign_key=worker_sign_key, now=now)
+                token=token, proof=proof, reports_digest=reports_digest,
+                keys=self.ring.verifying_keys(now), build_id=build_id,
+                worker_sign_key=worker_sign_key, now=now)
         except Rejected as e:
             self.stats.rejected[e.reason.value] = self.stats.rejected.get(e.reason.value, 0) + 1
             raise
-        self.stats.verified += len(requests)
+        self.stats.verified += 1
         return claims
 
     async def _key_of_builds_worker(self, build_id: int) -> str | None:
@@ -200,12 +199,13 @@ def _pair(request: object) -> tuple[int, str]:
 
 
 def _report_request(request: object) -> dict[str, Any]:
+    fields = {"build_id", "token", "proof", "reports_digest"}
     if not isinstance(request, dict) or not (
-            {"build_id", "token", "requests"} <= set(request)
-            <= {"build_id", "token", "requests", "worker_sign_key"}):
-        raise Rejected(Reason.MALFORMED, "a request is build_id, token, requests and "
-                       "the worker's key")
+            fields <= set(request) <= fields | {"worker_sign_key"}):
+        raise Rejected(Reason.MALFORMED, "a request is build_id, token, proof, "
+                       "reports_digest and the worker's key")
     key = request.get("worker_sign_key")
-    if key is not None and not isinstance(key, str):
-        raise Rejected(Reason.MALFORMED, "the worker's key")
+    if (key is not None and not isinstance(key, str)) or not isinstance(
+            request["reports_digest"], str):
+        raise Rejected(Reason.MALFORMED, "the worker's key or the reports' digest")
     return request

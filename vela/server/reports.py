@@ -1,8 +1,8 @@
 """Writing a worker's reports on its build: the one write path for status, steps and logs.
 
 Who may report is decided by two checks: the Scheduler asks
-:meth:`~vela.server.authority.Authority.verify` for the build token and each
-report's proof, and hands the token's claims here, where they are checked against
+:meth:`~vela.server.authority.Authority.verify` for the build token and the
+call's proof (over its reports), and hands the token's claims here, where they are checked against
 the build's row (:func:`~vela.security.authorize_all`) in the transaction that
 writes the reports. The legacy gateway checks the shared worker secret instead
 (:mod:`vela.legacy`). Either way a build's record looks the same whichever queue
@@ -61,7 +61,6 @@ class FinishReport(_Report):
 class BatchedReport(_Report):
     action: str = Field(max_length=64)
     payload: dict[str, Any]
-    proof: str = Field(max_length=4_096)
 
 
 def _where(e: ValidationError) -> str:

@@ -53,6 +53,7 @@ from vela.security import (
     Registration,
     Rejected,
     register_worker,
+    reports_hash,
     reregister_worker,
 )
 from vela.security.challenge import Challenge
@@ -99,9 +100,9 @@ class WorkerDirectory(Protocol):
 class AuthorityClient(Protocol):
     async def issue_package(self, build_id: int, hostname: str) -> IssuedPackage: ...
 
-    async def verify(self, *, build_id: int, token: object,
-                     requests: list[tuple[str, object]],
-                     worker_sign_key: str | None = None) -> BuildClaims: ...
+    async def verify(self, *, build_id: int, token: object, proof: object,
+                     reports_digest: str, worker_sign_key: str | None = None
+                     ) -> BuildClaims: ...
 
     async def key_set(self) -> dict[str, Any]: ...
 
@@ -331,7 +332,7 @@ class Scheduler:
                 try:
                     await self._apply_reports(build_id=build_id,
                                               token=issued.package.get("build_token"),
-                                              reports=[start])
+                                              **_signed_reports(start))
                     return
                 except Rejected as e:
                     if (e.reason in PROOF_ONLY
@@ -498,35 +499,38 @@ class Scheduler:
 
     # -- what workers report ---------------------------------------------------------
 
-    async def reports(self, *, build_id: int, token: str, reports: list[dict[str, Any]]
-                      ) -> None:
-        """A worker's updates on its build, in the order made, each with its own proof
-        of possession of ``token``: the TokenAuthority checks the token and the proofs,
-        the writer the build's row in the transaction that writes them; all pass or
-        none is written."""
+    async def reports(self, *, build_id: int, token: str, proof: str,
+                      reports: list[dict[str, Any]]) -> None:
+        """A worker's updates on its build (``{action, payload}`` each), in the order
+        made, with one proof of possession of ``token`` over all of them: the
+        TokenAuthority checks the token and the proof, the writer each report against
+        the build's row in the transaction that writes them; all pass or none is
+        written."""
         if (started := self._starting.get(build_id)) is not None:
             await started.wait()  # its start, which came with the receipt, goes first
-        await self._apply_reports(build_id=build_id, token=token, reports=reports)
+        await self._apply_reports(build_id=build_id, token=token, proof=proof,
+                                  reports=reports)
 
     async def reports_many(self, calls: object) -> list[None | Exception]:
         """Several :meth:`reports` calls in one (a worker's builds, coalesced), each
-        ``{build_id, token, reports}``, each checked and written on its own; a refusal
-        is the answer of its own call only."""
+        ``{build_id, token, proof, reports}``, each checked and written on its own; a
+        refusal is the answer of its own call only."""
         return await answer_each(calls, lambda call: self.reports(**_reports_call(call)),
                                  concurrently=True)
 
-    async def _apply_reports(self, *, build_id: int, token: object, reports: object) -> None:
+    async def _apply_reports(self, *, build_id: int, token: object, proof: object,
+                             reports: object) -> None:
         try:
-            batch = parse_batch(reports)
+            batch = [(r.action, r.payload) for r in parse_batch(reports)]
             # The key of the worker the build holds a slot on, as registered; the
             # Authority reads it from the database when the build holds none here.
             link = self._links.get(self.registry.worker_of(build_id) or "")
             claims = await self.authority.verify(
-                build_id=build_id, token=token, requests=[(r.action, r.proof) for r in batch],
+                build_id=build_id, token=token, proof=proof,
+                reports_digest=reports_hash(batch),
                 worker_sign_key=link.sign_public_key if link is not None else None)
             ended = await self.writer.apply_all(
-                build_id=build_id, hostname=claims.wkr,
-                reports=[(r.action, r.payload) for r in batch], claims=claims)
+                build_id=build_id, hostname=claims.wkr, reports=batch, claims=claims)
         except Rejected as e:
             self.stats.count(self.stats.report_rejections, e.reason.value)
             self.metrics.rejected(e.reason.value)
@@ -872,7 +876,14 @@ def _backlog(status: dict[str, Any]) -> int:
 
 
 def _reports_call(call: object) -> dict[str, Any]:
-    if not (isinstance(call, dict) and set(call) == {"build_id", "token", "reports"}
+    if not (isinstance(call, dict) and set(call) == {"build_id", "token", "proof", "reports"}
             and isinstance(call["build_id"], int) and not isinstance(call["build_id"], bool)):
-        raise Rejected(Reason.MALFORMED, "a call is build_id, token and reports")
+        raise Rejected(Reason.MALFORMED, "a call is build_id, token, proof and reports")
     return call
+
+
+def _signed_reports(signed: object) -> dict[str, Any]:
+    """A worker's ``{reports, proof}`` (the start in a receipt), or ``malformed``."""
+    if not (isinstance(signed, dict) and set(signed) == {"proof", "reports"}):
+        raise Rejected(Reason.MALFORMED, "signed reports are reports and their proof")
+    return signed

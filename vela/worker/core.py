@@ -4,7 +4,7 @@
 the server signed it for this worker, keeps at most ``build_limit`` builds
 running (and up to ``backlog`` more held until a slot frees), and reports each
 build's progress to the server through a :class:`ServerLink` with the build's
-token and a fresh proof of possession per report. It never raises to the server
+token and a fresh proof of possession per call. It never raises to the server
 over a refusal: it answers with a :class:`Receipt` whose ``reason`` is a stable
 code.
 
@@ -86,9 +86,10 @@ def _utcnow() -> datetime:
 
 
 class ServerLink(Protocol):
-    async def send_reports(self, *, build_id: int, token: str,
+    async def send_reports(self, *, build_id: int, token: str, proof: str,
                            reports: list[dict[str, Any]]) -> None:
-        """Deliver a build's reports in order (each ``{action, payload, proof}``). Raises
+        """Deliver a build's reports in order (each ``{action, payload}``) with one proof
+        over all of them. Raises
         vela.security.Rejected when the server refuses (token revoked, build ended...);
         any other exception means transient trouble (retry)."""
 
@@ -103,8 +104,9 @@ class Receipt:
     # "no_free_slot", "draining", "duplicate_package", "already_running".
     reason: str | None = None
     message: str | None = None
-    # When accepted into a free slot: the build's ``build.start`` report (action, payload,
-    # proof), which travels back with the receipt instead of in a report call of its own.
+    # When accepted into a free slot: the build's ``build.start`` report with its proof
+    # (``{reports, proof}``), which travels back with the receipt instead of in a report
+    # call of its own.
     # None when the package is held for a slot: the build reports its start itself.
     start: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -602,7 +604,8 @@ class WorkerCore(BuildRunner):
         started_at = now.isoformat()
         self._start(Job.from_package(opened), token=opened.build_token, started_at=started_at)
         return Receipt(True, build_id, start=self._signed(
-            opened.build_token, build_id, BuildAction.START, {"started_at": started_at}, now))
+            opened.build_token, build_id, [(BuildAction.START, {"started_at": started_at})],
+            now))
 
     def start_report(self, build_id: int) -> dict[str, Any] | None:
         """The ``build.start`` report of a build whose start came with its receipt, with a
@@ -612,22 +615,25 @@ class WorkerCore(BuildRunner):
         run = self._runs.get(build_id)
         if run is None or run.started_at is None or run.cut_off is not None:
             return None
-        return self._signed(run.token, build_id, BuildAction.START,
-                            {"started_at": run.started_at}, self._clock())
+        return self._signed(run.token, build_id,
+                            [(BuildAction.START, {"started_at": run.started_at})],
+                            self._clock())
 
     async def _send(self, run: _Run, batch: list[tuple[BuildAction, dict[str, Any]]]
                     ) -> None:
-        # A fresh proof per report and attempt: the server refuses a proof it has seen.
-        now = self._clock()
-        await self._server.send_reports(build_id=run.build_id, token=run.token, reports=[
-            self._signed(run.token, run.build_id, action, payload, now)
-            for action, payload in batch])
+        # A fresh proof per call and attempt: the server refuses a proof it has seen.
+        await self._server.send_reports(build_id=run.build_id, token=run.token,
+                                        **self._signed(run.token, run.build_id, batch,
+                                                       self._clock()))
 
-    def _signed(self, token: str, build_id: int, action: BuildAction,
-                payload: dict[str, Any], now: datetime) -> dict[str, Any]:
-        """A report as sent: ``{action, payload, proof}``."""
-        return {"action": action.value, "payload": payload,
-                "proof": make_proof(self._identity, token=token, action=action.value,
+    def _signed(self, token: str, build_id: int,
+                batch: list[tuple[BuildAction, dict[str, Any]]], now: datetime
+                ) -> dict[str, Any]:
+        """Reports as sent: ``{reports: [{action, payload}...], proof}``, the proof over
+        all of them in this order."""
+        reports = [(action.value, payload) for action, payload in batch]
+        return {"reports": [{"action": a, "payload": p} for a, p in reports],
+                "proof": make_proof(self._identity, token=token, reports=reports,
                                     build_id=build_id, now=now)}
 
     def _remember(self, package_id: str, expires_at: float, now: datetime) -> bool:
