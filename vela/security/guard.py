@@ -2,9 +2,8 @@
 
 token (signature, type, time) → proof of possession (bound key, fresh,
 unreplayed, over the call's reports) → authorization of each report against the
-build's current row. The proof comes
-before authorization so that a stolen token alone learns nothing about the
-build's state.
+build's current row. The proof comes before authorization so that a stolen token
+alone learns nothing about the build's state.
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ class BuildRequestGuard:
                          reports_digest=reports_digest, build_id=build_id,
                          cache=self.replay, now=now)
         except Rejected as e:
-            _rejected(e, build_id, "")
+            _rejected(e, build_id)
             raise
         return claims
 
@@ -101,6 +100,6 @@ def authorize_all(claims: BuildClaims, actions: Sequence[object], *, build_id: i
         raise
 
 
-def _rejected(e: Rejected, build_id: int, action: object) -> None:
+def _rejected(e: Rejected, build_id: int, action: object = "") -> None:
     log.info("build request rejected", extra={
         "reason": e.reason.value, "build_id": build_id, "action": str(action)[:40]})
