@@ -79,11 +79,7 @@ class WorkerActor:
             backlog=self.core.backlog, sign_public_key=self._identity.sign_public_key,
             seal_public_key=self._identity.seal_public_key,
             address=ray.util.get_node_ip_address(), ray_node_id=ctx.get_node_id(),
-            actor_name=worker_actor_name(self.hostname)).model_dump(
-                mode="json",
-                # Without a backlog the field stays out, so servers older than it (which
-                # refuse unknown fields) still take this worker during an upgrade.
-                exclude=None if self.core.backlog else {"backlog"})
+            actor_name=worker_actor_name(self.hostname)).model_dump(mode="json")
 
     async def _register(self) -> None:
         reg = self._registration()

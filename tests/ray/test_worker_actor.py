@@ -9,6 +9,8 @@ import pytest
 
 from tests.ray.conftest import wait_until
 from tests.server.conftest import pipeline
+from vela.security import Registration
+from vela.security.onboarding import WORKER_PROTOCOL
 
 pytestmark = pytest.mark.ray
 
@@ -141,8 +143,10 @@ def test_accepts_a_valid_package_and_reports_with_proofs(double):
     import ray
 
     fake, worker = double
-    # No backlog: the field stays out of the registration (older servers refuse it).
-    assert "backlog" not in ray.get(fake.state.remote())["registration"]
+    # The registration names the worker protocol this server speaks.
+    registration = ray.get(fake.state.remote())["registration"]
+    assert registration["protocol"] == WORKER_PROTOCOL
+    assert Registration.from_wire(registration).hostname == registration["hostname"]
     pkg = ray.get(fake.package.remote(1, pipeline('echo "s=$API_TOKEN"', secrets=("api_token",)),
                                       secrets={"api_token": SECRET}))
     receipt = ray.get(worker.execute_package.remote(pkg))

@@ -23,6 +23,7 @@ from vela.security import (
     register_worker,
     reregister_worker,
 )
+from vela.security.onboarding import WORKER_PROTOCOL
 
 from .conftest import ISSUER
 
@@ -153,6 +154,26 @@ def test_registration_validates_its_fields(worker_a):
     # No backlog on the wire (a worker without one, or older than it): none.
     wire = reg(worker_a).model_dump(mode="json", exclude={"backlog"})
     assert Registration.from_wire(wire).backlog == 0
+
+
+def test_a_worker_of_another_protocol_is_refused_with_what_to_do(worker_a):
+    """A worker that cannot follow this server's packages, receipts and report calls is
+    refused at registration, saying both protocols and to install one vela version —
+    not at every build it would run."""
+    wire = reg(worker_a).model_dump(mode="json")
+    assert wire["protocol"] == WORKER_PROTOCOL
+    assert Registration.from_wire(wire).protocol == WORKER_PROTOCOL
+    for other, spoken in [({k: v for k, v in wire.items() if k != "protocol"}, 1),
+                          ({**wire, "protocol": 1}, 1),
+                          ({**wire, "protocol": WORKER_PROTOCOL + 1}, WORKER_PROTOCOL + 1)]:
+        with pytest.raises(Rejected) as e:
+            Registration.from_wire(other)
+        assert e.value.reason is Reason.WORKER_PROTOCOL_MISMATCH
+        assert f"speaks protocol {spoken}, this server {WORKER_PROTOCOL}" in str(e.value)
+        assert "same vela version" in str(e.value)
+    with pytest.raises(Rejected) as e:  # malformed first, whatever it says of its protocol
+        Registration.from_wire({"hostname": "a", "protocol": 1})
+    assert e.value.reason is Reason.MALFORMED
 
 
 @pytest.fixture

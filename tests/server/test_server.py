@@ -15,7 +15,16 @@ from vela.domain import BuildStatus
 from vela.errors import NotFound
 from vela.queue.item import QueueItem
 from vela.queue.listener import Outcome, Step
-from vela.security import BuildAction, Reason, Rejected, make_proof, reports_hash
+from vela.security import (
+    BuildAction,
+    Reason,
+    Registration,
+    Rejected,
+    hash_registration_token,
+    make_proof,
+    reports_hash,
+)
+from vela.security.onboarding import WORKER_PROTOCOL
 from vela.server.reports import MAX_BATCH
 from vela.server.scheduler import WORKER_LOST
 
@@ -1023,3 +1032,25 @@ async def test_a_new_scheduler_refills_a_volatile_queue_it_could_not_watch(syste
     assert (await system.queue.depth())["vela"].ready == 1
     await system.add_worker("w1")
     assert (await system.pump([build_id]))[build_id].status == "success"
+
+
+async def test_a_worker_of_an_older_vela_is_refused_at_registration(system):
+    """A worker from before the one-proof-per-call protocol (its registration names no
+    protocol) could not report on a single build here: it is refused when it registers,
+    with what to do, before its registration token is spent (the upgraded worker can
+    use it), and never placed."""
+    token = await system.authority.registration_token(routes=["vela"], hostname="old")
+    identity = system.identity("old")
+    wire = Registration(hostname="old", routes=["vela"], build_limit=1,
+                        sign_public_key=identity.sign_public_key,
+                        seal_public_key=identity.seal_public_key,
+                        actor_name="vela-worker-old").model_dump(mode="json")
+    del wire["protocol"]
+    with pytest.raises(Rejected) as e:
+        await system.scheduler.register(wire, token=token)
+    assert e.value.reason is Reason.WORKER_PROTOCOL_MISMATCH
+    assert "install the same vela version" in str(e.value)
+    row = await system.store.get_registration_token(hash_registration_token(token))
+    assert row is not None and row.used_at is None
+    assert await system.store.find_worker("old") is None
+    assert Registration.from_wire({**wire, "protocol": WORKER_PROTOCOL}).hostname == "old"

@@ -45,6 +45,7 @@ class Reason(StrEnum):
     REGISTRATION_MISMATCH = "registration_mismatch"
     WORKER_UNKNOWN = "worker_unknown"
     WORKER_DISABLED = "worker_disabled"
+    WORKER_PROTOCOL_MISMATCH = "worker_protocol_mismatch"
     # Challenges.
     CHALLENGE_UNKNOWN = "challenge_unknown"
     CHALLENGE_REPLAYED = "challenge_replayed"
@@ -92,6 +93,9 @@ _HINTS: dict[Reason, str] = {
                                   "the registered worker allows",
     Reason.WORKER_UNKNOWN: "no worker of that name is registered; register with a token",
     Reason.WORKER_DISABLED: "the worker was deactivated by an admin",
+    Reason.WORKER_PROTOCOL_MISMATCH: "the worker and the server are different vela versions "
+                                     "that cannot work together: install the same vela "
+                                     "version on the server and its workers",
     Reason.CHALLENGE_UNKNOWN: "no such outstanding challenge",
     Reason.CHALLENGE_REPLAYED: "the challenge was already answered",
     Reason.CHALLENGE_STALE: "the challenge is too old; ask for a new one",

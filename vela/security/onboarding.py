@@ -56,10 +56,20 @@ def hash_registration_token(token: object) -> str:
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
+# What server and workers say to each other (packages, receipts, report calls and their
+# proofs). Bump it with any change the other side's previous version cannot follow: a
+# worker of another protocol is refused at registration, not at every build.
+# 1: until 2026-12-07 (a proof per report, sent without the field); 2: one proof per
+# report call, over the call's reports.
+WORKER_PROTOCOL = 2
+
+
 class Registration(BaseModel):
     """What a worker declares about itself when it registers."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: int = Field(default=WORKER_PROTOCOL, ge=1, le=1_000_000)
 
     hostname: str = Field(pattern=HOSTNAME_RE)
     routes: list[str] = Field(min_length=1, max_length=64)
@@ -101,12 +111,18 @@ class Registration(BaseModel):
 
     @classmethod
     def from_wire(cls, data: object) -> Registration:
-        if isinstance(data, Registration):
-            return data
+        """A registration as the server takes it: well formed, and from a worker of this
+        server's :data:`WORKER_PROTOCOL` (one that does not name its protocol speaks 1)."""
         try:
-            return cls.model_validate(data)
+            reg = data if isinstance(data, Registration) else cls.model_validate(data)
         except ValidationError:
             raise Rejected(Reason.MALFORMED, "not a worker registration") from None
+        spoken = reg.protocol if not isinstance(data, dict) or "protocol" in data else 1
+        if spoken != WORKER_PROTOCOL:
+            raise Rejected(Reason.WORKER_PROTOCOL_MISMATCH,
+                           f"worker {reg.hostname} speaks protocol {spoken}, this server "
+                           f"{WORKER_PROTOCOL}")
+        return reg
 
 
 def check_registration(record: RegistrationToken | None, registration: Registration, *,
