@@ -62,6 +62,8 @@ class WorkerActor:
             runtime=runtime, server=self._link, workspace_root=workspace, backlog=ws.backlog,
             batch_lines=ws.log_batch_lines, flush_s=ws.log_flush_s)
         self._registered = asyncio.Event()
+        # Set once the server answered a registration: accepted, or refused for good.
+        self._answered = asyncio.Event()
         self._error: str | None = None
         self._loop = asyncio.get_running_loop().create_task(self._checkin_loop())
 
@@ -119,6 +121,7 @@ class WorkerActor:
                     self._registered.clear()
                     await self._register()
                     self._registered.set()
+                    self._answered.set()
                     self._error = None
                     log.info("worker %s registered", self.hostname)
                 delay = 0.2
@@ -127,6 +130,7 @@ class WorkerActor:
                 # Not transient: wrong or used token, unknown keys. Say so; keep trying
                 # slowly in case an admin fixes it.
                 self._error = str(e)
+                self._answered.set()
                 log.error("worker %s cannot register: %s", self.hostname, e)
                 await asyncio.sleep(max(period, 5.0))
             except Exception as e:  # noqa: BLE001 - the scheduler may be (re)starting
@@ -135,9 +139,10 @@ class WorkerActor:
                 delay = min(delay * 2, 5.0)
 
     async def wait_registered(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Block until registered (or the timeout); returns :meth:`status`."""
+        """Block until registered (or the timeout); returns :meth:`status`. A refusal
+        (a wrong or used token, another vela version) returns at once with the error."""
         try:
-            await asyncio.wait_for(self._registered.wait(), timeout_s)
+            await asyncio.wait_for(self._answered.wait(), timeout_s)
         except TimeoutError:
             pass
         return await self.status()

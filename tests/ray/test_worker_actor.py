@@ -24,6 +24,7 @@ def _fake_server_class():
     from vela.pipeline import compile_pipeline
     from vela.security import (
         KeyRing,
+        Rejected,
         ReplayCache,
         jwk_thumbprint,
         mint_build_token,
@@ -38,7 +39,8 @@ def _fake_server_class():
     class FakeServer:
         """Plays the Scheduler: takes any registration, records checked reports."""
 
-        def __init__(self) -> None:
+        def __init__(self, refuse: str | None = None) -> None:
+            self.refuse = refuse  # a reason code: refuse every registration with it
             self.ring = KeyRing.generate(datetime.now(UTC))
             self.replay = ReplayCache(max_age_s=30, started_at=datetime.now(UTC))
             self.registration: dict[str, Any] | None = None
@@ -49,6 +51,8 @@ def _fake_server_class():
             return datetime.now(UTC)
 
         async def register(self, registration, *, token, running=None):
+            if self.refuse:
+                raise Rejected(self.refuse)
             self.registration = registration
             return publish_key_set(self.ring, server_id="test-server",
                                    now=self._now()).model_dump(mode="json")
@@ -129,6 +133,35 @@ def _double(settings):
         yield fake, handle
     finally:
         stop_all(settings.ray.namespace)
+        ray.kill(fake)
+
+
+def test_a_refused_registration_answers_at_once_with_what_to_do(settings):
+    """A refusal is not transient (a used token, another vela version): the worker's
+    start returns with the server's reason and what to do, instead of waiting out its
+    registration timeout; the worker keeps retrying slowly in case an admin fixes it."""
+    import ray
+
+    from actors._ray import SCHEDULER, worker_actor_name
+    from actors.deploy import stop_all
+    from actors.worker import WorkerActor
+
+    ns = settings.ray.namespace
+    fake = _fake_server_class().options(name=SCHEDULER, namespace=ns, num_cpus=0).remote(
+        refuse="worker_protocol_mismatch")
+    try:
+        handle = WorkerActor.options(name=worker_actor_name("wr"), namespace=ns,
+                                     max_restarts=0).remote(
+            settings, hostname="wr", routes=["vela"], build_limit=1,
+            state_dir=str(settings.server.data_dir / "wr"),
+            registration_token="vrt_" + "x" * 43)
+        # Asked to wait up to 10 minutes, it answers well within the minute allowed here.
+        status = ray.get(handle.wait_registered.remote(600), timeout=60)
+        assert status["registered"] is False
+        assert "worker_protocol_mismatch" in status["error"]
+        assert "install the same vela version" in status["error"]
+    finally:
+        stop_all(ns)
         ray.kill(fake)
 
 
