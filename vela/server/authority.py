@@ -2,11 +2,10 @@
 
 It mints a build token bound to one worker's key and seals the build's
 package (secrets encrypted to that worker, the whole signed), verifies every
-request made with a build token (the token, then each request's proof of
-possession over the call's reports, through the one
-:class:`~vela.security.BuildRequestGuard`), and
-mints registration tokens. The last check, against the build's row, is made
-where the requests are written, in the same transaction
+call made with a build token (the token, then the call's proof of possession over
+its reports, through the one :class:`~vela.security.BuildRequestGuard`), and mints
+registration tokens. The last check, against the build's row, is made where the
+reports are written, in the same transaction
 (:class:`~vela.server.reports.ReportWriter`). Revocation is the build row itself: a
 token acts only while its build is ``running`` on its worker with its ``jti``
 recorded, so ending, re-queueing or re-dispatching a build kills its token at once.

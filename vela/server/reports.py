@@ -1,10 +1,10 @@
 """Writing a worker's reports on its build: the one write path for status, steps and logs.
 
 Who may report is decided by two checks: the Scheduler asks
-:meth:`~vela.server.authority.Authority.verify` for the build token and the
-call's proof (over its reports), and hands the token's claims here, where they are checked against
-the build's row (:func:`~vela.security.authorize_all`) in the transaction that
-writes the reports. The legacy gateway checks the shared worker secret instead
+:meth:`~vela.server.authority.Authority.verify` for the build token and the call's
+proof (over its reports), and hands the token's claims here, where they are checked
+against the build's row (:func:`~vela.security.authorize_all`) in the transaction
+that writes the reports. The legacy gateway checks the shared worker secret instead
 (:mod:`vela.legacy`). Either way a build's record looks the same whichever queue
 mode ran it.
 """
