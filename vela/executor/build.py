@@ -386,9 +386,12 @@ def _meta_env(meta: Mapping[str, str]) -> dict[str, str]:
 
 
 def _make_dirs(workspace_root: Path) -> BuildDirs:
-    workspace_root = workspace_root.resolve()  # bwrap binds need absolute paths
-    workspace_root.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="vela-build-", dir=workspace_root))
+    workspace_root = workspace_root.absolute()  # bwrap binds need absolute paths
+    try:
+        root = Path(tempfile.mkdtemp(prefix="vela-build-", dir=workspace_root))
+    except FileNotFoundError:  # made by the worker at its start; gone since
+        workspace_root.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix="vela-build-", dir=workspace_root))
     try:
         return BuildDirs.create(root)
     except OSError:
@@ -401,7 +404,7 @@ def _remove_build_dirs(dirs: BuildDirs) -> None:
     the system calls of a tree walk: a short build's workspace costs the worker less),
     else, or if anything is in the way, with :func:`_remove_tree`."""
     try:
-        dirs.empty.unlink()
+        dirs.empty.unlink(missing_ok=True)
         for d in (dirs.workspace, dirs.home, dirs.tmp, dirs.root):
             d.rmdir()
     except OSError:

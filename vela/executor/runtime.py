@@ -54,15 +54,20 @@ class BuildDirs:
     workspace: Path
     home: Path
     tmp: Path
-    empty: Path  # an empty read-only file, bound over hidden files
+    empty: Path  # an empty read-only file to bind over hidden files, made when needed
 
     @classmethod
     def create(cls, root: Path) -> BuildDirs:
         dirs = cls(root, root / "workspace", root / "home", root / "tmp", root / "empty")
         for d in (dirs.workspace, dirs.home, dirs.tmp):
             d.mkdir(mode=0o700)
-        dirs.empty.touch(mode=0o400)
         return dirs
+
+    def empty_file(self) -> Path:
+        """:attr:`empty`, created on first use: most hosts hide no file under a bound
+        directory, and a build's file system calls are a share of a short build's cost."""
+        self.empty.touch(mode=0o400)
+        return self.empty
 
 
 @dataclass(frozen=True)
@@ -357,7 +362,7 @@ class BwrapRuntime(Runtime):
             ro(extra, str(extra))
         args += ["--bind", str(dirs.workspace), self.WORKSPACE]
         binds.append((dirs.workspace.resolve(), self.WORKSPACE))
-        args += self._cover_hidden(binds, dirs.empty)
+        args += self._cover_hidden(binds, dirs)
         args += ["--remount-ro", "/", "--chdir", self.WORKSPACE, "--"]
         # No --clearenv/--setenv: --setenv would put secret values on bwrap's
         # command line, readable by any host user and inside the sandbox as
@@ -366,7 +371,7 @@ class BwrapRuntime(Runtime):
         args += ["/bin/sh", "-e", "-c", script]
         return args
 
-    def _cover_hidden(self, binds: list[tuple[Path, str]], empty: Path) -> list[str]:
+    def _cover_hidden(self, binds: list[tuple[Path, str]], dirs: BuildDirs) -> list[str]:
         out: list[str] = []
         for hidden in self.hidden_paths:
             try:
@@ -382,7 +387,7 @@ class BwrapRuntime(Runtime):
                 if real.is_dir():
                     out += ["--tmpfs", inside, "--remount-ro", inside]
                 else:
-                    out += ["--ro-bind", str(empty), inside]
+                    out += ["--ro-bind", str(dirs.empty_file()), inside]
         return out
 
     async def spawn(
