@@ -151,6 +151,33 @@ def test_proof_with_malformed_claims_rejected(running, clock, worker_a):
     rejected(Reason.PROOF_INVALID, running.check, clock, proof=bad)
 
 
+@pytest.mark.parametrize("iat", ["NaN", "Infinity", "-Infinity"])
+def test_proof_with_a_time_that_is_not_a_number_rejected(running, clock, worker_a, iat):
+    """JSON parsers take NaN, and NaN compares as neither too old nor too new: a proof
+    naming it, signed by the bound key, would be fresh forever."""
+    import json
+
+    from vela.security._codec import b64u
+    from vela.security.proof import reports_hash, token_hash
+    reports = [("step.update", {})]
+    claims = {"ath": token_hash(running.token), "rqh": reports_hash(reports), "bid": 7,
+              "iat": float(iat), "jti": "a" * 22}
+    signing_input = ".".join(b64u(json.dumps(part, sort_keys=True).encode()) for part in
+                             ({"alg": "EdDSA", "typ": "vela-proof+jwt"}, claims))
+    assert f'"iat": {iat}' in json.dumps(claims)  # what a worker could send
+    proof = f"{signing_input}.{b64u(worker_a.sign(signing_input.encode()))}"
+    rejected(Reason.PROOF_INVALID, running.check_all, clock, proof=proof, reports=reports)
+    clock.advance(300)
+    rejected(Reason.PROOF_INVALID, running.check_all, clock, proof=proof, reports=reports)
+
+
+def test_replay_cache_refuses_a_time_that_is_not_a_number(clock):
+    cache = ReplayCache(max_age_s=30, started_at=clock.now - timedelta(seconds=1))
+    for iat in (float("nan"), float("inf"), float("-inf")):
+        rejected(Reason.PROOF_STALE, cache.admit, f"k{iat}", iat, clock.now)
+    assert len(cache) == 0
+
+
 def test_build_a_token_on_build_b_rejected(running, clock):
     # A proof naming build B is refused by authorization ...
     rejected(Reason.WRONG_BUILD, running.check, clock, proof=running.proof(clock, build_id=8),

@@ -232,6 +232,22 @@ async def test_reregister_unknown_worker_or_dispatch_challenge_rejected(register
                                      answer=ans, now=clock.now))
 
 
+async def test_register_disabled_worker_rejected_whatever_the_token(registered, clock,
+                                                                     worker_a):
+    """A deactivated worker stays out until an admin activates it: neither a leaked
+    unbound token (its keys unchanged) nor one bound to its hostname brings it back,
+    and the refused token stays unspent."""
+    await registered.update_worker("a", active=False)
+    for hostname in (None, "a"):
+        token = await create_registration_token(registered, routes=["vela"],
+                                                hostname=hostname, ttl_s=60, now=clock.now)
+        await rejected(Reason.WORKER_DISABLED,
+                       register_worker(registered, reg(worker_a), token=token, now=clock.now))
+    await registered.update_worker("a", active=True)
+    worker = await register_worker(registered, reg(worker_a), token=token, now=clock.now)
+    assert worker.active
+
+
 async def test_reregister_disabled_worker_rejected(registered, clock, worker_a):
     await registered.update_worker("a", active=False)
     book = ChallengeBook(server_id="srv", ttl_s=10)

@@ -168,6 +168,10 @@ async def register_worker(store: Store, registration: Registration, *, token: ob
     known = await store.find_worker(registration.hostname)
     check_registration(record, registration, now=now,
                        known_thumbprint=known.key_thumbprint if known else None)
+    if known is not None and not known.active:
+        # Any token, bound or not: deactivation holds until an admin activates it.
+        raise Rejected(Reason.WORKER_DISABLED, f"activate {registration.hostname} first "
+                       f"(`vela workers --activate {registration.hostname}`)")
     if not await store.use_registration_token(digest, used_by=registration.hostname, now=now):
         # Lost a race with another redemption (or expired in between).
         check_registration(await store.get_registration_token(digest), registration,

@@ -12,6 +12,7 @@ added or reordered under it.
 from __future__ import annotations
 
 import heapq
+import math
 import os
 from collections.abc import Sequence
 from datetime import datetime
@@ -37,7 +38,7 @@ class ProofClaims(BaseModel):
     ath: str = Field(pattern=r"^[A-Za-z0-9_-]{43}$")
     rqh: str = Field(pattern=r"^[A-Za-z0-9_-]{43}$")
     bid: int
-    iat: float
+    iat: float = Field(allow_inf_nan=False)  # NaN would compare as never stale
     jti: str = Field(pattern=r"^[A-Za-z0-9_-]{16,64}$")
 
 
@@ -92,7 +93,8 @@ class ReplayCache:
         t = timestamp(now)
         while self._by_age and self._by_age[0][0] < t - self.max_age_s:
             self._seen.discard(heapq.heappop(self._by_age)[1])
-        if iat <= self.floor or iat < t - self.max_age_s or iat > t + self.skew_s:
+        if (not math.isfinite(iat) or iat <= self.floor or iat < t - self.max_age_s
+                or iat > t + self.skew_s):
             raise Rejected(Reason.PROOF_STALE)
         if key in self._seen:
             raise Rejected(Reason.PROOF_REPLAYED)

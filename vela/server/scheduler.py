@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from vela.coalesce import answer_each
 from vela.config import Settings
-from vela.db.models import Build
+from vela.db.models import Build, Worker
 from vela.db.store import Store
 from vela.domain import MAX_BACKLOG, BuildStatus, WorkerStatus
 from vela.errors import Conflict, NotFound, WorkerGone
@@ -446,7 +446,7 @@ class Scheduler:
         # Refused before the token is spent, so the admin can fix the routes and retry.
         check_queueless_routes(reg.routes, self._legacy_routes)
         worker = await register_worker(self.store, reg, token=token, now=self._now())
-        await self._attach(reg, worker.sign_public_key, running or [])
+        await self._attach(reg, worker, running or [])
         return await self.authority.key_set()
 
     def reregister_challenge(self, hostname: str) -> dict[str, Any]:
@@ -466,17 +466,17 @@ class Scheduler:
             raise Rejected(Reason.MALFORMED, "challenge or answer") from None
         worker = await reregister_worker(self.store, reg, book=self.book, challenge=ch,
                                          answer=ans, now=self._now())
-        await self._attach(reg, worker.sign_public_key, running or [])
+        await self._attach(reg, worker, running or [])
         return await self.authority.key_set()
 
-    async def _attach(self, reg: Registration, sign_public_key: str, running: list[int]) -> None:
+    async def _attach(self, reg: Registration, worker: Worker, running: list[int]) -> None:
         client = await self.directory.connect(reg.hostname, reg.actor_name)
         if client is None:
             raise NotFound(f"worker actor {reg.actor_name!r} not found")
-        self._links[reg.hostname] = _Link(client=client, sign_public_key=sign_public_key,
+        self._links[reg.hostname] = _Link(client=client, sign_public_key=worker.sign_public_key,
                                           actor_name=reg.actor_name)
         self.registry.upsert(reg.hostname, routes=reg.routes, build_limit=reg.build_limit,
-                             backlog=reg.backlog)
+                             backlog=reg.backlog, active=worker.active)
         self.registry.set_health(reg.hostname, True)
         await self._adopt(reg.hostname, set(running))
         self._mirror(reg.hostname, last_checked_in=self._now())
@@ -578,12 +578,12 @@ class Scheduler:
             if link.check is not None and link.check.done():
                 task, link.check = link.check, None
                 try:
-                    status = task.result()
+                    status = _worker_status(task.result())
                 except WorkerGone:
                     await self.worker_lost(hostname, "actor died")
                     continue
-                except Exception as e:  # noqa: BLE001 - timeouts and transient trouble
-                    log.info("health check of %s failed: %s", hostname, type(e).__name__)
+                except Exception as e:  # noqa: BLE001 - timeouts, transient trouble, nonsense
+                    log.info("health check of %s failed: %s %s", hostname, type(e).__name__, e)
                     link.failing_since = link.failing_since or link.check_started
                     self._set_health(hostname, False)
                 else:
@@ -639,8 +639,8 @@ class Scheduler:
             return
         for build_id in set(link.placed) - entry.running:
             del link.placed[build_id]
-        alive = {int(b) for b in status.get("running", [])}
-        given_up = {int(b) for b in status.get("given_up", [])}
+        alive = set(status.get("running", []))
+        given_up = set(status.get("given_up", []))
         now = self._mono()
         grace = self.settings.scheduler.worker_lost_after_s
         for build_id in list(entry.running):
@@ -815,10 +815,10 @@ class Scheduler:
             status: dict[str, Any] | None = None
             if client is not None:
                 try:
-                    status = await self._call(client.status())
-                except Exception as e:  # noqa: BLE001 - dead or unreachable: lost
-                    log.info("worker %s did not answer after restart: %s", worker.hostname,
-                             type(e).__name__)
+                    status = _worker_status(await self._call(client.status()))
+                except Exception as e:  # noqa: BLE001 - dead, unreachable or nonsense: lost
+                    log.info("worker %s did not answer after restart: %s %s", worker.hostname,
+                             type(e).__name__, e)
             if client is None or status is None:
                 self.registry.upsert(worker.hostname, routes=worker.routes,
                                      build_limit=worker.build_limit)
@@ -831,9 +831,8 @@ class Scheduler:
                                  build_limit=worker.build_limit,
                                  backlog=_backlog(status),
                                  active=not status.get("draining", False))
-            held = {int(b) for b in status.get("held", [])}
             await self._adopt(worker.hostname,
-                              {int(b) for b in status.get("running", [])} - held)
+                              set(status.get("running", [])) - set(status.get("held", [])))
             self._mirror(worker.hostname, last_checked_in=self._now())
         # Running builds on workers we no longer know.
         for build in await self.store.list_builds(status=[BuildStatus.RUNNING], limit=10_000):
@@ -867,6 +866,20 @@ class Scheduler:
 def _call_counts(client: object) -> dict[str, dict[str, int]]:
     counts = getattr(client, "call_counts", None)  # clients that coalesce say so
     return counts() if callable(counts) else {}
+
+
+def _worker_status(status: object) -> dict[str, Any]:
+    """A worker's ``status`` reply, its build lists checked before the Scheduler reads
+    them: one worker's nonsense (a bug, another version) fails its own check only."""
+    if not isinstance(status, dict):
+        raise ValueError(f"a status reply that is a {type(status).__name__}")
+    for key in ("running", "held", "given_up"):
+        ids = status.get(key, [])
+        if not (isinstance(ids, list) and all(type(b) is int for b in ids)):
+            raise ValueError(f"a status reply whose {key!r} is not a list of build ids")
+    if not isinstance(status.get("draining", False), bool):
+        raise ValueError("a status reply whose 'draining' is not true or false")
+    return status
 
 
 def _backlog(status: dict[str, Any]) -> int:

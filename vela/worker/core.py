@@ -39,6 +39,7 @@ from vela.security import (
     BuildAction,
     Challenge,
     OpenedPackage,
+    Purpose,
     Reason,
     Rejected,
     WorkerIdentity,
@@ -544,7 +545,10 @@ class WorkerCore(BuildRunner):
     # -- the protocol ----------------------------------------------------------------
 
     def availability(self, challenge: dict[str, Any] | Challenge) -> dict[str, Any]:
-        """The signed answer to a server challenge, carrying the free slots."""
+        """The signed answer to a server's dispatch challenge, carrying the free slots.
+
+        Only a dispatch challenge: whoever can call this worker must not get its
+        signature on another purpose's (a re-registration would then need no key)."""
         if not isinstance(challenge, Challenge):
             try:
                 # Through JSON: the wire form holds enum values as strings, which the
@@ -552,6 +556,9 @@ class WorkerCore(BuildRunner):
                 challenge = Challenge.model_validate_json(json.dumps(challenge))
             except (TypeError, ValueError, ValidationError):
                 raise Rejected(Reason.MALFORMED, "not a challenge") from None
+        if challenge.purpose is not Purpose.DISPATCH:
+            raise Rejected(Reason.CHALLENGE_MISMATCH,
+                           f"a {challenge.purpose.value} challenge is not answered here")
         answer = answer_challenge(challenge, identity=self._identity, hostname=self.hostname,
                                   free_slots=self.free_slots)
         return answer.model_dump(mode="json")
