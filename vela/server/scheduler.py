@@ -165,6 +165,9 @@ class Scheduler:
         self._links: dict[str, _Link] = {}
         self._dirty: dict[str, dict[str, Any]] = {}  # worker rows to write (flush_mirrors)
         self._dispatching: set[int] = set()
+        # Lost workers whose builds are not settled yet (the database did not answer):
+        # retried each watch pass, until the worker comes back (_attach settles them).
+        self._unsettled: dict[str, WorkerStatus] = {}
         self._placements = 0  # builds placed on workers so far (_Link.placed)
         # Builds whose start is not recorded yet (set when it is): their reports wait.
         self._starting: dict[int, asyncio.Event] = {}
@@ -270,17 +273,45 @@ class Scheduler:
                 self._refused(hostname, "no_free_slot")
                 return None
             issued = await self.authority.issue_package(build.id, hostname)
+            # Recorded before the write: a commit that lands although its answer is lost
+            # is undone below (guarded by this token's id, so nothing else is).
+            recorded = issued
             try:
                 await self.store.transition_build(
                     build.id, BuildStatus.PENDING, BuildStatus.RUNNING, shared=True,
                     worker=hostname, token_jti=issued.jti, dispatched_at=self._now(),
                     attempts=build.attempts + 1)
             except Conflict:
-                return Outcome.NOT_PENDING
-            recorded = issued
-            receipt = await self._call(link.client.execute_package(issued.package))
+                # Not pending — unless this very write landed in a shared transaction
+                # whose answer was lost, and its retry found the build running already.
+                if (await self.store.get_build(build.id)).token_jti != issued.jti:
+                    recorded = None
+                    return Outcome.NOT_PENDING
+            try:
+                receipt = await self._call(link.client.execute_package(issued.package))
+            except TimeoutError:
+                # The package went out, and no answer came: the worker may have taken it
+                # and started its steps. Sent elsewhere now, it could run twice; it stays
+                # here instead, its token alive and its slot held, and the worker settles
+                # it — its start is asked for afresh, and a build it turns out not to
+                # hold goes back to the queue after the grace (_reconcile).
+                accepted = True
+                log.warning("worker %s did not answer the package of build %d in time; "
+                            "keeping the build there until the worker says", hostname,
+                            build.id)
+                self._spawn(self._unanswered(build.id, hostname, issued, starting))
+                started = None  # opened by _unanswered
+                return Outcome.DISPATCHED
             if receipt.get("accepted") is True:
                 accepted = True
+                if self._links.get(hostname) is not link:
+                    # Lost while its receipt was on the way (worker_lost left this build
+                    # to the dispatch): started, it ends worker_lost; held, it is queued.
+                    if receipt.get("start") is None:
+                        self._opened(build.id, starting)
+                        started = None
+                    await self._end_lost_build(await self.store.get_build(build.id))
+                    return Outcome.DISPATCHED
                 self.stats.dispatched += 1
                 if build.enqueued_at is not None:
                     self.metrics.dispatched((self._now() - build.enqueued_at).total_seconds())
@@ -309,12 +340,23 @@ class Scheduler:
             return None
         finally:
             if not accepted:
-                if recorded is not None:
-                    # Its token dies with this change, should the worker have it after all.
-                    await self._undispatch(build.id, recorded.jti)
-                self.registry.release(hostname, build.id)
+                if recorded is None or await self._undispatch(build.id, recorded.jti):
+                    self.registry.release(hostname, build.id)
+                # Else the database did not answer: the slot stays taken, so the watch
+                # finds the build missing on the worker and queues it again (_reconcile).
             if started is not None:
                 self._opened(build.id, started)
+
+    async def _unanswered(self, build_id: int, hostname: str, issued: IssuedPackage,
+                          starting: asyncio.Event) -> None:
+        """A package whose receipt never came: record the build's start if the worker
+        started it (a fresh copy of the start the receipt carried)."""
+        try:
+            fresh = await self._fresh_start(hostname, build_id)
+            if fresh is not None:
+                await self._record_start(build_id, hostname, issued, fresh, starting)
+        finally:
+            self._opened(build_id, starting)
 
     async def _record_start(self, build_id: int, hostname: str, issued: IssuedPackage,
                             start: object, started: asyncio.Event) -> None:
@@ -421,14 +463,20 @@ class Scheduler:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _undispatch(self, build_id: int, jti: str) -> None:
-        """Back to pending (the token recorded with ``jti`` dies with it)."""
+    async def _undispatch(self, build_id: int, jti: str) -> bool:
+        """Back to pending (the token recorded with ``jti`` dies with it); False if the
+        database could not be reached."""
         try:
             await self.store.transition_build(build_id, BuildStatus.RUNNING, BuildStatus.PENDING,
                                               only_if={"token_jti": jti}, worker=None,
                                               token_jti=None)
         except Conflict:
             pass
+        except Exception as e:  # noqa: BLE001 - see the dispatch's finally
+            log.warning("build %d: cannot undo its dispatch yet (%s)", build_id,
+                        type(e).__name__)
+            return False
+        return True
 
     def _refused(self, hostname: str, reason: str) -> None:
         self.stats.count(self.stats.refused, reason)
@@ -478,6 +526,7 @@ class Scheduler:
         self.registry.upsert(reg.hostname, routes=reg.routes, build_limit=reg.build_limit,
                              backlog=reg.backlog, active=worker.active)
         self.registry.set_health(reg.hostname, True)
+        self._unsettled.pop(reg.hostname, None)  # _adopt settles what the loss left
         await self._adopt(reg.hostname, set(running))
         self._mirror(reg.hostname, last_checked_in=self._now())
         log.info("worker %s attached (routes %s, limit %d, backlog %d)", reg.hostname,
@@ -571,6 +620,7 @@ class Scheduler:
 
         A worker is lost when its checks have failed, or one has gone unanswered,
         for ``scheduler.worker_lost_after_s``; at once when its actor is dead."""
+        await self._settle_lost_workers()
         now = self._mono()
         period = self.settings.scheduler.health_check_period_s
         lost_after = self.settings.scheduler.worker_lost_after_s
@@ -654,7 +704,10 @@ class Scheduler:
                 try:
                     build = await self.store.get_build(build_id)
                 except NotFound:
-                    self.registry.release(hostname, build_id)
+                    build = None
+                if build is None or (build.status, build.worker) != (BuildStatus.RUNNING.value,
+                                                                     hostname):
+                    self.registry.release(hostname, build_id)  # moved on without us
                     continue
                 await self._end_lost_build(build)
 
@@ -710,28 +763,42 @@ class Scheduler:
 
     async def worker_lost(self, hostname: str, why: str,
                           final: WorkerStatus = WorkerStatus.ERROR) -> None:
-        """Forget a dead worker: free its slots, end or requeue its builds."""
+        """Forget a dead worker: free its slots, end or requeue its builds (on a later
+        watch pass, if the database does not answer now)."""
         link = self._links.pop(hostname, None)
         if link is not None and link.check is not None:
             link.check.cancel()
         self.registry.remove(hostname)
         self.stats.workers_lost += 1
         log.warning("worker %s lost (%s)", hostname, why)
+        self._unsettled[hostname] = final
+        await self._settle_lost_workers(hostname)
+
+    async def _settle_lost_workers(self, *hostnames: str) -> None:
+        for hostname in hostnames or list(self._unsettled):
+            try:
+                await self._settle_lost(hostname)
+            except Exception as e:  # noqa: BLE001 - the next watch pass tries again
+                log.warning("builds of lost worker %s not settled yet: %s", hostname,
+                            type(e).__name__)
+
+    async def _settle_lost(self, hostname: str) -> None:
         for build in await self.store.list_builds(status=[BuildStatus.RUNNING], worker=hostname,
                                                   limit=10_000):
             if build.id not in self._dispatching:
                 await self._end_lost_build(build)
         try:
-            await self.store.update_worker(hostname, status=final, running_builds=[])
+            await self.store.update_worker(hostname, status=self._unsettled[hostname],
+                                           running_builds=[])
         except NotFound:
             pass
+        self._unsettled.pop(hostname, None)
 
     async def _end_lost_build(self, build: Build) -> None:
         """A build whose worker died: error if it had started, else back to the queue."""
         assert build.worker is not None
         if build.route in self._legacy_routes:
             return  # a legacy worker's build: the Scheduler never watched that worker
-        self.registry.release(build.worker, build.id)
         try:
             # A start still being recorded (_record_start) counts: its steps may be running.
             if build.started_at is None and build.id not in self._starting:
@@ -748,6 +815,8 @@ class Scheduler:
                 self.metrics.build_finished(BuildStatus.ERROR.value)
         except Conflict:
             pass
+        # Only now: should the database not answer, the slot keeps the build watched.
+        self.registry.release(build.worker, build.id)
 
     def _mirror(self, hostname: str, **fields: Any) -> None:
         """Note a worker's row as changed; :meth:`flush_mirrors` writes it (one write

@@ -1,0 +1,185 @@
+"""Answers lost mid-dispatch — a commit's, a receipt's — and a database that fails while
+a lost worker is forgotten: every build still ends or runs, once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from tests.server.conftest import pipeline
+from vela.domain import BuildStatus
+from vela.executor import choose_runtime
+from vela.queue.listener import Step
+from vela.server.scheduler import WORKER_LOST
+
+
+def lost_reply() -> OperationalError:
+    return OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+
+@pytest.mark.parametrize("undo_fails", [False, True])
+async def test_a_dispatch_whose_commit_answer_is_lost_runs_once(system, monkeypatch,
+                                                                undo_fails):
+    """The compare-and-set to ``running`` commits, its answer is lost (the database
+    restarted): the dispatch is undone and the build placed again. If the undo fails
+    too, the slot stays taken until the watch finds the build missing on the worker."""
+    core = await system.add_worker("w1")
+    build_id = await system.submit(pipeline("true"))
+    real = system.store.transition_build
+    failures: list[tuple] = []
+
+    async def flaky(bid, expected, new, **kw):
+        undo = (expected, new) == (BuildStatus.RUNNING, BuildStatus.PENDING)
+        if undo and undo_fails and len(failures) == 1:
+            failures.append((expected, new))
+            raise lost_reply()
+        out = await real(bid, expected, new, **kw)
+        if (expected, new) == (BuildStatus.PENDING, BuildStatus.RUNNING) and not failures:
+            failures.append((expected, new))
+            raise lost_reply()
+        return out
+
+    monkeypatch.setattr(system.store, "transition_build", flaky)
+    builds = await system.pump([build_id], timeout_s=30)
+    assert builds[build_id].status == BuildStatus.SUCCESS.value
+    assert builds[build_id].attempts == 2  # the lost dispatch, then the one that ran
+    assert len(failures) == (2 if undo_fails else 1)
+    assert core.running == [] and system.scheduler.registry.get("w1").running == set()
+
+
+async def test_a_shared_write_retried_after_its_commit_landed_goes_on(system, monkeypatch):
+    """A shared transaction that committed but answered with an error is retried unit by
+    unit; the dispatch's retry then finds its own write (its token's id) and goes on,
+    rather than acking the item of a build that nobody runs."""
+    await system.add_worker("w1")
+    build_id = await system.submit(pipeline("true"))
+    real = system.store.transition_build
+    hit: list[int] = []
+
+    async def landed_then_conflict(bid, expected, new, **kw):
+        out = await real(bid, expected, new, **kw)
+        if (expected, new) == (BuildStatus.PENDING, BuildStatus.RUNNING) and not hit:
+            hit.append(bid)
+            return await real(bid, expected, new, **kw)  # the retry: Conflict
+        return out
+
+    monkeypatch.setattr(system.store, "transition_build", landed_then_conflict)
+    builds = await system.pump([build_id], timeout_s=30)
+    assert hit == [build_id]
+    assert (builds[build_id].status, builds[build_id].attempts) == ("success", 1)
+
+
+async def test_a_database_error_while_forgetting_a_lost_worker_is_retried(system,
+                                                                          monkeypatch):
+    await system.add_worker("w1")
+    slow = await system.submit(pipeline("echo started", "sleep 30"))
+    await system.pump([slow], until=lambda b: b[slow].started_at is not None)
+    await system.directory.clients["w1"].kill()
+    real = system.store.list_builds
+    failed: list[int] = []
+
+    async def flaky(**kw):
+        if kw.get("worker") == "w1" and not failed:
+            failed.append(1)
+            raise lost_reply()
+        return await real(**kw)
+
+    monkeypatch.setattr(system.store, "list_builds", flaky)
+    builds = await system.pump([slow], timeout_s=10)
+    assert failed
+    assert (builds[slow].status, builds[slow].reason) == ("error", WORKER_LOST)
+
+
+@pytest.mark.parametrize("started", [True, False])
+async def test_worker_lost_while_its_receipt_is_on_the_way(system, started):
+    """worker_lost leaves a build being dispatched to the dispatch; a receipt that then
+    says "accepted" from the lost worker ends it worker_lost (started) or queues it
+    again (held in the backlog, never started)."""
+    await system.add_worker("w1", backlog=0 if started else 1)
+    client = system.directory.clients["w1"]
+    gate, entered = asyncio.Event(), asyncio.Event()
+    real = client._execute_package
+    if not started:  # a slot taken by a long build: the next one is held
+        first = await system.submit(pipeline("sleep 30"))
+        await system.pump([first], until=lambda b: b[first].started_at is not None)
+
+    async def slow(package):
+        receipt = await real(package)  # taken...
+        entered.set()
+        await gate.wait()              # ...and its reply on the way
+        return receipt
+
+    client._execute_package = slow
+    # Started, it must still run when the loss is declared; held, it cannot start.
+    build_id = await system.submit(pipeline("echo hi", "sleep 30") if started
+                                   else pipeline("echo hi"))
+    listener_pass = asyncio.ensure_future(system.listener.run_once())
+    await asyncio.wait_for(entered.wait(), 10)
+    client.dead = True  # the actor dies now
+    while "w1" in system.scheduler.registry:
+        await system.scheduler.check_workers()
+        await asyncio.sleep(0.05)
+    gate.set()
+    assert await listener_pass is Step.DISPATCHED
+    await client.core.close()
+    b = await system.store.get_build(build_id)
+    if started:
+        assert (b.status, b.reason) == ("error", WORKER_LOST)
+    else:
+        assert (b.status, b.worker) == ("pending", None)
+        await system.add_worker("w2")
+        builds = await system.pump([build_id])  # its new item: it runs, elsewhere
+        assert (builds[build_id].status, builds[build_id].worker) == ("success", "w2")
+    # Nothing is left running on the dead worker either way.
+    assert await system.store.list_builds(status=[BuildStatus.RUNNING], worker="w1") == []
+
+
+def recording(host: str, spawned: list[tuple[str, str]]):
+    runtime = choose_runtime(allow_unsandboxed=False, network=False)
+    real_spawn = runtime.spawn
+
+    async def spawn(script, *, env, dirs):
+        spawned.append((host, script))
+        return await real_spawn(script, env=env, dirs=dirs)
+
+    runtime.spawn = spawn  # type: ignore[method-assign]
+    return runtime
+
+
+@pytest.mark.parametrize("taken", [True, False])
+async def test_a_package_whose_receipt_times_out_runs_once(system, taken):
+    """The package went out and no answer came in time. Taken by the worker, the build
+    stays there (sent elsewhere, its first step would run twice) and its start is
+    recorded from a fresh copy; never taken, it is queued again after the grace."""
+    spawned: list[tuple[str, str]] = []
+    await system.add_worker("w1", runtime=recording("w1", spawned))
+    await system.add_worker("w2", runtime=recording("w2", spawned))
+    system.scheduler._call_timeout = 0.3
+    delayed: list[str] = []
+    for host in ("w1", "w2"):
+        client = system.directory.clients[host]
+        real = client._execute_package
+
+        async def slow(package, real=real, host=host):
+            if not delayed:
+                delayed.append(host)
+                if not taken:
+                    await asyncio.sleep(1.0)  # lost on the way: the worker never sees it
+                    return {"accepted": False, "reason": "too late"}
+                receipt = await real(package)  # taken, its first step starting...
+                await asyncio.sleep(1.0)       # ...but the answer comes too late
+                return receipt
+            return await real(package)
+
+        client._execute_package = slow
+    build_id = await system.submit(pipeline("echo step-one-side-effect", "true"))
+    final = (await system.pump([build_id], timeout_s=30))[build_id]
+    ones = [h for h, s in spawned if "step-one-side-effect" in s]
+    assert final.status == BuildStatus.SUCCESS.value
+    if taken:
+        assert ones == delayed and final.worker == delayed[0] and final.attempts == 1
+        assert final.started_at is not None  # from the fresh start
+    else:
+        assert len(ones) == 1  # once, wherever it was placed again
