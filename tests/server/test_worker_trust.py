@@ -76,3 +76,18 @@ async def test_a_nonsense_status_fails_that_workers_check_only(system, nonsense)
     build_id = await system.submit(pipeline("true"))
     builds = await system.pump([build_id])
     assert (builds[build_id].status, builds[build_id].worker) == ("success", "good")
+
+
+async def test_a_deactivated_workers_builds_go_on_across_a_scheduler_restart(system):
+    """Deactivation stops new builds, not running ones — also after the Scheduler
+    restarts (it used to skip the worker then, and end its builds as lost)."""
+    await system.add_worker("w1")
+    build_id = await system.submit(pipeline("echo started", "sleep 1"))
+    await system.pump([build_id], until=lambda b: b[build_id].started_at is not None)
+    await system.scheduler.set_worker_active("w1", False)
+    await system.restart_scheduler()
+    assert system.scheduler.registry.get("w1").active is False
+    later = await system.submit(pipeline("true"))
+    builds = await system.pump([build_id], timeout_s=30)
+    assert (builds[build_id].status, builds[build_id].worker) == ("success", "w1")
+    assert (await system.store.get_build(later)).status == BuildStatus.PENDING.value

@@ -878,8 +878,8 @@ class Scheduler:
     async def recover(self) -> None:
         """Rebuild the registry from the DB and live actors after a (re)start."""
         for worker in await self.store.list_workers():
-            if not worker.active or not worker.actor_name:
-                continue
+            if not worker.actor_name:
+                continue  # never registered in server mode
             client = await self.directory.connect(worker.hostname, worker.actor_name)
             status: dict[str, Any] | None = None
             if client is not None:
@@ -899,7 +899,8 @@ class Scheduler:
             self.registry.upsert(worker.hostname, routes=worker.routes,
                                  build_limit=worker.build_limit,
                                  backlog=_backlog(status),
-                                 active=not status.get("draining", False))
+                                 # Deactivated or draining: no new builds; its own go on.
+                                 active=worker.active and not status.get("draining", False))
             await self._adopt(worker.hostname,
                               set(status.get("running", [])) - set(status.get("held", [])))
             self._mirror(worker.hostname, last_checked_in=self._now())
