@@ -264,9 +264,16 @@ def load_settings(path: str | Path | None = None,
     if path:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{p}: configuration file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p} is a directory: give the path of a TOML file") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the configuration file: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p} is not UTF-8 text (at byte offset {e.start}): "
+                              "save it as UTF-8, as TOML requires") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
         for section, values in data.items():

@@ -20,6 +20,7 @@ message names the line and the field, never as a traceback.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -108,7 +109,10 @@ def _to_seconds(v: Any) -> Any:
     if isinstance(v, bool):
         raise ValueError("must be a number of seconds or a duration like '5m'")
     if isinstance(v, int | float):
-        seconds = float(v)
+        try:
+            seconds = float(v)
+        except OverflowError:  # an int beyond any float is out of range all the same
+            seconds = math.inf
     elif isinstance(v, str):
         text = v.strip()
         try:

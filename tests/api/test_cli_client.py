@@ -80,6 +80,17 @@ def test_credentials_readable_by_others_are_refused(tmp_path):
         load_credentials(path)
 
 
+def test_files_that_are_not_utf8_are_one_line_errors(cli, tmp_path):
+    binary = tmp_path / "key.bin"
+    binary.write_bytes(b"\xff\xfe\x00key")
+    r = cli("build", "submit", str(binary), "--repo", "cli/app")
+    assert r.exit_code == 1
+    assert f"error: {binary} is not UTF-8 text (at byte offset 0): save it as UTF-8" in r.output
+    r = cli("secret", "add", "key", "--repo", "cli/app", "--value-file", str(binary))
+    assert r.exit_code == 1
+    assert f"error: {binary} is not UTF-8 text" in r.output and "`base64`" in r.output
+
+
 def test_submit_follow_secrets_and_logs(cli, harness, tmp_path):
     _login(cli, harness)
     r = cli("secret", "add", "api_token", "--repo", "cli/app", "--value-stdin",

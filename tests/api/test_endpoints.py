@@ -117,6 +117,8 @@ def test_cancel_and_restart(client, admin):
     ("POST", "/api/v1/repos/acme/app/builds", {}, "pipeline"),
     ("POST", "/api/v1/repos/acme/app/builds", {"pipeline": ""}, "pipeline"),
     ("POST", "/api/v1/repos/acme/app/builds", {"pipeline": "x", "timeout_s": 0}, "timeout_s"),
+    ("POST", "/api/v1/repos/acme/app/builds", {"pipeline": "x", "timeout_s": 10**400},
+     "timeout_s"),
     ("POST", "/api/v1/repos/acme/app/builds", {"pipeline": "x", "extra": 1}, "extra"),
     ("POST", "/api/v1/repos/acme/app/builds", {"pipeline": "x", "route": "a b"}, "route"),
     ("GET", "/api/v1/builds?per_page=1000", None, "per_page"),
@@ -144,6 +146,9 @@ def test_bad_pipeline_and_unknown_route(client, admin):
                     json={"pipeline": "version: '1'\nsteps:\n  - name: x\n"})
     assert r.status_code == 422 and r.json()["code"] == "invalid_pipeline"
     assert r.json()["field"] == "pipeline" and r.json()["details"]
+    huge = "version: '1'\nsteps:\n  - name: x\n    commands: [x]\n    timeout: " + "9" * 400
+    r = client.post("/api/v1/repos/acme/app/builds", headers=admin, json={"pipeline": huge})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_pipeline", r.text
     r = client.post("/api/v1/repos/acme/app/builds", headers=admin,
                     json={"pipeline": pipeline("true"), "route": "nowhere"})
     assert r.status_code == 400 and r.json()["code"] == "bad_request"

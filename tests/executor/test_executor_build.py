@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
+import select
+import shutil
+import signal
+import stat
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from vela.domain import BuildStatus, StepStatus
 from vela.executor import Reason, run_build
+from vela.executor.build import _remove_tree
 from vela.pipeline import compile_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -234,6 +243,24 @@ async def test_masking_plain_and_base64(build, runtime):
     assert rec.lines[2] == ["unset"]  # a step sees only the secrets it lists
 
 
+async def test_masking_wrapped_base64_of_a_long_secret(build, bwrap_runtime):
+    secret = "ghp_" + "A1b2C3d4E5f6G7h8I9j0" * 3  # 64 bytes: base64 wraps it over two lines
+    result, rec = await build(
+        steps(
+            "  - name: leak\n    secrets: [api_key]\n    commands:\n"
+            '      - printf %s "$API_KEY" | base64\n'
+            '      - echo "$API_KEY" | base64\n'
+            '      - printf %s "$API_KEY" | base64 -w 64\n'
+        ),
+        runtime=bwrap_runtime,
+        secrets={"api_key": secret},
+    )
+    assert result.status == BuildStatus.SUCCESS
+    assert len(rec.lines[1]) == 6
+    for line in rec.lines[1]:  # each is *** or, after echo, *** and the newline's bits
+        assert "***" in line and len(line.replace("***", "")) <= 3, line
+
+
 async def test_multiline_secret_masked_per_line(build, bwrap_runtime):
     secret = "-----BEGIN KEY-----\nAAAAsecretbody1\nBBBBsecretbody2\n-----END KEY-----"
     _, rec = await build(
@@ -400,6 +427,77 @@ async def test_read_only_leftovers_are_still_removed(build, runtime):
     )
     assert result.status == BuildStatus.SUCCESS
     # the build fixture asserts the build directory is gone
+
+
+NOBODY = 65534
+
+
+def as_ordinary_user(work: Callable[[], str], within_s: float = 30.0) -> str:
+    """``work()`` held to file permissions, as a worker not run by root is: in a forked
+    child that becomes nobody when the tests run as root. Its answer, or what it raised."""
+    if os.getuid() != 0:
+        return work()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # only os calls and modules already imported: no lock another thread holds
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            answer = work()
+        except BaseException as e:
+            answer = f"raised {type(e).__name__}: {e}"
+        try:
+            os.write(w, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    ready: list[int] = []
+    try:
+        ready, _, _ = select.select([r], [], [], within_s)
+        return os.read(r, 1 << 16).decode() if ready else "timed out"
+    finally:
+        os.close(r)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_leftovers_with_any_permissions_removed_by_a_non_root_worker():
+    base = Path(tempfile.mkdtemp(prefix="vela-test-"))
+    if os.getuid() == 0:
+        os.chown(base, NOBODY, NOBODY)
+    build, outside = base / "vela-build-1", base / "outside"
+
+    def leave_and_remove() -> str:
+        (outside / "in").mkdir(parents=True)
+        outside.chmod(0o500)  # a link's target: must keep its permissions
+        for d in ("r/x/y", "w/z", "n/a/b"):
+            (build / d).mkdir(parents=True)
+        (build / "r/x/f").touch()
+        (build / "link").symlink_to(outside)
+        for path, mode in (("r/x/f", 0), ("n/a/b", 0), ("n/a", 0), ("r/x", 0o100),
+                           ("w", 0o200), ("r", 0o500)):
+            (build / path).chmod(mode)
+        _remove_tree(build)
+        return json.dumps([sorted(os.listdir(base)), stat.S_IMODE(outside.stat().st_mode),
+                           (outside / "in").is_dir()])
+
+    try:
+        assert as_ordinary_user(leave_and_remove) == json.dumps([["outside"], 0o500, True])
+    finally:
+        if outside.exists():
+            outside.chmod(0o700)
+        shutil.rmtree(base)
+
+
+def test_removal_failure_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    def fail(path, *args, **kwargs):
+        raise RecursionError("too deep")
+
+    monkeypatch.setattr(shutil, "rmtree", fail)
+    _remove_tree(tmp_path)
+    assert "cannot remove build directory" in caplog.text
 
 
 def test_steps_run_on_uvloop_without_forking_the_worker(build, runtime):

@@ -12,6 +12,7 @@ from vela.executor import MASK, Masker
 from vela.executor.logs import LinePump
 
 SECRET = "tok?>~~en-Value-42"
+LONG_SECRET = "ghp_" + "A1b2C3d4E5f6G7h8I9j0" * 3  # 64 bytes: its base64 takes two lines
 
 
 def test_plain_and_base64_forms():
@@ -48,6 +49,37 @@ def test_empty_secret_ignored_and_longest_first():
     m = Masker(["", "abcd", "abcdefgh"])
     assert m.mask("abcdefgh abcd") == "*** ***"
     assert Masker([]).mask("nothing") == "nothing"
+
+
+def test_wrapped_base64_of_a_long_secret_masked_per_line():
+    m = Masker([LONG_SECRET])
+    for raw in (LONG_SECRET.encode(), LONG_SECRET.encode() + b"\n"):  # printf, echo
+        encoded = base64.b64encode(raw).decode()
+        for width in (64, 76):  # openssl, coreutils base64
+            for i in range(0, len(encoded), width):
+                masked = m.mask(encoded[i:i + width])
+                assert MASK in masked
+                assert len(masked.replace(MASK, "")) <= 3  # the bits of the newline
+
+
+def test_short_last_line_of_wrapped_base64_left_alone():
+    secret = "k" * 60  # base64 of 80 characters: its last line at 76 columns has 4
+    tail = base64.b64encode(secret.encode()).decode()[76:]
+    assert Masker([secret]).mask(f"a {tail} b") == f"a {tail} b"
+
+
+def test_overlapping_secrets_masked_as_one_stretch():
+    m = Masker(["user-1234", "1234-pass"])
+    assert m.mask("login user-1234-pass") == "login ***"
+    assert m.mask("user-1234 1234-pass user-1234user-1234") == "*** *** ******"
+
+
+def test_safe_cut_never_splits_overlapping_secrets():
+    m = Masker(["user-1234", "1234-pass"])
+    text = "x" * 10 + "user-1234-pass" + "y" * 10
+    for limit in range(1, len(text)):
+        cut = m.safe_cut(text, limit)
+        assert m.mask(text[:cut]) + m.mask(text[cut:]) == "x" * 10 + MASK + "y" * 10
 
 
 def test_safe_cut_never_splits_a_secret():

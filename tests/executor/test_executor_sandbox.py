@@ -131,6 +131,14 @@ async def test_own_pid_namespace_no_capabilities_no_secret_in_argv(build, bwrap_
     assert "bwrap" in cmdline and "***" not in cmdline  # the secret is not on argv
 
 
+async def test_step_keeps_the_worker_uid(build, bwrap_runtime):
+    """docs/security.md: the sandbox does not change the user, it maps it to itself."""
+    result, rec = await build(one_step("id -u", "cat /proc/self/uid_map"), runtime=bwrap_runtime)
+    assert result.status == BuildStatus.SUCCESS
+    uid = str(os.getuid())
+    assert rec.lines[1][0] == uid and rec.lines[1][1].split() == [uid, uid, "1"]
+
+
 def group_session_terminal(pid: int) -> tuple[int, int, int]:
     """A process's group, session and controlling terminal (0: none), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -132,6 +132,8 @@ def test_duplicate_mapping_key():
          "steps[0].environment.TOK"),
         ("name: a\n    commands: [x]\n    timeout: 0", "steps[0].timeout"),
         ("name: a\n    commands: [x]\n    timeout: true", "steps[0].timeout"),
+        ("name: a\n    commands: [x]\n    timeout: " + "9" * 400, "steps[0].timeout"),
+        ("name: a\n    commands: [x]\n    timeout: -" + "9" * 400, "steps[0].timeout"),
     ],
 )
 def test_field_rules(step, field):

@@ -56,6 +56,15 @@ def test_bad_config_is_one_line_exit_2(env, tmp_path):
     assert str(bad) in r.output and "server" in r.output
 
 
+def test_config_not_utf8_or_a_directory_is_one_line_exit_2(env, tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("[server]\nid = 'caf\xe9'\n".encode("latin-1"))
+    for path, says in ((latin1, "is not UTF-8 text"), (tmp_path, "is a directory")):
+        r = invoke(["--config", str(path), "config", "show"], env)
+        assert r.exit_code == 2, r.output
+        assert f"configuration: {path} {says}" in r.output
+
+
 def test_db_upgrade_and_check_sqlite(env):
     r = invoke(["db", "check"], env)
     assert r.exit_code == 1 and "vela db upgrade" in r.output

@@ -53,6 +53,15 @@ def test_missing_file():
         load_settings("/nonexistent/vela.toml", environ={})
 
 
+def test_unreadable_file_is_a_config_error(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("[server]\nid = 'caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text .*: save it as UTF-8"):
+        load_settings(latin1, environ={})
+    with pytest.raises(ConfigError, match="is a directory: give the path of a TOML file"):
+        load_settings(tmp_path, environ={})
+
+
 def test_secrets_hidden_in_repr_logs_and_show(caplog):
     env = {"VELA_SERVER_MASTER_KEY": "ab" * 32,
            "VELA_DATABASE_URL": "postgresql+asyncpg://vela:hunter2pw@db/vela",

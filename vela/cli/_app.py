@@ -69,6 +69,17 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def read_utf8(path: Path, fix: str) -> str:
+    """The text of ``path``, which must be UTF-8; else a :class:`VelaError` that ends
+    with ``fix``, what to do about it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise VelaError(f"{path} is not UTF-8 text (at byte offset {e.start}): {fix}") from None
+    except OSError as e:
+        raise VelaError(f"cannot read {path}: {e.strerror}") from None
+
+
 def command(fn: Callable[..., T]) -> Callable[..., T]:
     """Turn our errors into one-line messages: config errors exit 2, others 1."""
 

@@ -24,7 +24,7 @@ from vela.api.client import (
     load_credentials,
     save_credentials,
 )
-from vela.cli._app import app, command, console, err_console, fail, print_json, state
+from vela.cli._app import app, command, console, err_console, fail, print_json, read_utf8, state
 from vela.cli.duration import parse_duration
 from vela.cli.serve_cmd import build_app
 from vela.domain import split_repo
@@ -165,7 +165,7 @@ def build_submit(
 ) -> None:
     """Create a build from FILE through the API."""
     org, name = split_repo(repo)
-    body: dict[str, Any] = {"pipeline": file.read_text()}
+    body: dict[str, Any] = {"pipeline": read_utf8(file, "save it as UTF-8")}
     if route:
         body["route"] = route
     if timeout:
@@ -420,7 +420,8 @@ def secret_add(
     """Create or update a secret. Without --value-file/--value-stdin, asks for the value."""
     base, owner = _secret_base(repo, org)
     if value_file is not None:
-        value = value_file.read_text().rstrip("\n")
+        value = read_utf8(value_file, "secrets are text; encode a binary value first "
+                          "(e.g. with `base64`) and decode it in the step").rstrip("\n")
     elif value_stdin:
         value = sys.stdin.read().rstrip("\n")
     else:

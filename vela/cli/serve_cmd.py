@@ -24,7 +24,17 @@ from typing import Any
 
 import typer
 
-from vela.cli._app import app, command, console, err_console, fail, print_json, run, state
+from vela.cli._app import (
+    app,
+    command,
+    console,
+    err_console,
+    fail,
+    print_json,
+    read_utf8,
+    run,
+    state,
+)
 from vela.config import Settings
 from vela.domain import MAX_BACKLOG
 from vela.errors import VelaError
@@ -488,13 +498,14 @@ def build_run(
     s = state.settings
     split_repo(repo)
     secrets = [_parse_secret(x) for x in secret]
+    pipeline = read_utf8(file, "save it as UTF-8")
     _connect(s)
     scheduler = get_actor(SCHEDULER, s.ray.namespace)
     if scheduler is None:
         raise VelaError("the server is not running; start it with `vela serve`")
     for name, value in secrets:
         ray.get(scheduler.put_secret.remote(repo, name, value))
-    build_id = ray.get(scheduler.create_build.remote(repo, file.read_text(),
+    build_id = ray.get(scheduler.create_build.remote(repo, pipeline,
                                                      route=route or None))
     if not as_json:
         console.print(f"build {build_id} queued ({repo})", highlight=False)

@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import stat
-import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -412,20 +411,32 @@ def _remove_build_dirs(dirs: BuildDirs) -> None:
 
 
 def _remove_tree(root: Path) -> None:
-    """Remove a build directory even if a step left read-only directories."""
+    """Remove a build directory, whatever permissions a step left on what is in it.
 
-    def retry(func: Callable[[str], object], path: str, _exc: object) -> None:
-        with contextlib.suppress(OSError):
-            parent = os.path.dirname(path)
-            os.chmod(parent, os.stat(parent).st_mode | stat.S_IRWXU)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, stat.S_IRWXU)
-            func(path)
-
+    Never raises: the build's result does not depend on it, so what cannot be removed
+    is logged and left.
+    """
     try:
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(root, onexc=retry)
-        else:
-            shutil.rmtree(root, onerror=retry)
-    except OSError as e:
+        try:
+            shutil.rmtree(root)
+        except OSError:  # most likely a directory that a step made unreadable or read-only
+            _open_up_dirs(root)
+            shutil.rmtree(root)
+    except Exception as e:  # noqa: BLE001 - e.g. RecursionError: leftovers never fail a build
         logger.error("cannot remove build directory %s: %s", root, e)
+
+
+def _open_up_dirs(root: Path) -> None:
+    """Give the owner rwx on ``root`` and every directory under it.
+
+    Symbolic links are neither followed nor changed: what is a directory is asked of
+    the entry itself, and no step process is left to swap one for a link in between
+    (a sandbox's processes die with its pid namespace when the step ends).
+    """
+    stack = [str(root)]
+    while stack:
+        path = stack.pop()
+        with contextlib.suppress(OSError):
+            os.chmod(path, stat.S_IRWXU)
+            with os.scandir(path) as entries:
+                stack += [e.path for e in entries if e.is_dir(follow_symlinks=False)]

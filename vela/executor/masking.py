@@ -3,7 +3,9 @@
 Masking is line based: the executor masks each complete line (and splits
 over-long lines only where no secret straddles the cut, see
 :meth:`Masker.safe_cut`). A secret that contains newlines is masked per line
-fragment, because no single line can contain it whole.
+fragment, because no single line can contain it whole. For the same reason the
+base64 of a long secret is also masked per line as ``base64`` and ``openssl`` wrap it.
+Where secrets overlap, the whole overlapping stretch is masked.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from collections.abc import Iterable
 MASK = "***"
 # Shorter base64 fragments would mask ordinary text (``YQ`` is base64 of "a").
 MIN_DERIVED_LEN = 4
+# Columns at which tools wrap base64: openssl (and PEM) at 64, coreutils base64 at 76.
+WRAP_WIDTHS = (64, 76)
+# A wrapped encoding's last, shorter line is masked from this length. A shorter one
+# shows at most 5 bytes of a secret over 48 bytes, and could be a word ("data", "test").
+MIN_WRAPPED_TAIL_LEN = 8
 
 
 def _b64_forms(raw: bytes) -> set[str]:
@@ -33,11 +40,39 @@ def _b64_forms(raw: bytes) -> set[str]:
         last = 8 * (offset + n) // 6  # chars before this hold only secret bits
         cores = [enc[first:last]]
         if offset == 0:
+            # Only the secret's own encoding is cut into lines: inside a larger wrapped
+            # blob, the line ends fall anywhere in it.
             cores += [enc, enc.rstrip("=")]
+            cores += [line for core in cores for line in _wrapped_lines(core)]
         for core in cores:
             forms.add(core)
             forms.add(core.translate(str.maketrans("+/", "-_")))
     return {f for f in forms if len(f) >= MIN_DERIVED_LEN}
+
+
+def _wrapped_lines(encoded: str) -> list[str]:
+    """The lines of ``encoded`` as wrapped at each of :data:`WRAP_WIDTHS`."""
+    lines = []
+    for width in WRAP_WIDTHS:
+        if len(encoded) > width:
+            lines += [encoded[i:i + width] for i in range(0, len(encoded), width)]
+    return [line for line in lines if len(line) >= MIN_WRAPPED_TAIL_LEN]
+
+
+def _any_of(literals: Iterable[str]) -> str:
+    """A regex for any of ``literals`` that matches the longest one at a position.
+
+    Grouped by first character, so the engine tries one group at each position of a
+    line rather than every literal: about a third less time per line.
+    """
+    tails: dict[str, list[str]] = {}
+    # Longest first within a group: a match is the longest literal at its position.
+    for literal in sorted(literals, key=lambda p: (-len(p), p)):
+        tails.setdefault(literal[0], []).append(re.escape(literal[1:]))
+    return "|".join(
+        re.escape(first) + (group[0] if len(group) == 1 else f"(?:{'|'.join(group)})")
+        for first, group in tails.items()
+    )
 
 
 class Masker:
@@ -53,15 +88,41 @@ class Masker:
                 if fragment.strip():
                     patterns.add(fragment)
             patterns |= _b64_forms(value.encode("utf-8", "surrogatepass"))
-        # Longest first, so a secret wins over any of its own fragments.
-        ordered = sorted(patterns, key=lambda p: (-len(p), p))
-        self.max_len = len(ordered[0]) if ordered else 0
-        self._regex = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self.max_len = max(map(len, patterns), default=0)
+        self._regex = re.compile(_any_of(patterns)) if patterns else None
 
     def mask(self, text: str) -> str:
-        if self._regex is None:
+        spans = self._spans(text)
+        if not spans:
             return text
-        return self._regex.sub(MASK, text)
+        parts: list[str] = []
+        end = 0
+        for start, stop in spans:
+            parts += (text[end:start], MASK)
+            end = stop
+        parts.append(text[end:])
+        return "".join(parts)
+
+    def _spans(self, text: str) -> list[tuple[int, int]]:
+        """Where ``text`` holds secrets: every match, overlapping ones merged.
+
+        The regex yields the longest match at each position, but then resumes after
+        it; searching again from the next position finds matches that overlap it.
+        """
+        if self._regex is None:
+            return []
+        search = self._regex.search
+        m = search(text)
+        spans: list[tuple[int, int]] = []
+        while m is not None:
+            start, stop = m.span()
+            if spans and start < spans[-1][1]:
+                if stop > spans[-1][1]:
+                    spans[-1] = (spans[-1][0], stop)
+            else:
+                spans.append((start, stop))
+            m = search(text, start + 1)
+        return spans
 
     def safe_cut(self, text: str, limit: int) -> int:
         """An index ``<= limit`` at which ``text`` can be split and masked in parts.
@@ -73,10 +134,10 @@ class Masker:
         if self._regex is None:
             return cut
         cut = min(cut, len(text) - (self.max_len - 1))
-        for m in self._regex.finditer(text):
-            if m.start() >= cut:
+        for start, stop in self._spans(text):
+            if start >= cut:
                 break
-            if m.end() > cut:
-                cut = m.start()
+            if stop > cut:
+                cut = start
                 break
         return max(cut, 0)
