@@ -46,7 +46,9 @@ DEFAULT_IMAGE = "local"
 
 _STEP_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,61}[A-Za-z0-9_.-])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# What a step's ``secrets`` may name, and so what the API lets a secret be called.
+SECRET_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"  # noqa: S105 - a pattern
+_SECRET_NAME = re.compile(SECRET_NAME)
 _IMAGE = re.compile(r"\S{1,255}")
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 _MERGE_TAG = "tag:yaml.org,2002:merge"

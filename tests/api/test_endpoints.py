@@ -129,6 +129,9 @@ def test_cancel_and_restart(client, admin):
     ("PUT", "/api/v1/workers/api-w1", {"active": "maybe"}, "active"),
     ("POST", "/api/v1/secrets/native/repo/acme/app", {"name": "bad-name", "value": "v"},
      "name"),
+    # Longer than a pipeline's `secrets` can name: it could never be used.
+    ("POST", "/api/v1/secrets/native/repo/acme/app", {"name": "a" * 129, "value": "v"},
+     "name"),
     ("POST", "/api/v1/secrets/native/team/acme/app", {"name": "ok", "value": "v"}, "type"),
     ("POST", "/api/v1/admin/registration-tokens", {"ttl_s": 1}, "ttl_s"),
     ("POST", "/api/v1/admin/registration-tokens", {"routes": ["nowhere"]}, "routes"),

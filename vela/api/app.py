@@ -27,7 +27,7 @@ from vela.api.backend import Backend, BuildRef
 from vela.api.errors import ApiError, Code, to_api_error
 from vela.api.models import (
     NAME,
-    SECRET_NAME,
+    STORED_SECRET_NAME,
     BuildCreate,
     BuildDetail,
     BuildOut,
@@ -306,7 +306,7 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
         return await backend.put_secret(type=type, org=org, target=name, name=body.name,
                                         value=body.value, create=True)
 
-    SecretName = Annotated[str, Path(pattern=SECRET_NAME)]
+    SecretName = Annotated[str, Path(pattern=STORED_SECRET_NAME)]
 
     @full_paths.get(SecretPath + "/{secret}", response_model=SecretOut, tags=["secrets"])
     async def get_secret(type: SecretType, org: Org, name: Owner, secret: SecretName,

@@ -6,14 +6,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vela import pipeline
 from vela.api.auth import MAX_TOKEN_TTL_S, Scope
 from vela.domain import BuildStatus
 
 MAX_PIPELINE_CHARS = 256_000
 MAX_SECRET_CHARS = 64_000
 NAME = r"^[A-Za-z0-9_.-]{1,250}$"
-# A secret named `api_key` reaches a step as $API_KEY, so it must make an env name.
-SECRET_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,249}$"  # noqa: S105 - a pattern
+# A secret named `api_key` reaches a step as $API_KEY, so it must make an env name,
+# and one a pipeline can name.
+SECRET_NAME = f"^{pipeline.SECRET_NAME}$"
+# Secrets stored before new names were held to that stay readable and removable.
+STORED_SECRET_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,249}$"  # noqa: S105 - a pattern
 
 
 class _In(BaseModel):
