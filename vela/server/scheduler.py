@@ -785,11 +785,15 @@ class Scheduler:
     async def _settle_lost(self, hostname: str) -> None:
         for build in await self.store.list_builds(status=[BuildStatus.RUNNING], worker=hostname,
                                                   limit=10_000):
+            if hostname in self._links:
+                return  # registered again meanwhile: its _adopt settles them
             if build.id not in self._dispatching:
                 await self._end_lost_build(build)
+        final = self._unsettled.get(hostname)
+        if final is None or hostname in self._links:
+            return
         try:
-            await self.store.update_worker(hostname, status=self._unsettled[hostname],
-                                           running_builds=[])
+            await self.store.update_worker(hostname, status=final, running_builds=[])
         except NotFound:
             pass
         self._unsettled.pop(hostname, None)
