@@ -293,3 +293,32 @@ async def test_shared_writes_go_in_one_transaction_and_keep_their_own_outcome(
                            for x in (d, e)))
     assert (calls.batches - batches, calls.requests - requests) == (2, 5)
     assert len(transactions) == 5
+
+
+async def test_a_shared_commit_that_fails_is_every_writes_failure_and_never_rerun(
+        store, monkeypatch):
+    """The commit of a shared transaction lands but its answer is lost (PostgreSQL
+    dropped the connection): running its writes again one by one would store two builds
+    for one request, or a log chunk twice. Each caller gets the failure instead."""
+    from sqlalchemy.exc import DBAPIError
+
+    a, b = await new_build(store), await new_build(store)
+    write = store._db.write
+    transactions = []
+
+    async def commit_then_lose_the_answer(unit):
+        transactions.append(unit)
+        out = await write(unit)
+        if len(transactions) == 1:
+            raise DBAPIError("COMMIT", {}, ConnectionResetError("connection lost"),
+                             connection_invalidated=True)
+        return out
+
+    monkeypatch.setattr(store._db, "write", commit_then_lose_the_answer)
+    results = await asyncio.gather(
+        *(store.write_shared(lambda w, i=x.id: w.append_log(i, 1, ["once"])) for x in (a, b)),
+        return_exceptions=True)
+    assert all(isinstance(r, DBAPIError) for r in results), results
+    assert len(transactions) == 1  # not run again
+    for x in (a, b):
+        assert [t for _, _, t in await store.get_logs(x.id)] == ["once\n"]

@@ -49,28 +49,6 @@ async def test_a_dispatch_whose_commit_answer_is_lost_runs_once(system, monkeypa
     assert core.running == [] and system.scheduler.registry.get("w1").running == set()
 
 
-async def test_a_shared_write_retried_after_its_commit_landed_goes_on(system, monkeypatch):
-    """A shared transaction that committed but answered with an error is retried unit by
-    unit; the dispatch's retry then finds its own write (its token's id) and goes on,
-    rather than acking the item of a build that nobody runs."""
-    await system.add_worker("w1")
-    build_id = await system.submit(pipeline("true"))
-    real = system.store.transition_build
-    hit: list[int] = []
-
-    async def landed_then_conflict(bid, expected, new, **kw):
-        out = await real(bid, expected, new, **kw)
-        if (expected, new) == (BuildStatus.PENDING, BuildStatus.RUNNING) and not hit:
-            hit.append(bid)
-            return await real(bid, expected, new, **kw)  # the retry: Conflict
-        return out
-
-    monkeypatch.setattr(system.store, "transition_build", landed_then_conflict)
-    builds = await system.pump([build_id], timeout_s=30)
-    assert hit == [build_id]
-    assert (builds[build_id].status, builds[build_id].attempts) == ("success", 1)
-
-
 async def test_a_database_error_while_forgetting_a_lost_worker_is_retried(system,
                                                                           monkeypatch):
     await system.add_worker("w1")

@@ -288,7 +288,8 @@ class Store:
         dispatches and reports). Its result and its failure are its own: if any unit
         of a shared transaction raises, none of it is kept and each unit runs again
         in a transaction of its own — so a unit must be a plain function of the
-        :class:`Writes`, safe to run twice."""
+        :class:`Writes`, safe to run twice. A failed commit is every unit's failure:
+        it may have landed, so nothing runs again."""
         return await self._shared.call(lambda s: unit(Writes(s, self._dialect)))
 
     def call_counts(self) -> dict[str, dict[str, int]]:
@@ -297,9 +298,23 @@ class Store:
 
     async def _write_batch(self, units: list[Callable[[Session], Any]]) -> list[Any]:
         if len(units) > 1:
+            flushed: list[bool] = []
+
+            def batch(s: Session) -> list[Any]:
+                out = [unit(s) for unit in units]
+                s.flush()
+                flushed.append(True)  # every write was accepted: only the commit is left
+                return out
+
             try:
-                return await self._db.write(lambda s: [unit(s) for unit in units])
+                return await self._db.write(batch)
             except Exception as e:  # noqa: BLE001 - whose it is, each unit's own run tells
+                if flushed:
+                    # The commit failed, and may have landed all the same (its answer
+                    # lost): no unit runs again, each caller learns it failed.
+                    log.warning("a shared transaction's commit failed (%s)",
+                                type(e).__name__)
+                    return [e] * len(units)
                 log.debug("a shared write failed (%s); its units run one by one",
                           type(e).__name__)
         out: list[Any] = []

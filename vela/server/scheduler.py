@@ -273,8 +273,8 @@ class Scheduler:
                 self._refused(hostname, "no_free_slot")
                 return None
             issued = await self.authority.issue_package(build.id, hostname)
-            # Recorded before the write: a commit that lands although its answer is lost
-            # is undone below (guarded by this token's id, so nothing else is).
+            # Should the write fail, its commit may have landed all the same (its answer
+            # lost): it is undone below, guarded by this token's id (nothing else is).
             recorded = issued
             try:
                 await self.store.transition_build(
@@ -282,11 +282,8 @@ class Scheduler:
                     worker=hostname, token_jti=issued.jti, dispatched_at=self._now(),
                     attempts=build.attempts + 1)
             except Conflict:
-                # Not pending — unless this very write landed in a shared transaction
-                # whose answer was lost, and its retry found the build running already.
-                if (await self.store.get_build(build.id)).token_jti != issued.jti:
-                    recorded = None
-                    return Outcome.NOT_PENDING
+                recorded = None
+                return Outcome.NOT_PENDING
             try:
                 receipt = await self._call(link.client.execute_package(issued.package))
             except TimeoutError:
