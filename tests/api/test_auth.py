@@ -184,6 +184,46 @@ async def test_authenticator_refetches_keys_after_a_rotation():
     assert len(loads) == 2
 
 
+async def test_a_revocation_is_not_undone_by_a_key_fetch_already_under_way():
+    """A fetch that read the revocations before a subject was revoked and answers after
+    the revocation's forget() must not be cached: the revoked token would work on for
+    the cache's lifetime (five minutes)."""
+    import asyncio
+
+    from vela.api.auth import Authenticator
+    from vela.api.errors import ApiError
+
+    now = datetime.now(UTC)
+    ring = KeyRing.generate(now - timedelta(minutes=1))
+    revoked: dict[str, float] = {}
+    reading, answer = asyncio.Event(), asyncio.Event()
+    loads: list[dict[str, float]] = []
+
+    async def load_keys():
+        snapshot = dict(revoked)  # the revocations are read first, then the keys: slow
+        loads.append(snapshot)
+        if len(loads) == 1:
+            reading.set()
+            await answer.wait()
+        return {"issuer": "s", "keys": ring.verifying_keys(now), "revoked": snapshot}
+
+    auth = Authenticator(load_keys)
+    leaked = mint_api_token(ring, issuer="s", subject="ci", scopes=["builds:read"],
+                            ttl_s=600, now=now - timedelta(seconds=10))[0]
+    first = asyncio.create_task(auth.authenticate(leaked))
+    await reading.wait()
+    revoked["ci"] = now.timestamp()  # POST /tokens/revoke: the row, then forget()
+    auth.forget()
+    answer.set()
+    with pytest.raises(ApiError) as e:  # what finished loading after forget() is not used
+        await first
+    assert e.value.reason == "token_revoked"
+    with pytest.raises(ApiError) as e:
+        await auth.authenticate(leaked)
+    assert e.value.reason == "token_revoked"
+    assert len(loads) == 2
+
+
 def test_revoked_subjects_tokens_are_refused_new_ones_work(client, harness, admin):
     """A leaked token: the admin revokes its subject. Every token of that subject minted
     before is 401 ``token_revoked`` at once, other subjects' tokens are untouched, a token

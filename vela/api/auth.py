@@ -121,12 +121,19 @@ class Authenticator:
         self._min_refresh_s = min_refresh_s
         self._keys: TokenKeys | None = None
         self._loaded_at = 0.0
+        self._forgotten = 0  # forget() calls so far
 
     async def _current(self, *, force: bool = False) -> TokenKeys:
         age = self._mono() - self._loaded_at
-        if self._keys is None or age > self._refresh_s or (force and age > self._min_refresh_s):
-            self._keys = await self._load()
-            self._loaded_at = self._mono()
+        while (self._keys is None or age > self._refresh_s
+               or (force and age > self._min_refresh_s)):
+            forgotten = self._forgotten
+            keys = await self._load()
+            if forgotten == self._forgotten:
+                self._keys, self._loaded_at = keys, self._mono()
+                return keys
+            # Forgotten while loading: what came may predate that revocation.
+            force, age = False, 0.0
         return self._keys
 
     async def authenticate(self, token: str | None) -> ApiClaims:
@@ -147,8 +154,10 @@ class Authenticator:
             raise self._refused(e) from None
 
     def forget(self) -> None:
-        """Fetch keys and revocations again before the next check (after a revocation)."""
+        """Fetch keys and revocations again before the next check (after a revocation),
+        also where a fetch already under way began before it."""
         self._keys = None
+        self._forgotten += 1
 
     def _verify(self, token: str, keys: TokenKeys) -> ApiClaims:
         claims = verify_api_token(token, keys=keys["keys"], issuer=keys["issuer"],
