@@ -91,3 +91,26 @@ async def test_a_deactivated_workers_builds_go_on_across_a_scheduler_restart(sys
     builds = await system.pump([build_id], timeout_s=30)
     assert (builds[build_id].status, builds[build_id].worker) == ("success", "w1")
     assert (await system.store.get_build(later)).status == BuildStatus.PENDING.value
+
+
+async def test_a_restarted_scheduler_asks_its_workers_all_at_once(system):
+    """Each worker that does not answer costs a call's timeout, and every call to the
+    Scheduler waits for its recovery: asked one after another, a few partitioned
+    workers would stall the whole control plane for minutes."""
+    import asyncio
+
+    cores = [await system.add_worker(f"w{i}") for i in range(4)]
+    asked: list[str] = []
+    everyone = asyncio.Event()
+    for core in cores:
+        async def status(core=core) -> object:
+            asked.append(core.hostname)
+            if len(asked) == len(cores):
+                everyone.set()
+            await asyncio.wait_for(everyone.wait(), 1.0)  # answers once all were asked
+            return core.status()
+
+        system.directory.clients[core.hostname].status = status
+    await system.restart_scheduler()
+    assert sorted(asked) == ["w0", "w1", "w2", "w3"]
+    assert all(f"w{i}" in system.scheduler.registry for i in range(4))

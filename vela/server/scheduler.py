@@ -878,17 +878,12 @@ class Scheduler:
 
     async def recover(self) -> None:
         """Rebuild the registry from the DB and live actors after a (re)start."""
-        for worker in await self.store.list_workers():
-            if not worker.actor_name:
-                continue  # never registered in server mode
-            client = await self.directory.connect(worker.hostname, worker.actor_name)
-            status: dict[str, Any] | None = None
-            if client is not None:
-                try:
-                    status = _worker_status(await self._call(client.status()))
-                except Exception as e:  # noqa: BLE001 - dead, unreachable or nonsense: lost
-                    log.info("worker %s did not answer after restart: %s %s", worker.hostname,
-                             type(e).__name__, e)
+        # Never registered in server mode: no actor name.
+        workers = [w for w in await self.store.list_workers() if w.actor_name]
+        # Asked all at once: each one that does not answer costs the call's timeout, and
+        # every call to this Scheduler waits for its recovery.
+        answers = await asyncio.gather(*(self._ask_after_restart(w) for w in workers))
+        for worker, (client, status) in zip(workers, answers, strict=True):
             if client is None or status is None:
                 self.registry.upsert(worker.hostname, routes=worker.routes,
                                      build_limit=worker.build_limit)
@@ -910,6 +905,18 @@ class Scheduler:
             if build.worker and build.worker not in self.registry:
                 await self._end_lost_build(build)
         await self.resync_queue()
+
+    async def _ask_after_restart(self, worker: Worker) -> tuple[Any, dict[str, Any] | None]:
+        """A worker's client and its status; None for either that cannot be had."""
+        client = await self.directory.connect(worker.hostname, worker.actor_name)
+        if client is None:
+            return None, None
+        try:
+            return client, _worker_status(await self._call(client.status()))
+        except Exception as e:  # noqa: BLE001 - dead, unreachable or nonsense: lost
+            log.info("worker %s did not answer after restart: %s %s", worker.hostname,
+                     type(e).__name__, e)
+            return client, None
 
     def status(self) -> dict[str, Any]:
         return {
