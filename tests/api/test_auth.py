@@ -252,3 +252,36 @@ def test_revoked_subjects_tokens_are_refused_new_ones_work(client, harness, admi
     with TestClient(create_app(harness.remote()), raise_server_exceptions=False) as later:
         assert later.get("/api/v1/builds", headers=bearer(leaked)).status_code == 401
         assert later.get("/api/v1/builds", headers=bearer(fresh)).status_code == 200
+
+
+def test_a_followed_log_ends_when_its_token_is_revoked(client, harness, admin):
+    """The token is checked when a stream opens; a build may run for days, so each poll
+    checks it again: revoked (or expired) meanwhile, the stream ends with the reason."""
+    import json
+
+    r = client.post("/api/v1/tokens", headers=admin,
+                    json={"subject": "ci-follower", "scopes": ["builds:read"]})
+    leaked = r.json()["token"]
+    text = 'version: "1"\nsteps:\n  - name: s\n    commands: ["echo begun", "sleep 20"]\n'
+    b = client.post("/api/v1/repos/acme/follow/builds", headers=admin,
+                    json={"pipeline": text}).json()
+    try:
+        with client.stream("GET", f"/api/v1/builds/{b['id']}/logs",
+                           params={"follow": "true"}, headers=bearer(leaked)) as stream:
+            events, revoked = [], []
+            for line in stream.iter_lines():
+                if not line:
+                    continue
+                events.append(json.loads(line))
+                if "begun" in events[-1].get("text", "") and not revoked:
+                    revoked.append(True)
+                    r = client.post("/api/v1/tokens/revoke", headers=admin,
+                                    json={"subject": "ci-follower"})
+                    assert r.status_code == 200, r.text
+        assert "begun" in "".join(e.get("text", "") for e in events)
+        assert events[-1]["event"] == "error", events[-3:]
+        assert events[-1]["reason"] == "token_revoked"
+        assert client.get(f"/api/v1/builds/{b['id']}", headers=admin).json()["status"] \
+            == "running"  # the stream ended, not the build
+    finally:
+        client.delete(f"/api/v1/builds/{b['id']}/cancel", headers=admin)

@@ -11,7 +11,7 @@ scope it names; errors are ``{"code", "message"}`` (:mod:`vela.api.errors`).
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 MAX_ID = 2**63 - 1
 PREFIX = "/api/v1"
 NDJSON = "application/x-ndjson"
+# Checks the request's token again (see create_app.recheck).
+Recheck = Callable[[], Awaitable[ApiClaims]]
 SecretType = Literal["repo", "org", "shared"]
 
 
@@ -139,6 +141,13 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
 
     def allowed(scope: Scope | None) -> Any:
         return Depends(need(scope))
+
+    async def recheck(creds: Annotated[HTTPAuthorizationCredentials | None,
+                                       Depends(bearer)]) -> Recheck:
+        """The request's token checked again later (a long stream): it may have expired
+        or been revoked since the request began."""
+        token = creds.credentials if creds else None
+        return lambda: auth.authenticate(token)
 
     # -- health --------------------------------------------------------------------------------
     @app.get("/health", response_model=Health, tags=["health"])
@@ -253,7 +262,7 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
                                "builds"),
                               (PREFIX + "/builds/{build_id}", by_id, "builds by id")):
         _build_routes(full_paths, backend, base=base, ref_of=ref_of, tag=tag,
-                      allowed=allowed, poll_s=poll_s)
+                      allowed=allowed, recheck=Depends(recheck), poll_s=poll_s)
 
     # -- workers and the queue --------------------------------------------------------------
     @api.get("/workers", response_model=list[WorkerOut], tags=["workers"])
@@ -333,7 +342,8 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
 
 def _build_routes(app: APIRouter, backend: Backend, *, base: str,
                   ref_of: Callable[..., BuildRef], tag: str,
-                  allowed: Callable[[Scope | None], Any], poll_s: float) -> None:
+                  allowed: Callable[[Scope | None], Any], recheck: Any,
+                  poll_s: float) -> None:
     """One build's endpoints under ``base`` (by repo and number, or by id)."""
     Ref = Annotated[BuildRef, Depends(ref_of)]
     StepNo = Annotated[int, Path(ge=1, le=10_000)]
@@ -371,13 +381,19 @@ def _build_routes(app: APIRouter, backend: Backend, *, base: str,
                                              "build ends"}})
     async def get_logs(ref: Ref, follow: bool = False,
                        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
-                       claims: ApiClaims = allowed(Scope.BUILDS_READ)) -> Any:
+                       claims: ApiClaims = allowed(Scope.BUILDS_READ),
+                       still_valid: Recheck = recheck) -> Any:
         """The build's log chunks. ``follow=true`` streams NDJSON events — ``build``
-        (status changes), ``step``, ``log`` — and a last ``end`` once the build ends."""
+        (status changes), ``step``, ``log`` — and a last ``end`` once the build ends;
+        or ``error`` if the token expires or is revoked meanwhile (checked each poll)."""
         if follow:
             first = await backend.poll_build(ref=ref, after_id=after)  # 404 before streaming
-            return StreamingResponse(_follow(backend, ref, first, after, poll_s),
-                                     media_type=NDJSON)
+
+            async def poll(after_id: int) -> dict[str, Any]:
+                await still_valid()
+                return await backend.poll_build(ref=ref, after_id=after_id)
+
+            return StreamingResponse(_follow(poll, first, after, poll_s), media_type=NDJSON)
         return await backend.get_logs(ref=ref, step=None, after_id=after)
 
     @app.get(base + "/steps/{step}/logs", response_model=list[LogChunk], tags=[tag])
@@ -390,9 +406,9 @@ def _line(event: dict[str, Any]) -> bytes:
     return (json.dumps(event, separators=(",", ":")) + "\n").encode()
 
 
-async def _follow(backend: Backend, ref: BuildRef, view: dict[str, Any], after: int,
-                  poll_s: float) -> AsyncIterator[bytes]:
-    """Events until the build is terminal; a poll every ``poll_s`` (the client going
+async def _follow(poll: Callable[[int], Awaitable[dict[str, Any]]], view: dict[str, Any],
+                  after: int, poll_s: float) -> AsyncIterator[bytes]:
+    """Events until the build is terminal; a ``poll`` every ``poll_s`` (the client going
     away cancels this generator)."""
     status = ""
     steps: dict[int, str] = {}
@@ -413,7 +429,7 @@ async def _follow(backend: Backend, ref: BuildRef, view: dict[str, Any], after: 
             return
         await asyncio.sleep(poll_s)
         try:
-            view = await backend.poll_build(ref=ref, after_id=after)
+            view = await poll(after)
         except Exception as e:  # noqa: BLE001 - the stream has begun: say why it ends
             err = to_api_error(e)
             yield _line({"event": "error", **err.body()})
