@@ -322,3 +322,17 @@ async def test_a_shared_commit_that_fails_is_every_writes_failure_and_never_reru
     assert len(transactions) == 1  # not run again
     for x in (a, b):
         assert [t for _, _, t in await store.get_logs(x.id)] == ["once\n"]
+
+
+async def test_creating_one_secret_twice_at_once_is_one_conflict(store):
+    """Create-only and update-only are checked in the write itself: two requests
+    creating the same secret at once give one secret and one Conflict (the check before
+    the write let both through, and the database's unique key answered a 500)."""
+    results = await asyncio.gather(
+        *(store.put_secret("repo", "octo", "race", "k", v, exists=False) for v in ("a", "b")),
+        return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["Conflict", "SecretInfo"]
+    with pytest.raises(NotFound):
+        await store.put_secret("repo", "octo", "race", "other", "v", exists=True)
+    await store.put_secret("repo", "octo", "race", "k", "c", exists=True)
+    assert [s.name for s in await store.list_secrets(org="octo")] == ["k"]

@@ -382,18 +382,15 @@ class ServerBackend:
     async def put_secret(self, *, type: str, org: str, target: str, name: str, value: str,
                          create: bool) -> dict[str, Any]:
         """Create (``create``: must not exist) or update (must exist) a secret."""
-        try:
-            await self.get_secret(type=type, org=org, target=target, name=name)
-            exists = True
-        except NotFound:
-            exists = False
-        if create and exists:
-            raise Conflict(f"secret {name} exists already; update it with PUT")
-        if not create and not exists:
-            raise NotFound(f"secret {name} not found; create it with POST")
         if type == "repo":
             split_repo(f"{org}/{target}")
-        info = await self.store.put_secret(type, org, self._target(type, target), name, value)
+        try:
+            info = await self.store.put_secret(type, org, self._target(type, target), name,
+                                               value, exists=not create)
+        except Conflict:
+            raise Conflict(f"secret {name} exists already; update it with PUT") from None
+        except NotFound:
+            raise NotFound(f"secret {name} not found; create it with POST") from None
         return secret_out(info)
 
     async def delete_secret(self, *, type: str, org: str, target: str, name: str) -> None:

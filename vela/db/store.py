@@ -364,8 +364,10 @@ class Store:
         return f"vela-secret\x00{scope}\x00{org}\x00{target}\x00{name}".encode()
 
     async def put_secret(self, scope: str, org: str, target: str, name: str,
-                         value: str) -> SecretInfo:
-        """Create or update a secret; the value is stored AES-GCM encrypted."""
+                         value: str, *, exists: bool | None = None) -> SecretInfo:
+        """Create or update a secret; the value is stored AES-GCM encrypted. With
+        ``exists`` False only create it (:class:`Conflict` if it exists), True only
+        update it (:class:`NotFound` if it does not), checked in the write itself."""
         if scope not in SECRET_SCOPES:
             raise VelaError(f"secret scope must be one of {', '.join(SECRET_SCOPES)}")
         if scope == "org":
@@ -378,6 +380,8 @@ class Store:
             row = s.scalar(select(Secret).where(
                 Secret.scope == scope, Secret.org == org, Secret.target == target,
                 Secret.name == name))
+            if exists is not None and exists != (row is not None):
+                raise (Conflict if row is not None else NotFound)(f"secret {name}")
             if row is None:
                 row = Secret(scope=scope, org=org, target=target, name=name, value_enc=blob,
                              created_at=now, updated_at=now)
@@ -388,7 +392,12 @@ class Store:
             s.flush()
             return _secret_info(row)
 
-        return await self._db.write(unit)
+        try:
+            return await self._db.write(unit)
+        except IntegrityError:  # created by another request meanwhile
+            if exists is False:
+                raise Conflict(f"secret {name}") from None
+            return await self._db.write(unit)  # an update now
 
     async def list_secrets(self, *, org: str | None = None) -> list[SecretInfo]:
         q = select(Secret).order_by(Secret.org, Secret.scope, Secret.target, Secret.name)
