@@ -134,6 +134,8 @@ def test_cancel_and_restart(client, admin):
      "name"),
     ("POST", "/api/v1/secrets/native/team/acme/app", {"name": "ok", "value": "v"}, "type"),
     ("POST", "/api/v1/admin/registration-tokens", {"ttl_s": 1}, "ttl_s"),
+    # No scope at all is not "every scope".
+    ("POST", "/api/v1/login", {"credential": "x", "scopes": []}, "scopes"),
     ("POST", "/api/v1/admin/registration-tokens", {"routes": ["nowhere"]}, "routes"),
 ])
 def test_validation_errors_name_the_field(client, admin, method, path, body, field):

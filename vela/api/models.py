@@ -42,7 +42,8 @@ class ErrorOut(_Out):
 
 class LoginRequest(_In):
     credential: str = Field(min_length=1, max_length=500)
-    scopes: list[Scope] | None = Field(default=None, description="default: all of the "
+    scopes: list[Scope] | None = Field(default=None, min_length=1,
+                                       description="default (left out): all of the "
                                        "credential's scopes")
     ttl_s: int | None = Field(default=None, ge=60, le=MAX_TOKEN_TTL_S)
 
