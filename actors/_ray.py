@@ -51,6 +51,16 @@ def get_actor(name: str, namespace: str = NAMESPACE) -> Any | None:
         return None
 
 
+def actor_error_cause(e: RayActorError) -> str:
+    """Why an actor died, in one line: its constructor's own error where Ray kept it
+    (a VelaError says what to do), else the last line of Ray's message."""
+    text = str(getattr(e, "error_msg", "") or e)
+    for line in reversed(text.splitlines()):
+        if "VelaError:" in line:
+            return line.split("VelaError:", 1)[1].strip()
+    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+
+
 async def _await(ref: Awaitable[T], *, gone: type[Exception] | None = None) -> T:
     try:
         return await ref

@@ -28,7 +28,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors._ray import API, SCHEDULER, get_actor
+from actors._ray import API, SCHEDULER, actor_error_cause, get_actor
 from vela.api.errors import ApiError, Code
 from vela.config import Settings
 from vela.errors import VelaError
@@ -150,7 +150,7 @@ def wait_api(settings: Settings, *, timeout_s: float = 120.0) -> str:
     try:
         listening = ray.get(handle.status.remote(), timeout=timeout_s)["listening"]
     except RayActorError as e:
-        raise VelaError(f"the API could not start: {_cause(e)}") from None
+        raise VelaError(f"the API could not start: {actor_error_cause(e)}") from None
     except GetTimeoutError:
         raise VelaError(f"the API did not start within {timeout_s:.0f}s; its log in the "
                         "Ray dashboard (actor vela-api) says why") from None
@@ -172,11 +172,3 @@ def wait_api(settings: Settings, *, timeout_s: float = 120.0) -> str:
     raise VelaError(f"the API did not answer at {url} ({last}); its log in the Ray "
                     "dashboard (actor vela-api) says why")
 
-
-def _cause(e: RayActorError) -> str:
-    """The constructor's own error, where Ray kept it (a VelaError says what to do)."""
-    text = str(getattr(e, "error_msg", "") or e)
-    for line in reversed(text.splitlines()):
-        if "VelaError:" in line:
-            return line.split("VelaError:", 1)[1].strip()
-    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__

@@ -1,14 +1,18 @@
 """Create, find and tear down the actors: what `vela serve`, `vela worker` and
 `vela stop` do once connected to Ray. Creation is idempotent (named, detached,
-``get_if_exists``), so running it twice changes nothing."""
+``get_if_exists``), so running it twice changes nothing — except for a worker that
+did not register or was started with other arguments, which a new start replaces
+(:mod:`vela.worker.launch`)."""
 
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors._ray import (
@@ -17,6 +21,7 @@ from actors._ray import (
     LISTENER,
     NAMESPACE,
     SCHEDULER,
+    actor_error_cause,
     get_actor,
     legacy_worker_actor_name,
     worker_actor_name,
@@ -28,6 +33,8 @@ from actors.scheduler import SchedulerActor
 from actors.token_authority import TokenAuthorityActor
 from actors.worker import WorkerActor
 from vela.config import Settings
+from vela.errors import VelaError
+from vela.worker.launch import launch_spec, replace_reason
 
 CONTROL = ((AUTHORITY, TokenAuthorityActor), (SCHEDULER, SchedulerActor),
            (LISTENER, QueueListenerActor))
@@ -81,13 +88,18 @@ def start_worker(settings: Settings, *, hostname: str, routes: list[str], build_
                  node_id: str | None = None, max_restarts: int = -1,
                  timeout_s: float = 120.0) -> tuple[Any, dict[str, Any]]:
     """Start (or find) the WorkerActor for ``hostname`` pinned to ``node_id`` (default:
-    this driver's node); wait until it registered. Returns the handle and its status."""
-    handle = _pinned(WorkerActor, worker_actor_name(hostname), settings, node_id,
-                     max_restarts).remote(
+    this driver's node); wait until it registered. Returns the handle and its status,
+    whose ``replaced`` says why a worker of that name was replaced (None: it was not).
+    A worker that cannot start is a :class:`VelaError` saying why."""
+    name, state = worker_actor_name(hostname), str(state_dir.resolve())
+    replaced = _make_way(name, settings.ray.namespace, launch_spec(
+        settings, hostname=hostname, routes=routes, build_limit=build_limit, state_dir=state))
+    handle = _pinned(WorkerActor, name, settings, node_id, max_restarts).remote(
         settings, hostname=hostname, routes=routes, build_limit=build_limit,
-        state_dir=str(state_dir.resolve()), registration_token=registration_token)
-    status = ray.get(handle.wait_registered.remote(timeout_s), timeout=timeout_s + 30)
-    return handle, status
+        state_dir=state, registration_token=registration_token)
+    status = _started(handle.wait_registered.remote(timeout_s), timeout_s + 30,
+                      f"worker {hostname}")
+    return handle, {**status, "replaced": replaced}
 
 
 def start_legacy_worker(settings: Settings, *, hostname: str, routes: list[str],
@@ -96,13 +108,54 @@ def start_legacy_worker(settings: Settings, *, hostname: str, routes: list[str],
                         timeout_s: float = 120.0) -> tuple[Any, dict[str, Any]]:
     """Start (or find) the LegacyWorkerActor for ``hostname`` pinned to ``node_id``
     (default: this driver's node); wait until the legacy gateway accepted it (its
-    status says ``registered``; else ``error`` says why)."""
-    handle = _pinned(LegacyWorkerActor, legacy_worker_actor_name(hostname), settings,
-                     node_id, max_restarts).remote(
+    status says ``registered``; else ``error`` says why). ``replaced`` as for
+    :func:`start_worker`."""
+    name, state = legacy_worker_actor_name(hostname), str(state_dir.resolve())
+    replaced = _make_way(name, settings.ray.namespace, launch_spec(
+        settings, hostname=hostname, routes=routes, build_limit=build_limit, state_dir=state))
+    handle = _pinned(LegacyWorkerActor, name, settings, node_id, max_restarts).remote(
         settings, hostname=hostname, routes=routes, build_limit=build_limit,
-        state_dir=str(state_dir.resolve()), worker_secret=worker_secret)
-    status = ray.get(handle.wait_connected.remote(timeout_s), timeout=timeout_s + 30)
-    return handle, status
+        state_dir=state, worker_secret=worker_secret)
+    status = _started(handle.wait_connected.remote(timeout_s), timeout_s + 30,
+                      f"legacy worker {hostname}")
+    return handle, {**status, "replaced": replaced}
+
+
+def _make_way(name: str, namespace: str, spec: dict[str, Any], *,
+              timeout_s: float = 30.0) -> str | None:
+    """Keep the worker actor running as ``name`` if it is the one ``spec`` describes;
+    else kill it and wait until its name is free. Returns why it was replaced."""
+    handle = get_actor(name, namespace)
+    if handle is None:
+        return None
+    try:
+        status = ray.get(handle.status.remote(), timeout=timeout_s)
+    except (RayActorError, GetTimeoutError):
+        status = None  # dead, restarting or stuck: not a worker to keep
+    reason = replace_reason(status, spec)
+    if reason is None:
+        return None
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while get_actor(name, namespace) is not None:  # the name is freed just after
+        if time.monotonic() > deadline:
+            raise VelaError(f"the actor {name} was replaced ({reason}) but its name is still "
+                            f"taken after {timeout_s:.0f}s; try again")
+        time.sleep(0.05)
+    return reason
+
+
+def _started(ref: Any, timeout_s: float, what: str) -> dict[str, Any]:
+    """The status ``ref`` answers once the actor started; a constructor that failed
+    (an unwritable state_dir, a refused key file, a bad build limit) in one line."""
+    try:
+        status: dict[str, Any] = ray.get(ref, timeout=timeout_s)
+    except RayActorError as e:
+        raise VelaError(f"{what} could not start: {actor_error_cause(e)}") from None
+    except GetTimeoutError:
+        raise VelaError(f"{what} did not answer within {timeout_s:.0f}s; its log in the Ray "
+                        "dashboard says why") from None
+    return status
 
 
 def vela_actors(namespace: str = NAMESPACE) -> list[str]:

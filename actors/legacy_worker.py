@@ -22,6 +22,7 @@ from vela.config import Settings
 from vela.executor import DEFAULT_HIDDEN_PATHS, choose_runtime
 from vela.legacy.worker import LegacyWorker
 from vela.queue import open_queue
+from vela.worker.launch import launch_spec
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ class LegacyWorkerActor:
     def __init__(self, settings: Settings, *, hostname: str, routes: list[str],
                  build_limit: int, state_dir: str, worker_secret: str) -> None:
         self.hostname = hostname
+        # What a later start of this worker compares with (actors/deploy.py).
+        self._spec = launch_spec(settings, hostname=hostname, routes=routes,
+                                 build_limit=build_limit, state_dir=state_dir)
         state = Path(state_dir)
         workspace = state / "workspaces"
         workspace.mkdir(parents=True, exist_ok=True)
@@ -60,7 +64,7 @@ class LegacyWorkerActor:
 
     async def status(self) -> dict[str, Any]:
         return {**self.core.status(), "registered": self.core.connected, "pid": os.getpid(),
-                "sandbox": type(self.core.runtime).__name__}
+                "sandbox": type(self.core.runtime).__name__, "spec": self._spec}
 
     async def cancel(self, build_id: int) -> bool:
         return self.core.cancel(build_id)

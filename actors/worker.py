@@ -33,6 +33,7 @@ from vela.security import (
 )
 from vela.security.challenge import Challenge
 from vela.worker import WorkerCore
+from vela.worker.launch import launch_spec
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class WorkerActor:
                  build_limit: int, state_dir: str, registration_token: str | None = None) -> None:
         self.hostname = hostname
         self._settings = settings
+        # What a later start of this worker compares with (actors/deploy.py).
+        self._spec = launch_spec(settings, hostname=hostname, routes=routes,
+                                 build_limit=build_limit, state_dir=state_dir)
         self._routes = list(routes)
         self._state_dir = Path(state_dir)
         # Taken once, then forgotten: after the first registration the key proves us.
@@ -174,7 +178,7 @@ class WorkerActor:
         return {**self.core.status(), "registered": self._registered.is_set(),
                 "error": self._error, "pid": os.getpid(),
                 "sandbox": type(self.core.runtime).__name__,
-                "calls": self._link.call_counts()}
+                "calls": self._link.call_counts(), "spec": self._spec}
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Stop taking builds, finish the running ones, leave the server, exit.

@@ -254,8 +254,9 @@ def load_settings(path: str | Path | None = None,
                   environ: dict[str, str] | None = None) -> Settings:
     """Load settings from defaults, the TOML file and the environment.
 
-    ``path`` falls back to ``$VELA_CONFIG``. Raises :class:`ConfigError` with
-    the key and the file (or variable) at fault.
+    ``path`` falls back to ``$VELA_CONFIG``. Relative paths are taken from the current
+    directory and made absolute (:func:`absolute_paths`). Raises :class:`ConfigError`
+    with the key and the file (or variable) at fault.
     """
     environ = dict(os.environ if environ is None else environ)
     path = path or environ.get("VELA_CONFIG") or None
@@ -286,9 +287,44 @@ def load_settings(path: str | Path | None = None,
         for k in values:
             origin[f"{section}.{k}"] = f"environment {ENV_PREFIX}{section.upper()}_{k.upper()}"
     try:
-        return Settings.model_validate(_merge(data, env))
+        settings = Settings.model_validate(_merge(data, env))
     except ValidationError as e:
         raise ConfigError(_describe(e, origin)) from None
+    return absolute_paths(settings, Path.cwd())
+
+
+def absolute_paths(settings: Settings, base: Path) -> Settings:
+    """Make every relative path of ``settings`` absolute against ``base`` (the
+    directory the command runs in), in place: every ``Path`` setting and a SQLite
+    database URL. Returns ``settings``.
+
+    The actors get these settings and run in the Ray node's working directory, not
+    ours: a relative path would name another database, master key or worker state
+    there. Absolute paths are kept exactly as given."""
+    for section in type(settings).model_fields:
+        model = getattr(settings, section)
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, Path) and not value.is_absolute():
+                setattr(model, name, base / value)
+    url = settings.database.url
+    if url is not None and url.get_secret_value().startswith("sqlite"):
+        settings.database.url = SecretStr(_absolute_sqlite_url(url.get_secret_value(), base))
+    return settings
+
+
+def _absolute_sqlite_url(url: str, base: Path) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - a bad URL fails later, where the database opens
+        return url
+    db = parsed.database or ""
+    # In memory, or a "file:" URI (uri=true): nothing to resolve.
+    if db in ("", ":memory:") or db.startswith("file:") or Path(db).is_absolute():
+        return url
+    return parsed.set(database=str(base / db)).render_as_string(hide_password=False)
 
 
 def _mask_secret(value: SecretStr) -> str:

@@ -52,6 +52,9 @@ def test_serve_build_run_stop(env):
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "ready" in up.stdout and "worker" in up.stdout
+        # What Ray says once connected, not the settings (ray.address may be "auto").
+        assert f"Ray dashboard: http://127.0.0.1:{env['VELA_RAY_DASHBOARD_PORT']}" in up.stdout
+        assert f":{env['VELA_RAY_HEAD_PORT']})" in up.stdout
         ok = vela("build", "run", "examples/hello.yml", "--repo", "demo/hello",
                   "--secret", f"greeting_token={SECRET}", env=env)
         assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -79,6 +82,7 @@ def test_serve_build_run_stop(env):
         assert status.returncode == 0 and "vela-scheduler" in status.stdout
         again = vela("serve", "--detach", env=env)  # idempotent
         assert again.returncode == 0, again.stderr
+        assert "replaced" not in again.stderr  # its registered workers are kept
         # A second `vela serve` that cannot reach its database fails alone: the server
         # already running keeps its actors and still runs builds.
         unreachable = {**env, "VELA_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/x"}

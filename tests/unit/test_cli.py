@@ -267,3 +267,62 @@ def test_worker_backlog_flag_reaches_the_worker_and_its_summary(env, monkeypatch
     assert "2 slot(s)" not in r.output and "more held" not in r.output
     r = invoke(["worker", "--backlog", "65"], env)
     assert r.exit_code == 2 and "backlog" in r.output  # out of range: refused, named
+
+
+@pytest.mark.parametrize("args", [["worker", "--build-limit", "-3"],
+                                  ["worker", "--build-limit", "0"],
+                                  ["worker", "--backlog", "-2"],
+                                  ["serve", "--local-workers", "-5"]])
+def test_out_of_range_numbers_are_refused_before_anything_starts(env, monkeypatch, args):
+    """Not a Ray traceback from a worker whose constructor failed: the option is named
+    and nothing is started."""
+    from vela.cli import serve_cmd
+
+    def never(*a, **kw):
+        raise AssertionError("nothing may start")
+
+    monkeypatch.setattr(serve_cmd, "_connect", never)
+    monkeypatch.setattr(serve_cmd, "_spawn_local_head", never)
+    r = invoke(args, env)
+    assert r.exit_code == 2, r.output
+    assert args[1] in r.output and "Traceback" not in r.output
+
+
+def test_the_dashboard_and_address_printed_are_the_clusters_own(env, monkeypatch):
+    """With ray.address = "auto" there is no host in the setting: what `vela serve`
+    prints comes from Ray once connected."""
+    import types
+
+    import ray
+
+    from vela.cli import serve_cmd
+    from vela.config import load_settings
+
+    s = load_settings(environ={**env, "VELA_RAY_ADDRESS": "auto"})
+    monkeypatch.setattr(ray, "init", lambda **kw: types.SimpleNamespace(
+        dashboard_url="10.0.0.10:8265"))
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(
+        gcs_address="10.0.0.10:6390"))
+    conn = serve_cmd._connect(s)
+    assert conn == serve_cmd.Connection(started=False, address="10.0.0.10:6390",
+                                        dashboard_url="http://10.0.0.10:8265")
+    monkeypatch.setattr(ray, "init", lambda **kw: types.SimpleNamespace(dashboard_url=""))
+    assert serve_cmd._connect(s).dashboard_url == ""  # no dashboard: none printed
+
+
+def test_stop_elsewhere_says_the_ray_head_was_left_running(env, monkeypatch):
+    """`vela stop` from another directory than `vela serve` has no head marker: it
+    stops the actors but must not claim the head stopped, and says how to stop it."""
+    import actors.deploy
+    from vela.cli import serve_cmd
+
+    monkeypatch.setattr(serve_cmd, "_connect", lambda s, **kw: None)
+    monkeypatch.setattr(serve_cmd, "_head_is_up", lambda s: True)
+    monkeypatch.setattr(actors.deploy, "stop_all", lambda ns: ["vela-scheduler"])
+    r = invoke(["stop"], env)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    assert "stopped 1 actor(s): vela-scheduler" in out
+    assert "stopped the local Ray head" not in out
+    assert "Ray head on port 6390 was left running" in out
+    assert "Run `vela stop` where `vela serve` ran" in out

@@ -100,3 +100,56 @@ def test_shipped_configs_load(name):
         assert s.queue.backend == "redis" and s.ray.address == "auto"
     else:
         assert s.queue.backend == "database" and s.ray.address == ""
+
+
+def test_relative_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
+    """The actors run in the Ray node's working directory, not the command's: every
+    relative path they get must already name the command's file (the database and the
+    master key `vela serve` migrated and printed credentials for)."""
+    from pathlib import Path
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    cfg = tmp_path / "vela.toml"
+    cfg.write_text('[api]\ncredentials_file = "creds/c.json"\n')
+    s = load_settings(cfg, environ={"VELA_WORKER_STATE_DIR": "w/state"})
+    assert s.server.data_dir == here / ".vela"  # the default, relative
+    assert s.worker.state_dir == here / "w" / "state"  # from the environment
+    assert s.api.credentials_file == here / "creds" / "c.json"  # from the file
+    assert s.database_url() == f"sqlite+aiosqlite:///{here / '.vela' / 'vela.db'}"
+    s.master_key()
+    monkeypatch.chdir(tmp_path)  # where an actor would run: the same files still
+    assert (here / ".vela" / "master.key").is_file()
+    assert s.server.data_dir / "master.key" == here / ".vela" / "master.key"
+    assert Path(s.credentials_path()).is_absolute()
+
+
+def test_absolute_paths_are_kept_as_given(tmp_path):
+    from vela.config import Settings, absolute_paths
+
+    given = {"server": {"data_dir": "/srv/../srv/vela"},
+             "worker": {"state_dir": str(tmp_path / "w")},
+             "api": {"credentials_file": "/etc/vela/c.json"},
+             "database": {"url": "sqlite+aiosqlite:////var/lib/vela/v.db"}}
+    s = absolute_paths(Settings.model_validate(given), tmp_path / "elsewhere")
+    assert str(s.server.data_dir) == "/srv/../srv/vela"  # not even normalised
+    assert s.worker.state_dir == tmp_path / "w"
+    assert str(s.api.credentials_file) == "/etc/vela/c.json"
+    assert s.database_url() == "sqlite+aiosqlite:////var/lib/vela/v.db"
+    assert absolute_paths(Settings(), tmp_path).api.credentials_file is None
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("sqlite+aiosqlite:///rel/v.db", "sqlite+aiosqlite:///{base}/rel/v.db"),
+    ("sqlite:///v.db?timeout=5", "sqlite:///{base}/v.db?timeout=5"),
+    ("sqlite+aiosqlite:////abs/v.db", "sqlite+aiosqlite:////abs/v.db"),
+    ("sqlite+aiosqlite://", "sqlite+aiosqlite://"),
+    ("sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite:///:memory:"),
+    ("postgresql+asyncpg://vela:pw@db/vela", "postgresql+asyncpg://vela:pw@db/vela"),
+])
+def test_a_relative_sqlite_url_is_made_absolute(tmp_path, url, expected):
+    from vela.config import Settings, absolute_paths
+
+    s = absolute_paths(Settings.model_validate({"database": {"url": url}}), tmp_path)
+    assert s.database_url() == expected.format(base=tmp_path)

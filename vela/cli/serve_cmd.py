@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from vela.cli._app import (
     app,
@@ -53,9 +55,19 @@ def _address(s: Settings) -> str:
     return s.ray.address or f"127.0.0.1:{s.ray.head_port}"
 
 
-def _connect(s: Settings, *, head: subprocess.Popen[str] | None = None) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """The cluster this process attached to, as Ray reports it (``ray.address =
+    "auto"`` names no host)."""
+
+    started: bool  # we started its local head
+    address: str  # host:port of its GCS
+    dashboard_url: str  # empty: no dashboard
+
+
+def _connect(s: Settings, *, head: subprocess.Popen[str] | None = None) -> Connection:
     """Attach this process to the cluster, once ``head`` (a local head being started by
-    :func:`_spawn_local_head`) is up; returns True if we started a local head."""
+    :func:`_spawn_local_head`) is up."""
     import ray
 
     started = head is not None
@@ -65,8 +77,8 @@ def _connect(s: Settings, *, head: subprocess.Popen[str] | None = None) -> bool:
         raise VelaError(f"no local Ray head on port {s.ray.head_port}: the server is not "
                         "running; start it with `vela serve`")
     try:
-        ray.init(address=_address(s), namespace=s.ray.namespace, logging_level=logging.WARNING,
-                 log_to_driver=False)
+        context = ray.init(address=_address(s), namespace=s.ray.namespace,
+                           logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError) as e:
         hint = ("start it with `vela serve`" if not s.ray.address
                 else "check ray.address (VELA_RAY_ADDRESS) and that the cluster is up")
@@ -79,7 +91,11 @@ def _connect(s: Settings, *, head: subprocess.Popen[str] | None = None) -> bool:
         (s.server.data_dir / HEAD_MARKER).write_text(json.dumps(
             {"port": s.ray.head_port, "address": node.address,
              "session": Path(node.get_session_dir_path()).name}))
-    return started
+    dashboard = context.dashboard_url or ""  # host:port, the head's own address for it
+    if dashboard and "://" not in dashboard:
+        dashboard = f"http://{dashboard}"
+    return Connection(started=started, dashboard_url=dashboard,
+                      address=ray.get_runtime_context().gcs_address or _address(s))
 
 
 def _head_is_up(s: Settings) -> bool:
@@ -156,6 +172,13 @@ def _stop_local_head(s: Settings) -> None:
 
     marker = s.server.data_dir / HEAD_MARKER
     if not marker.exists():
+        if not s.ray.address and _head_is_up(s):
+            err_console.print(
+                f"[yellow]the local Ray head on port {s.ray.head_port} was left running: "
+                f"there is no {marker}, so `vela serve` did not start it with this "
+                "server.data_dir. Run `vela stop` where `vela serve` ran (same directory "
+                "and configuration), or `ray stop` if it is the only Ray on this machine "
+                "(`ray stop` stops every Ray head here).[/yellow]", highlight=False)
         return
     info = json.loads(marker.read_text())
     needles = ([info["session"], info["address"]] if "session" in info
@@ -223,6 +246,7 @@ def _local_worker(s: Settings, hostname: str, authority: Any) -> dict[str, Any]:
     _, status = start_worker(s, hostname=hostname, routes=list(s.worker.routes),
                              build_limit=s.worker.build_limit, state_dir=state_dir,
                              registration_token=token)
+    _say_replaced(hostname, status)
     if not status.get("registered"):
         raise VelaError(f"worker {hostname} did not register: {status.get('error')}")
     return status
@@ -237,6 +261,7 @@ def _start_legacy(s: Settings, *, hostname: str, routes: list[str], build_limit:
     _, status = start_legacy_worker(s, hostname=hostname, routes=routes,
                                     build_limit=build_limit, state_dir=state_dir,
                                     worker_secret=worker_secret(s))
+    _say_replaced(hostname, status)
     if not status.get("registered"):
         raise VelaError(f"legacy worker {hostname} was not accepted: {status.get('error')}")
     err_console.print(f"[yellow]worker {hostname} runs in legacy queue mode: it pops the "
@@ -248,8 +273,8 @@ def _start_legacy(s: Settings, *, hostname: str, routes: list[str], build_limit:
 @app.command("serve")
 @command
 def serve(
-    local_workers: int = typer.Option(
-        -1, "--local-workers", "-w",
+    local_workers: int | None = typer.Option(
+        None, "--local-workers", "-w", min=0,
         help="WorkerActors to start on this machine (default: 2 on the embedded default, "
              "0 with ray.address)."),
     detach: bool = typer.Option(False, "--detach", "-d",
@@ -258,7 +283,7 @@ def serve(
     """Start the server (TokenAuthority, Scheduler, QueueListener), local workers and the
     HTTP API."""
     s = state.settings
-    n_workers = local_workers if local_workers >= 0 else (0 if s.ray.address else 2)
+    n_workers = local_workers if local_workers is not None else (0 if s.ray.address else 2)
     _check_modes(s, serve=True, routes=list(s.worker.routes) if n_workers else [])
     if n_workers:
         _check_sandbox(s)
@@ -267,21 +292,21 @@ def serve(
     # migrations run meanwhile.
     head = _spawn_local_head(s)
     try:
-        started, credential = _boot_and_connect(s, head)
+        conn, credential = _boot_and_connect(s, head)
     except BaseException:
         if head is not None:
             with contextlib.suppress(Exception):
                 head.kill()
                 _stop_local_head(s)
         raise
-    _start_actors(s, credential, n_workers=n_workers, started=started, detach=detach, t0=t0)
+    _start_actors(s, credential, n_workers=n_workers, conn=conn, detach=detach, t0=t0)
 
 
 def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
-                      ) -> tuple[bool, str | None]:
+                      ) -> tuple[Connection, str | None]:
     """Migrate the database (in a thread) while connecting to Ray; a database that is
-    not ready stops everything before any actor exists. Returns whether we started the
-    head, and the admin credential if this boot created it."""
+    not ready stops everything before any actor exists. Returns the connection, and the
+    admin credential if this boot created it."""
     from vela.server.context import ServerContext
 
     async def boot() -> str | None:
@@ -308,23 +333,23 @@ def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
             # The actors' modules (and Ray) load while the head starts: ~0.7 s here.
             import actors.api
             import actors.deploy  # noqa: F401
-            started = _connect(s, head=head)
+            conn = _connect(s, head=head)
         finally:
             error = booted.exception()
         if error is not None:
             # Nothing of this run exists yet; actors that do belong to a server already
             # running on this cluster, which a failed second `vela serve` leaves alone.
-            if started:
+            if conn.started:
                 with contextlib.suppress(Exception):
                     import ray
 
                     ray.shutdown()
                     _stop_local_head(s)
             raise error
-    return started, booted.result()
+    return conn, booted.result()
 
 
-def _start_actors(s: Settings, credential: str | None, *, n_workers: int, started: bool,
+def _start_actors(s: Settings, credential: str | None, *, n_workers: int, conn: Connection,
                   detach: bool, t0: float) -> None:
     from actors._ray import AUTHORITY
     from actors.api import begin_api
@@ -344,10 +369,9 @@ def _start_actors(s: Settings, credential: str | None, *, n_workers: int, starte
         status = _local_worker(s, hostname, handles[AUTHORITY])
         console.print(f"worker {hostname} registered (routes {', '.join(status['routes'])}, "
                       f"{_slots(status)}, {status['sandbox']})", highlight=False)
-    host = "127.0.0.1" if not s.ray.address else s.ray.address.split(":")[0]
     console.print(f"[green]ready[/green] in {time.monotonic() - t0:.1f}s. API: {api_url}  "
-                  f"Ray dashboard: http://{host}:{s.ray.dashboard_port}  "
-                  f"(address {_address(s)})", highlight=False)
+                  f"Ray dashboard: {conn.dashboard_url or 'none'}  (address {conn.address})",
+                  highlight=False, soft_wrap=True)
     console.print("try: vela build submit examples/hello.yml --repo demo/hello --follow",
                   highlight=False, soft_wrap=True)
     if detach:
@@ -361,7 +385,7 @@ def _start_actors(s: Settings, credential: str | None, *, n_workers: int, starte
             pass
     except KeyboardInterrupt:
         pass
-    _teardown(s, stop_head=started)
+    _teardown(s, stop_head=conn.started)
 
 
 def _api_up(s: Settings, authority: Any, credential: str | None) -> str:
@@ -417,15 +441,19 @@ def worker(
                                 help="Ray cluster address (default: ray.address)."),
     routes: str = typer.Option("", "--routes", "-r", help="Comma-separated routes (default: "
                                "worker.routes)."),
-    build_limit: int = typer.Option(0, "--build-limit", "-n", help="Concurrent builds "
-                                    "(default: worker.build_limit)."),
-    backlog: int = typer.Option(-1, "--backlog", min=-1, max=MAX_BACKLOG,
-                                help="Builds held beyond the slots, each started when a "
-                                     "slot frees; 0 for long builds (default: "
-                                     "worker.backlog)."),
+    build_limit: int | None = typer.Option(None, "--build-limit", "-n", min=1,
+                                           help="Concurrent builds (default: "
+                                                "worker.build_limit)."),
+    backlog: int | None = typer.Option(None, "--backlog", min=0, max=MAX_BACKLOG,
+                                       help="Builds held beyond the slots, each started when "
+                                            "a slot frees; 0 for long builds (default: "
+                                            "worker.backlog)."),
     hostname: str = typer.Option("", "--hostname", help="Worker name (default: this host)."),
 ) -> None:
-    """Start this node's WorkerActor on a running cluster (idempotent).
+    """Start this node's WorkerActor on a running cluster.
+
+    Run again, it keeps the worker if it registered with the same settings and replaces
+    it otherwise (its registration failed, or it has other routes, limits or settings).
 
     The first time it needs VELA_WORKER_REGISTRATION_TOKEN (`vela worker-token create`);
     afterwards its key proves who it is. With worker.mode = "legacy" it starts a legacy
@@ -436,8 +464,10 @@ def worker(
     s = state.settings
     if address:
         s.ray.address = address
-    if backlog >= 0:
+    if backlog is not None:
         s.worker.backlog = backlog
+    if build_limit is not None:
+        s.worker.build_limit = build_limit
     _check_modes(s, serve=False, routes=[])
     _check_sandbox(s)
     _connect(s)
@@ -446,7 +476,7 @@ def worker(
         status = _start_legacy(
             s, hostname=name,
             routes=[r.strip() for r in routes.split(",") if r.strip()] or list(s.worker.routes),
-            build_limit=build_limit or s.worker.build_limit, state_dir=s.worker.state_dir)
+            build_limit=s.worker.build_limit, state_dir=s.worker.state_dir)
         console.print(f"legacy worker {name} started: routes {', '.join(status['routes'])}, "
                       f"{_slots(status)}", highlight=False)
         return
@@ -455,12 +485,19 @@ def worker(
     _, status = start_worker(
         s, hostname=name,
         routes=[r.strip() for r in routes.split(",") if r.strip()] or list(s.worker.routes),
-        build_limit=build_limit or s.worker.build_limit, state_dir=s.worker.state_dir,
+        build_limit=s.worker.build_limit, state_dir=s.worker.state_dir,
         registration_token=token)
+    _say_replaced(name, status)
     if not status.get("registered"):
         raise fail(f"worker {name} did not register: {status.get('error')}")
     console.print(f"worker {name} registered: routes {', '.join(status['routes'])}, "
                   f"{_slots(status)}", highlight=False)
+
+
+def _say_replaced(name: str, status: dict[str, Any]) -> None:
+    if status.get("replaced"):
+        err_console.print(f"[yellow]replaced the running worker {name}: "
+                          f"{escape(status['replaced'])}[/yellow]", highlight=False)
 
 
 def _slots(status: dict[str, Any]) -> str:

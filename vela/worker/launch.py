@@ -1,0 +1,49 @@
+"""Whether the worker actor already running under a name serves a new start of that
+worker (`vela worker`, the local workers of `vela serve`) or must make way for it.
+
+Worker actors are named and detached, so a start finds the one already running. That
+one is kept only if it registered and was started with the same arguments; one whose
+registration failed (no or a wrong token, a wrong worker secret) would otherwise keep
+failing with its old arguments and hide the new ones. Plain code: ``actors/deploy.py``
+asks the running actor for its status and acts on :func:`replace_reason`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vela.config import Settings
+
+# Secrets stay out of a spec (it travels in the actor's status). A registration token
+# is used once and a worker secret only proves who the worker is: neither makes
+# another worker of it.
+_SECRETS = frozenset({"registration_token", "worker_secret"})
+
+
+def launch_spec(settings: Settings, *, hostname: str, routes: list[str], build_limit: int,
+                state_dir: str) -> dict[str, Any]:
+    """What a worker actor is started with: its ``worker.*`` settings, with the
+    arguments that override them. Equal specs start the same worker."""
+    spec = settings.worker.model_dump(mode="json", exclude=set(_SECRETS))
+    spec.update(hostname=hostname, routes=list(routes), build_limit=build_limit,
+                state_dir=state_dir)
+    return spec
+
+
+def replace_reason(status: Mapping[str, Any] | None, spec: Mapping[str, Any]) -> str | None:
+    """Why the actor whose status is ``status`` (None: it does not answer) must make way
+    for a worker started with ``spec``; None: it is that worker, keep it."""
+    if status is None:
+        return "it did not answer"
+    if not status.get("registered"):
+        return f"it is not registered ({status.get('error') or 'no answer from the server'})"
+    theirs = status.get("spec")
+    if not theirs:
+        return "it does not say what it was started with (another vela version)"
+    changed = [f"{key} {theirs.get(key)!r}, not {spec.get(key)!r}"
+               for key in sorted(spec.keys() | theirs.keys()) if theirs.get(key) != spec.get(key)]
+    if changed:
+        return f"it was started with other settings: {'; '.join(changed)}"
+    return None
