@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from vela.db.store import Store, Writes
 from vela.domain import BuildStatus, StepStatus
@@ -25,12 +25,25 @@ from vela.security import BuildAction, BuildClaims, Reason, Rejected, authorize_
 
 MAX_LOG_LINES = 5_000
 MAX_LOG_LINE_CHARS = 64_000
+MAX_MESSAGE_CHARS = 2_000
 # Reports a worker may send in one call (its queue for one build, in order).
 MAX_BATCH = 64
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def storable(text: str, limit: int) -> str:
+    """``text`` as the database can hold it: no NUL (PostgreSQL's text refuses it, and a
+    step may print binary), at most ``limit`` characters. A report is never refused for
+    what a step printed or how long the reason for an end is: that would lose the build's
+    end, and the worker would retry a write that can never succeed."""
+    return text[:limit].replace("\x00", "\ufffd")
+
+
+def _storable(limit: int) -> BeforeValidator:
+    return BeforeValidator(lambda v: storable(v, limit) if isinstance(v, str) else v)
 
 
 class _Report(BaseModel):
@@ -55,7 +68,7 @@ class LogReport(_Report):
 class FinishReport(_Report):
     status: BuildStatus
     reason: str | None = Field(default=None, max_length=64)
-    message: str | None = Field(default=None, max_length=2_000)
+    message: Annotated[str, _storable(MAX_MESSAGE_CHARS)] | None = None
 
 
 class BatchedReport(_Report):
@@ -143,7 +156,7 @@ class ReportWriter:
             self._step(w, build_id, StepReport.model_validate(payload))
         elif action == BuildAction.LOG_APPEND:
             logs = LogReport.model_validate(payload)
-            lines = [line[:MAX_LOG_LINE_CHARS] for line in logs.lines]
+            lines = [storable(line, MAX_LOG_LINE_CHARS) for line in logs.lines]
             if lines:
                 w.append_log(build_id, logs.number, lines, seq=logs.seq)
         elif action == BuildAction.FINISH:
