@@ -73,6 +73,16 @@ async def test_release_puts_item_back_at_head_without_counting_a_delivery(queue:
     assert again.lease_id != res.lease_id
 
 
+async def test_a_reclaimed_batch_keeps_its_order(queue: Queue, clock):
+    """A listener pass leases its batch with one deadline; after a crash the batch comes
+    back first in first out, not reversed."""
+    ids = [await queue.push("vela", b"%d" % i) for i in range(3)]
+    assert [r.id for r in await queue.reserve_many(["vela"], 3, lease_s=LEASE)] == ids
+    clock.advance(LEASE)
+    assert await queue.reclaim_expired() == 3
+    assert [r.id for r in await queue.reserve_many(["vela"], 3, lease_s=LEASE)] == ids
+
+
 async def test_expired_lease_is_reclaimed_to_the_head_and_redelivered(queue: Queue, clock):
     first = await queue.push("vela", b"a")
     await queue.push("vela", b"b")

@@ -78,6 +78,18 @@ def test_nan_is_malformed(verifier):
     assert refused(verifier, raw) is InvalidReason.MALFORMED
 
 
+@pytest.mark.parametrize("value", [b"1e400", b'"\\ud800"'])
+def test_unsignable_values_are_malformed(verifier, value):
+    """JSON that parses but cannot be canonical bytes (an infinite number, a lone
+    surrogate) was never signed: refused as malformed, not with another error that
+    would fail the listener's whole pass, every time the item comes back."""
+    raw = (b'{"item":{"attempt":1,"build_id":1,"enqueued_at":' + value
+           + b',"route":"vela","v":1},"kid":"q1","sig":"' + b"A" * 86 + b'"}')
+    with pytest.raises(QueueItemInvalid) as e:
+        verifier.verify(raw, route="vela")
+    assert e.value.reason is InvalidReason.MALFORMED
+
+
 def test_too_large_is_checked_before_parsing(signer):
     verifier = ItemVerifier({}, ["vela"], max_bytes=64)
     assert refused(verifier, b"x" * 65) is InvalidReason.TOO_LARGE

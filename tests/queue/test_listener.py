@@ -97,6 +97,28 @@ class TestOnEveryBackend:
         assert scheduler.dispatched == [1]
         assert listener.stats.released == 2
 
+    async def test_an_item_the_verifier_chokes_on_is_dead_lettered_alone(
+            self, queue, verifier, signer, scheduler, clock, monkeypatch):
+        """A verifier bug (any error but QueueItemInvalid) on one item failed every pass
+        that reserved it, the others' too, for as long as the item came back."""
+        await queue.push("vela", b"choke")
+        scheduler.add(2)
+        await queue.push("vela", signed(signer, 2))
+        check = verifier.verify
+
+        def verify(raw, *, route):
+            if raw == b"choke":
+                raise RuntimeError("a bug")
+            return check(raw, route=route)
+
+        monkeypatch.setattr(verifier, "verify", verify)
+        listener = make_listener(queue, verifier, scheduler, clock)
+        steps = await listener.run_until_idle()
+        assert Step.DEAD_LETTERED in steps and Step.DISPATCHED in steps
+        assert scheduler.dispatched == [2]
+        [dead] = await queue.dead_letters()
+        assert (dead.reason, dead.detail) == ("malformed", "could not be checked: RuntimeError")
+
     async def test_rejected_is_dead_lettered_with_the_schedulers_reason(
             self, queue, verifier, signer, scheduler, clock):
         await queue.push("vela", signed(signer, 404))  # the scheduler knows no build 404

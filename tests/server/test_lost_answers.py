@@ -161,3 +161,43 @@ async def test_a_package_whose_receipt_times_out_runs_once(system, taken):
         assert final.started_at is not None  # from the fresh start
     else:
         assert len(ones) == 1  # once, wherever it was placed again
+
+
+@pytest.mark.parametrize("engine", ["postgres"], indirect=True)  # Redis: the volatile queue
+async def test_a_build_being_dispatched_when_redis_restarts_empty_is_queued_again(system):
+    """The resync after Redis lost its contents pushed every pending build but those being
+    dispatched; a dispatch that then ended with the build still pending released an item
+    Redis no longer had, and nothing ever queued the build again."""
+    from vela.queue import Outcome
+
+    await system.scheduler.resync_queue()  # its epoch known, nothing pending
+    build_id = await system.submit(pipeline("echo hi"))
+    res = await system.queue.reserve(["vela"], lease_s=30)
+    item = system.listener.verifier.verify(res.payload, route="vela")
+    # The listener's pass: no worker yet, so the Scheduler holds the build a while.
+    waiting = asyncio.Event()
+    wait = system.scheduler._changed_within
+
+    async def changed_within(timeout_s: float) -> bool:
+        waiting.set()
+        return await wait(timeout_s)
+
+    system.scheduler._changed_within = changed_within
+    placing = asyncio.ensure_future(system.scheduler.submit_many([item]))
+    await asyncio.wait_for(waiting.wait(), 10)
+    assert build_id in system.scheduler._dispatching
+    # Redis restarts empty meanwhile: its contents and its run id change.
+    keys = [k async for k in system.queue._r.scan_iter(match=f"{system.queue.prefix}:*")]
+    await system.queue._r.delete(*keys)
+    epoch = await system.queue.epoch()
+
+    async def restarted() -> str:
+        return epoch + "-restarted"
+
+    system.queue.epoch = restarted
+    await system.scheduler.resync_queue()
+    assert await placing == [Outcome.NO_CAPACITY]
+    assert await system.queue.release(res) is False  # its item went with Redis
+    await system.add_worker("w1")
+    builds = await system.pump([build_id], timeout_s=10)
+    assert builds[build_id].status == BuildStatus.SUCCESS.value

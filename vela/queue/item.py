@@ -176,7 +176,12 @@ class ItemVerifier:
         if len(signature) != SIGNATURE_BYTES:
             raise QueueItemInvalid(InvalidReason.BAD_SIGNATURE, "signature is not 64 bytes")
         try:
-            key.verify(signature, SIGNING_CONTEXT + canonical_json(body))
+            # 1e400 (inf) or a lone surrogate cannot be signed bytes: no key made them.
+            signed = canonical_json(body)
+        except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+            raise QueueItemInvalid(InvalidReason.MALFORMED, "not signable JSON") from None
+        try:
+            key.verify(signature, SIGNING_CONTEXT + signed)
         except InvalidSignature:
             raise QueueItemInvalid(InvalidReason.BAD_SIGNATURE,
                                    "signature does not match the item") from None

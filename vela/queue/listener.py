@@ -48,7 +48,7 @@ from typing import Protocol, runtime_checkable
 from sqlalchemy.exc import DBAPIError
 
 from vela.queue.base import Clock, Queue, Reservation, Settlement, Sleep
-from vela.queue.item import ItemVerifier, QueueItem, QueueItemInvalid
+from vela.queue.item import InvalidReason, ItemVerifier, QueueItem, QueueItemInvalid
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,11 @@ class Listener:
         except QueueItemInvalid as e:
             log.warning("dead-lettering queue item %s on %s: %s", res.id, res.route, e)
             return _dead(res, e.reason.value, str(e))
+        except Exception as e:  # noqa: BLE001 - one item must never stop every pass
+            log.error("dead-lettering queue item %s on %s: it could not be checked (%s)",
+                      res.id, res.route, type(e).__name__)
+            return _dead(res, InvalidReason.MALFORMED.value,
+                         f"could not be checked: {type(e).__name__}")
         if self.max_deliveries is not None and res.deliveries > self.max_deliveries:
             return _dead(res, MAX_DELIVERIES_REASON,
                          f"delivered {res.deliveries} times without being settled")

@@ -260,8 +260,9 @@ class RedisQueue(Queue):
             leased = self._k("leased", route)
             expired: list[tuple[bytes, float]] = await self._r.zrangebyscore(
                 leased, "-inf", now, withscores=True)  # type: ignore[assignment]
-            # Latest deadline first, so the longest-waiting item ends at the head.
-            for raw_id, _ in sorted(expired, key=lambda e: e[1], reverse=True):
+            # Latest deadline first, and within one (a pass leases its batch together)
+            # the newest item first, so the longest-waiting item ends at the head.
+            for raw_id, _ in sorted(expired, key=_newest_first, reverse=True):
                 count += await self._reclaim_one(route, _s(raw_id) or "", now)
         return count
 
@@ -361,3 +362,9 @@ class RedisQueue(Queue):
     async def close(self) -> None:
         if self._owns:
             await self._r.aclose()
+
+
+def _newest_first(entry: tuple[bytes, float]) -> tuple[float, int]:
+    """Sort key of a leased item: its deadline, then its id (ids count up from 1)."""
+    raw_id, deadline = entry
+    return deadline, int(raw_id) if raw_id.isdigit() else -1

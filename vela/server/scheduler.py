@@ -866,8 +866,10 @@ class Scheduler:
             if pushed:
                 log.warning("queued %d pending builds that had no queue item", pushed)
             return pushed
-        pushed, complete = await self.builds.enqueue_pending(unqueued_only=False,
-                                                             skip=self._dispatching)
+        # Builds being dispatched included: the queue may have lost their items too,
+        # and a dispatch that ends with the build still pending releases an item the
+        # queue no longer has. A second item is harmless (retried, then not pending).
+        pushed, complete = await self.builds.enqueue_pending(unqueued_only=False)
         self._queue_unknown = not complete
         log.warning("%s; re-queued %d pending builds",
                     "the queue back end restarted empty" if restarted
