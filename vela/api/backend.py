@@ -322,7 +322,9 @@ class ServerBackend:
         build = await self._build(ref)
         if BuildStatus(build.status).terminal:
             raise Conflict(f"build {build.id} has ended already ({build.status})")
-        await self.scheduler.cancel(build.id)
+        status = await self.scheduler.cancel(build.id)
+        if status is not BuildStatus.CANCELED:  # it ended on its own meanwhile
+            raise Conflict(f"build {build.id} has ended already ({status.value})")
         return await self._out(await self.store.get_build(build.id))
 
     async def restart_build(self, *, ref: BuildRef) -> dict[str, Any]:

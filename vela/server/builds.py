@@ -47,9 +47,7 @@ class BuildQueue:
         Raises :class:`~vela.pipeline.PipelineError` (with lines) for a bad
         pipeline and :class:`VelaError` for an unknown route.
         """
-        if route not in self.routes:
-            raise VelaError(f"unknown route {route!r}; this server queues on: "
-                            f"{', '.join(self.routes)} (queue.routes)")
+        self._check_route(route, f"unknown route {route!r}")
         executable = compile_pipeline(pipeline)
         steps = [StepSpec(number=i, name=s.name, image=s.image or "")
                  for i, s in enumerate(executable.steps, start=1)]
@@ -60,12 +58,19 @@ class BuildQueue:
         """A new build of the same repo with ``build_id``'s executable (Vela's restart);
         the original stays as it is and becomes the new build's parent."""
         old = await self.store.get_build(build_id)
+        self._check_route(old.route, f"build {build_id} ran on route {old.route!r}, which "
+                                     "this server no longer queues on")
         repo = await self.store.repo_of(old)
         steps = [StepSpec(number=s.number, name=s.name, image=s.image)
                  for s in await self.store.get_steps(build_id)]
         return await self._store_and_queue(repo.full_name, executable=old.executable,
                                            steps=steps, route=old.route,
                                            timeout_s=old.timeout_s, parent_id=old.id)
+
+    def _check_route(self, route: str, problem: str) -> None:
+        if route not in self.routes:
+            raise VelaError(f"{problem}; this server queues on: {', '.join(self.routes)} "
+                            "(queue.routes)")
 
     async def _store_and_queue(self, repo: str, **fields: Any) -> Build:
         """Store a new build and queue it: in the same transaction when the queue lives

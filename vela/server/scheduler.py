@@ -165,6 +165,8 @@ class Scheduler:
         self._links: dict[str, _Link] = {}
         self._dirty: dict[str, dict[str, Any]] = {}  # worker rows to write (flush_mirrors)
         self._dispatching: set[int] = set()
+        # Builds canceled while being dispatched: their packages are not sent.
+        self._canceled: set[int] = set()
         # Lost workers whose builds are not settled yet (the database did not answer):
         # retried each watch pass, until the worker comes back (_attach settles them).
         self._unsettled: dict[str, WorkerStatus] = {}
@@ -239,6 +241,7 @@ class Scheduler:
                     return Outcome.NO_CAPACITY
         finally:
             self._dispatching.discard(build.id)
+            self._canceled.discard(build.id)
 
     async def _changed_within(self, timeout_s: float) -> bool:
         """Wait until the registry changes (a slot freed, say); False after ``timeout_s``."""
@@ -284,6 +287,8 @@ class Scheduler:
             except Conflict:
                 recorded = None
                 return Outcome.NOT_PENDING
+            if build.id in self._canceled:
+                return Outcome.NOT_PENDING  # canceled while its write was under way
             try:
                 receipt = await self._call(link.client.execute_package(issued.package))
             except TimeoutError:
@@ -604,6 +609,8 @@ class Scheduler:
                 break
             except Conflict:
                 continue  # dispatched (or requeued) meanwhile: cancel from its new state
+        if build_id in self._dispatching:
+            self._canceled.add(build_id)  # its package, if not sent yet, never is
         self.metrics.build_finished(BuildStatus.CANCELED.value)
         if status is BuildStatus.RUNNING and build.worker:
             await self._stop_on_worker(build.worker, build_id)

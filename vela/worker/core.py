@@ -56,6 +56,7 @@ NO_FREE_SLOT = "no_free_slot"
 DRAINING = "draining"
 DUPLICATE_PACKAGE = "duplicate_package"
 ALREADY_RUNNING = "already_running"
+STOPPED_BEFORE = "stopped_before_it_came"
 # FINISH reasons the worker adds to the executor's.
 INVALID_EXECUTABLE = "invalid_executable"
 WORKER_ERROR = "worker_error"
@@ -218,6 +219,9 @@ class BuildRunner:
         self._runs: dict[int, _Run] = {}
         # Held builds dropped unstarted, latest last: the server queues them again.
         self._given_up: collections.deque[int] = collections.deque(maxlen=MAX_GIVEN_UP)
+        # Builds the server stopped before their package came (it can overtake the
+        # package on the way): such a package is refused, not started.
+        self._stopped: collections.deque[int] = collections.deque(maxlen=MAX_GIVEN_UP)
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -289,9 +293,11 @@ class BuildRunner:
         return run
 
     def cancel(self, build_id: int) -> bool:
-        """Ask a running build to stop (it ends ``canceled``); False if not running here."""
+        """Ask a running build to stop (it ends ``canceled``); False if not running here,
+        and then its package, should it come later, is refused."""
         run = self._runs.get(build_id)
         if run is None:
+            self._stopped.append(build_id)
             return False
         run.cancel.set()
         return True
@@ -597,6 +603,9 @@ class WorkerCore(BuildRunner):
             log.info("package refused: %s (build %s)", DUPLICATE_PACKAGE, build_id)
             return Receipt(False, build_id, DUPLICATE_PACKAGE,
                            "this package was already received; packages are single use")
+        if build_id in self._stopped:
+            return Receipt(False, build_id, STOPPED_BEFORE,
+                           f"build {build_id} was stopped before its package came")
         if build_id in self._runs:
             return Receipt(False, build_id, ALREADY_RUNNING,
                            f"build {build_id} is already running on {self.hostname}")
