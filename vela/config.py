@@ -13,6 +13,7 @@ import secrets as _secrets
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -328,17 +329,26 @@ def _absolute_sqlite_url(url: str, base: Path) -> str:
 
 
 def _mask_secret(value: SecretStr) -> str:
-    """URLs keep their shape with the password hidden; other secrets vanish."""
+    """URLs shown as :func:`shown_url`; other secrets vanish."""
     text = value.get_secret_value()
-    if "://" in text:
-        from sqlalchemy.engine import make_url
+    return shown_url(text) if "://" in text else REDACTED
 
-        try:
-            url = make_url(text)
-        except Exception:  # noqa: BLE001 - an unparsable URL is simply hidden
-            return REDACTED
-        return url.render_as_string(hide_password=True)
-    return REDACTED
+
+def shown_url(text: str) -> str:
+    """A URL as it may be shown: its scheme, user, host, port and path; a password and
+    the whole query (drivers take ``?password=`` too) hidden."""
+    try:
+        # Split as the drivers do: the user info ends at the last "@", so a password
+        # holding an unencoded "@" is hidden whole.
+        url = urlsplit(text)
+        host = url.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (
+            f":{url.port}" if url.port is not None else "")
+    except ValueError:  # an unparsable URL is simply hidden
+        return REDACTED
+    if url.username is not None or url.password is not None:
+        netloc = f"{url.username or ''}{':***' if url.password is not None else ''}@{netloc}"
+    return f"{url.scheme}://{netloc}{url.path}" + ("?***" if url.query else "")
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

@@ -133,3 +133,42 @@ async def test_no_secret_material_in_logs_errors_or_reprs(caplog, tmp_path, fake
     for text in haystack:
         for needle in needles:
             assert needle not in text, f"secret material in: {text[:120]}"
+
+
+def test_objects_holding_api_secrets_keep_them_out_of_their_reprs():
+    """What the API and the CLI hold: a request's secret value or credential, a minted
+    token, the CLI's stored credentials — shown by repr() in a log line or a traceback."""
+    from vela.api.client import Credentials
+    from vela.api.models import (
+        LoginRequest,
+        RegistrationTokenOut,
+        SecretCreate,
+        SecretUpdate,
+        TokenOut,
+    )
+
+    value, token, credential, registration = ("s3cret-VALUE", "eyJ.tok.sig", "vac_" + "C" * 43,
+                                              "vrt_" + "R" * 40)
+    for obj in (Credentials(url="http://127.0.0.1:8080", token=token, subject="admin"),
+                LoginRequest(credential=credential), SecretCreate(name="api_key", value=value),
+                SecretUpdate(value=value),
+                TokenOut(token=token, subject="ci", scopes=["admin"], expires_at=1),
+                RegistrationTokenOut(token=registration, hostname=None, routes=["vela"],
+                                     ttl_s=60)):
+        for text in (repr(obj), str(obj)):
+            for secret in (value, token, credential, registration):
+                assert secret not in text, text
+
+
+async def test_the_server_context_keeps_the_master_key_out_of_its_repr(tmp_path):
+    from vela.config import Settings
+    from vela.server.context import ServerContext
+
+    settings = Settings.model_validate({"server": {"data_dir": str(tmp_path),
+                                                   "master_key": "ab" * 32}})
+    ctx = ServerContext.open(settings)
+    try:
+        text = repr(ctx)
+        assert "ab" * 32 not in text and repr(b"\xab" * 32)[2:-1] not in text
+    finally:
+        await ctx.close()

@@ -77,6 +77,21 @@ def test_secrets_hidden_in_repr_logs_and_show(caplog):
     assert s.master_key() == bytes.fromhex("ab" * 32)
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    # A password in the query (asyncpg and redis-py take it there too) and one holding
+    # an unencoded "@" (redis-py splits at the last one) were shown in clear.
+    ("postgresql+asyncpg://vela@db/vela?password=hunter2pw", "postgresql+asyncpg://vela@db/vela?***"),
+    ("redis://cache:6379/0?password=hunter2pw", "redis://cache:6379/0?***"),
+    ("redis://default:ab@hunter2pw@cache:6379/0", "redis://default:***@cache:6379/0"),
+    ("redis://:hunter2pw@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+    ("redis://cache:notaport/0?password=hunter2pw", REDACTED),
+])
+def test_urls_shown_without_any_password(url, shown):
+    s = load_settings(environ={"VELA_QUEUE_REDIS_URL": url})
+    assert redacted(s)["queue"]["redis_url"] == shown
+    assert "hunter2pw" not in repr(s)
+
+
 def test_master_key_created_once_private(tmp_path):
     s = load_settings(environ={"VELA_SERVER_DATA_DIR": str(tmp_path)})
     key = s.master_key()

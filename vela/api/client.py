@@ -11,7 +11,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ class ClientError(VelaError):
 @dataclass(frozen=True)
 class Credentials:
     url: str
-    token: str
+    token: str = field(repr=False)
     subject: str = ""
     scopes: tuple[str, ...] = ()
     expires_at: int = 0

@@ -41,7 +41,7 @@ class ErrorOut(_Out):
 # -- requests -------------------------------------------------------------------------
 
 class LoginRequest(_In):
-    credential: str = Field(min_length=1, max_length=500)
+    credential: str = Field(min_length=1, max_length=500, repr=False)
     scopes: list[Scope] | None = Field(default=None, min_length=1,
                                        description="default (left out): all of the "
                                        "credential's scopes")
@@ -64,12 +64,12 @@ class BuildCreate(_In):
 
 class SecretCreate(_In):
     name: str = Field(pattern=SECRET_NAME)
-    value: str = Field(min_length=1, max_length=MAX_SECRET_CHARS,
+    value: str = Field(min_length=1, max_length=MAX_SECRET_CHARS, repr=False,
                        description="write-only: no endpoint ever returns it")
 
 
 class SecretUpdate(_In):
-    value: str = Field(min_length=1, max_length=MAX_SECRET_CHARS)
+    value: str = Field(min_length=1, max_length=MAX_SECRET_CHARS, repr=False)
 
 
 class WorkerUpdate(_In):
@@ -86,7 +86,7 @@ class RegistrationTokenRequest(_In):
 # -- responses ------------------------------------------------------------------------
 
 class TokenOut(_Out):
-    token: str
+    token: str = Field(repr=False)
     subject: str
     scopes: list[str]
     expires_at: int = Field(description="Unix time")
@@ -191,7 +191,7 @@ class SecretOut(_Out):
 
 
 class RegistrationTokenOut(_Out):
-    token: str
+    token: str = Field(repr=False)
     hostname: str | None
     routes: list[str]
     ttl_s: int

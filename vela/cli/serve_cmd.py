@@ -37,7 +37,7 @@ from vela.cli._app import (
     run,
     state,
 )
-from vela.config import Settings
+from vela.config import Settings, shown_url
 from vela.domain import MAX_BACKLOG
 from vela.errors import VelaError
 
@@ -310,7 +310,6 @@ def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
     from vela.server.context import ServerContext
 
     async def boot() -> str | None:
-        from sqlalchemy.engine import make_url
         from sqlalchemy.exc import DBAPIError
 
         from vela.api.auth import ensure_admin_credential
@@ -320,7 +319,7 @@ def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
             await ctx.bootstrap()
             return await ensure_admin_credential(ctx.store)
         except (OSError, DBAPIError) as e:
-            url = make_url(s.database_url()).render_as_string(hide_password=True)
+            url = shown_url(s.database_url())
             raise VelaError(f"cannot reach the database at {url} ({type(e).__name__}); "
                             "check database.url (VELA_DATABASE_URL) and that the database "
                             "is running") from None

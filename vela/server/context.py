@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -37,9 +37,9 @@ async def bootstrap_database(settings: Settings) -> None:
 @dataclass
 class ServerContext:
     settings: Settings
-    engine: AsyncEngine
+    engine: AsyncEngine = field(repr=False)  # its URL may carry a password
     store: Store
-    master_key: bytes
+    master_key: bytes = field(repr=False)  # decrypts every secret and server key
 
     @classmethod
     def open(cls, settings: Settings) -> ServerContext:
