@@ -131,6 +131,21 @@ async def test_own_pid_namespace_no_capabilities_no_secret_in_argv(build, bwrap_
     assert "bwrap" in cmdline and "***" not in cmdline  # the secret is not on argv
 
 
+async def test_a_steps_loader_variables_never_reach_the_host(build, bwrap_runtime):
+    """bwrap is loaded by the host's dynamic linker: a step's LD_PRELOAD used to run a
+    library of the step's making on the host, outside the sandbox. LD_DEBUG shows which
+    programs the linker loads with the step's environment: only the sandbox's own."""
+    text = yaml.safe_dump({"version": "1", "steps": [{
+        "name": "probe", "commands": ["echo \"inside: $LD_DEBUG $GREETING\""],
+        "environment": {"LD_DEBUG": "files", "GREETING": "hi there"}}]})
+    result, rec = await build(text, runtime=bwrap_runtime)
+    assert result.status == BuildStatus.SUCCESS
+    output = "\n".join(rec.lines[1])
+    assert "inside: files hi there" in output  # the step's environment, whole, inside
+    assert "needed by /bin/sh" in output or "file=" in output  # the linker spoke inside
+    assert "bwrap" not in output  # ... but never while loading bwrap on the host
+
+
 async def test_step_keeps_the_worker_uid(build, bwrap_runtime):
     """docs/security.md: the sandbox does not change the user, it maps it to itself."""
     result, rec = await build(one_step("id -u", "cat /proc/self/uid_map"), runtime=bwrap_runtime)

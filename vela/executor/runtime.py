@@ -221,14 +221,33 @@ class StepProcess:
         self._pipe.close()
 
 
-async def _start(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> StepProcess:
+def _args_file(args: Sequence[str]) -> int:
+    """A file descriptor of an in-memory file holding ``args`` NUL-separated (for bwrap's
+    ``--args``), read from its start; the caller closes it."""
+    data = b"".join(os.fsencode(a) + b"\0" for a in args)
+    if data.count(b"\0") != len(args):
+        raise ValueError("embedded null byte")  # as subprocess says of such a variable
+    fd = os.memfd_create("vela-step-args", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def _start(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path,
+                 pass_fds: Sequence[int] = ()) -> StepProcess:
     read_fd, write_fd = os.pipe()  # both close-on-exec; the child gets its end as stdout
     try:
         # Blocks only until the child has exec'd (vfork), as asyncio's own spawn does.
         popen = subprocess.Popen(  # noqa: ASYNC220
             list(argv), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
             stdout=write_fd, stderr=subprocess.STDOUT, start_new_session=True,
-            close_fds=True)
+            close_fds=True, pass_fds=tuple(pass_fds))
     except BaseException:
         os.close(read_fd)
         raise
@@ -364,10 +383,9 @@ class BwrapRuntime(Runtime):
         binds.append((dirs.workspace.resolve(), self.WORKSPACE))
         args += self._cover_hidden(binds, dirs)
         args += ["--remount-ro", "/", "--chdir", self.WORKSPACE, "--"]
-        # No --clearenv/--setenv: --setenv would put secret values on bwrap's
-        # command line, readable by any host user and inside the sandbox as
-        # /proc/1/cmdline. bwrap runs with exactly the step's environment
-        # instead (see spawn), which it hands on unchanged.
+        # The step's environment is not here: on the command line its secrets would be
+        # readable by any host user and inside the sandbox as /proc/1/cmdline. spawn
+        # hands it over as --setenv options read from a file descriptor (--args).
         args += ["/bin/sh", "-e", "-c", script]
         return args
 
@@ -393,7 +411,17 @@ class BwrapRuntime(Runtime):
     async def spawn(
         self, script: str, *, env: Mapping[str, str], dirs: BuildDirs
     ) -> StepProcess:
-        return await _start(self.argv(script, dirs), env=env, cwd=dirs.workspace)
+        """bwrap itself runs with an empty environment: the host's dynamic linker loads
+        it, so a step's ``LD_PRELOAD`` (or any loader or libc variable) would run code
+        on the host, outside the sandbox. The step's environment reaches the sandbox
+        through ``--clearenv``/``--setenv`` options bwrap reads from a memory file."""
+        fd = _args_file(["--clearenv", *(x for k, v in env.items() for x in ("--setenv", k, v))])
+        try:
+            argv = self.argv(script, dirs)
+            return await _start([argv[0], "--args", str(fd), *argv[1:]], env={},
+                                cwd=dirs.workspace, pass_fds=(fd,))
+        finally:
+            os.close(fd)
 
     def probe(self, timeout_s: float = 10.0) -> None:
         """Run ``true`` in a sandbox; raise :class:`SandboxUnavailable` if it fails."""
