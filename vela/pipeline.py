@@ -40,6 +40,9 @@ from pydantic_core import PydanticCustomError
 from vela.errors import VelaError
 
 MAX_PIPELINE_CHARS = 256 * 1024
+# Linux takes no single argument or environment string longer than this (MAX_ARG_STRLEN,
+# with its NUL): a step's script is one argument, each variable one string.
+MAX_EXEC_STRING_BYTES = 128 * 1024 - 1
 MAX_STEPS = 100
 MAX_ERRORS_SHOWN = 20
 DEFAULT_IMAGE = "local"
@@ -219,6 +222,23 @@ class Step(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _fits_one_exec(self) -> Step:
+        size = len(self.script().encode())
+        if size > MAX_EXEC_STRING_BYTES:
+            raise PydanticCustomError(
+                "script_too_long",
+                "the commands come to {size} bytes, more than the {limit} a step can run "
+                "(the system's limit on one argument): split them over steps, or put them "
+                "in a script in the repository",
+                {"size": size, "limit": MAX_EXEC_STRING_BYTES, "sub_loc": ("commands",)})
+        for key, value in self.environment.items():
+            if len(f"{key}={value}".encode()) > MAX_EXEC_STRING_BYTES:
+                raise PydanticCustomError(
+                    "env_too_long", "longer than the {limit} bytes the system takes",
+                    {"limit": MAX_EXEC_STRING_BYTES, "sub_loc": ("environment", key)})
+        return self
+
+    @model_validator(mode="after")
     def _no_env_secret_clash(self) -> Step:
         for name in self.secrets:
             if secret_env_name(name) in self.environment:
@@ -305,11 +325,36 @@ def compile_pipeline(text: str) -> Executable:
             [(lines.get((), 1), "", "pipeline must be a mapping with `version` and `steps`")]
         )
     try:
+        # YAML aliases repeat what they name without its text: a few KB could stand for
+        # GB, made real by validating it. Without aliases this is at most the text's size.
+        size = _expanded_chars(data, {})
+        if size > MAX_PIPELINE_CHARS:
+            raise PipelineError([(None, "", f"pipeline expands to {size} characters, more "
+                                            f"than {MAX_PIPELINE_CHARS} (YAML aliases count "
+                                            "each time they are used)")])
         return Executable.model_validate(data)
     except ValidationError as e:
         raise PipelineError(_problems(e, lines)) from None
     except RecursionError:
         raise PipelineError([(None, "", "pipeline nests too deeply")]) from None
+
+
+def _expanded_chars(data: Any, seen: dict[int, int]) -> int:
+    """The characters of every string in ``data`` counted each time it is reached (as
+    validating or storing it would), each shared object measured once."""
+    known = seen.get(id(data))
+    if known is not None:
+        return known
+    if isinstance(data, str):
+        size = len(data)
+    elif isinstance(data, dict):
+        size = sum(_expanded_chars(k, seen) + _expanded_chars(v, seen) for k, v in data.items())
+    elif isinstance(data, list):
+        size = sum(_expanded_chars(x, seen) for x in data)
+    else:
+        size = 0
+    seen[id(data)] = size
+    return size
 
 
 # libyaml's parser where PyYAML has it (5x faster than the pure-Python one here).

@@ -160,10 +160,34 @@ def test_hostile_yaml_is_contained():
     bomb = "a: &a [x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(20)
     )
-    assert "unknown key" in error(bomb)
+    assert "expands to" in error(bomb)
     assert "line" in error("a: &a [*a]\n")
     assert "invalid YAML value" in error("x: 2001-13-45\n")
     assert "larger than" in error("#" * 300_000)
+
+
+def test_aliases_cannot_blow_a_small_pipeline_up():
+    """1,000 commands named once and used by 100 steps: 8 KB of YAML that validated into
+    ~100 MB (a 200 KB one would be ~20 GB) in the Scheduler. Refused before validation."""
+    text = ('version: "1"\nx-commands: &cmds [' + ", ".join(["echo xxxxxxxx"] * 1000) + "]\n"
+            "steps:\n" + "".join(f"  - name: s{i}\n    commands: *cmds\n" for i in range(100)))
+    assert len(text) < 20_000
+    assert "expands to" in error(text)
+    # Anchors used a few times, as pipelines do, are fine.
+    fine = ('version: "1"\nsteps:\n  - name: a\n    commands: &c [make, make test]\n'
+            "  - name: b\n    commands: *c\n")
+    assert [s.commands for s in compile_pipeline(fine).steps] == [["make", "make test"]] * 2
+
+
+def test_a_step_longer_than_one_exec_takes_is_refused_with_its_line():
+    """The system takes no argument over 128 KiB: such a step compiled, then failed to
+    start with no message."""
+    big = "echo " + "x" * (130 * 1024)
+    msg = error(f'version: "1"\nsteps:\n  - name: a\n    commands: ["{big}"]\n')
+    assert "line 4" in msg and "split them over steps" in msg
+    msg = error(f'version: "1"\nsteps:\n  - name: a\n    commands: [env]\n'
+                f'    environment: {{BIG: "{"y" * (130 * 1024)}"}}\n')
+    assert "BIG" in msg and "bytes the system takes" in msg
 
 
 def test_many_errors_are_capped():
