@@ -7,7 +7,7 @@ A pipeline looks like Vela's::
       - name: test
         image: local            # optional; the bwrap/local runtimes run host tools
         commands: [make test]
-        environment: {GOFLAGS: -mod=vendor}
+        environment: {GOFLAGS: -mod=vendor, GO_VERSION: 1.10}   # text as written
         secrets: [api_key]      # reaches the step as $API_KEY
         timeout: 5m             # seconds, or a duration like 90s / 5m / 1h30m
         failure: ignore         # the build goes on if this step fails
@@ -369,9 +369,51 @@ def _load(text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
             return None, {}
         # Walk before constructing: construction flattens merge keys in place.
         lines = _line_map(node)
+        _environment_as_text(node)
         return loader.construct_document(node), lines
     finally:
         loader.dispose()
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+def _environment_as_text(root: yaml.Node) -> None:
+    """Environment names and values are text as written: YAML would make ``1.10`` the
+    float 1.1, ``0755`` the int 493, ``12:30`` 750 and the name ``ON`` true. Their plain
+    scalars are tagged as strings before the document is constructed."""
+    for step in _sequence_items(_entries(root, "steps")):
+        for env in _entries(step, "environment"):
+            for mapping in _merged(env):
+                for key_node, value_node in mapping.value:
+                    for n in (key_node, value_node):
+                        if (isinstance(n, yaml.ScalarNode) and not n.style  # plain
+                                and n.tag not in (_NULL_TAG, _MERGE_TAG)):
+                            n.tag = _STR_TAG
+
+
+def _merged(node: yaml.Node) -> list[yaml.MappingNode]:
+    """A mapping node and those it merges (``<<``), all the way down."""
+    if isinstance(node, yaml.SequenceNode):
+        return [m for item in node.value for m in _merged(item)]
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    out = [node]
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:
+            out += _merged(value_node)
+    return out
+
+
+def _entries(node: yaml.Node, key: str) -> list[yaml.Node]:
+    """The values of ``key`` in a mapping node, merged mappings included."""
+    return [value_node for mapping in _merged(node) for key_node, value_node in mapping.value
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key]
+
+
+def _sequence_items(nodes: list[yaml.Node]) -> list[yaml.Node]:
+    return [item for node in nodes if isinstance(node, yaml.SequenceNode) for item in node.value]
 
 
 def _line_map(root: yaml.Node) -> dict[tuple[str, ...], int]:

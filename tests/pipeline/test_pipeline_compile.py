@@ -190,6 +190,23 @@ def test_a_step_longer_than_one_exec_takes_is_refused_with_its_line():
     assert "BIG" in msg and "bytes the system takes" in msg
 
 
+def test_environment_is_text_as_written():
+    """YAML types plain scalars: 1.10 was the float 1.1, 0755 the int 493, 12:30 the
+    number 750 and the name ON the boolean true (refused as not a string)."""
+    text = ('version: "1"\nsteps:\n  - name: a\n    commands: [env]\n    environment: &e\n'
+            "      GO_VERSION: 1.10\n      MODE: 0755\n      AT: 12:30\n      ON: yes\n"
+            '      PORT: 8080\n      QUOTED: "1.10"\n'
+            "  - name: b\n    commands: [env]\n    environment:\n      <<: *e\n"
+            "      EXTRA: 010\n")
+    a, b = compile_pipeline(text).steps
+    assert a.environment == {"GO_VERSION": "1.10", "MODE": "0755", "AT": "12:30", "ON": "yes",
+                             "PORT": "8080", "QUOTED": "1.10"}
+    assert b.environment == {**a.environment, "EXTRA": "010"}
+    assert "environment.X: input should be a valid string" in error(
+        'version: "1"\nsteps:\n  - name: a\n    commands: [env]\n    environment:\n'
+        "      X:\n")
+
+
 def test_many_errors_are_capped():
     steps = "".join(f"  - name: s{i}\n" for i in range(40))
     msg = error(f'version: "1"\nsteps:\n{steps}')
