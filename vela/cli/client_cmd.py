@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,17 @@ def login(
 
 # -- builds ---------------------------------------------------------------------------------
 
+def _without_last_newline(text: str) -> str:
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[:-len(end)]
+    return text
+
+
+# Reconnections in a row, with a growing pause, before `--follow` gives up.
+FOLLOW_RETRIES = 5
+
+
 def _follow(api: ApiClient, build: dict[str, Any], *, quiet: bool,
             live_logs: bool = False) -> dict[str, Any]:
     """Print status and step changes as they happen, then the logs; the final build."""
@@ -117,26 +129,41 @@ def _follow(api: ApiClient, build: dict[str, Any], *, quiet: bool,
     chunks: list[dict[str, Any]] = []
     after = 0
     ended = False
+    lost = 0  # connections lost in a row
     while not ended:  # a dropped stream resumes after the last chunk seen
-        for e in api.stream(f"/api/v1/builds/{build_id}/logs", follow="true", after=after):
-            kind = e["event"]
-            if kind == "build" and not quiet:
-                b = e["build"]
-                where = f" on {b['worker']}" if b["worker"] else ""
-                _say(f"build {build_id}: {b['status']}{where}")
-            elif kind == "step" and not quiet:
-                st = e["step"]
-                _say(f"  step {st['number']} {st['name']}: {st['status']}")
-            elif kind == "log":
-                after = max(after, e["id"])
-                if live_logs and not quiet:
-                    for line in e["text"].splitlines():
-                        _say(f"[{e['step']}] {line}")
-                chunks.append(e)
-            elif kind == "error":
-                raise ClientError(0, e["code"], e["message"])
-            elif kind == "end":
-                ended = True
+        if lost > FOLLOW_RETRIES:
+            raise ClientError(0, "unreachable", f"lost the API {lost} times in a row while "
+                              f"following build {build_id}; `vela build logs {build_id} "
+                              "--follow` picks it up again")
+        if lost:
+            time.sleep(min(0.5 * 2 ** (lost - 1), 8.0))  # backoff, then resume
+        lost += 1
+        try:
+            for e in api.stream(f"/api/v1/builds/{build_id}/logs", follow="true", after=after):
+                kind = e["event"]
+                if kind == "build" and not quiet:
+                    b = e["build"]
+                    where = f" on {b['worker']}" if b["worker"] else ""
+                    _say(f"build {build_id}: {b['status']}{where}")
+                elif kind == "step" and not quiet:
+                    st = e["step"]
+                    _say(f"  step {st['number']} {st['name']}: {st['status']}")
+                elif kind == "log":
+                    if e["id"] > after:  # progress: the count of losses starts again
+                        after, lost = e["id"], 0
+                    if live_logs and not quiet:
+                        for line in e["text"].splitlines():
+                            _say(f"[{e['step']}] {line}")
+                    chunks.append(e)
+                elif kind == "error":
+                    raise ClientError(0, e["code"], e["message"])
+                elif kind == "end":
+                    ended = True
+        except ClientError as e:
+            if e.code not in ("unreachable", "unavailable"):
+                raise
+            err_console.print(f"{str(e).split(';')[0]}; resuming after log {after}",
+                              highlight=False)
     final = api.get(f"/api/v1/builds/{build_id}")
     if not quiet:
         if not live_logs:
@@ -414,16 +441,17 @@ def secret_add(
     repo: str = REPO_OPTION,
     org: str = ORG_OPTION,
     value_file: Path | None = typer.Option(None, "--value-file", exists=True, dir_okay=False,
-                                           help="Read the value from this file."),
-    value_stdin: bool = typer.Option(False, "--value-stdin", help="Read the value from stdin."),
+                                           help="Read the value from this file, exactly."),
+    value_stdin: bool = typer.Option(False, "--value-stdin", help="Read the value from "
+                                     "stdin, less one final newline (as `echo` adds)."),
 ) -> None:
     """Create or update a secret. Without --value-file/--value-stdin, asks for the value."""
     base, owner = _secret_base(repo, org)
-    if value_file is not None:
+    if value_file is not None:  # as it is: a key file's last newline is part of it
         value = read_utf8(value_file, "secrets are text; encode a binary value first "
-                          "(e.g. with `base64`) and decode it in the step").rstrip("\n")
-    elif value_stdin:
-        value = sys.stdin.read().rstrip("\n")
+                          "(e.g. with `base64`) and decode it in the step")
+    elif value_stdin:  # less the one newline `echo` adds
+        value = _without_last_newline(sys.stdin.read())
     else:
         value = typer.prompt(f"value of {name}", hide_input=True)
     with _client() as api:

@@ -1,0 +1,94 @@
+"""The CLI client: `--follow` survives a dropped connection (it resumes after the last log
+it printed, docs/api.md, and gives up with a next step only after several failures in a
+row), and `secret add` keeps a value's own newlines."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from vela.api.client import ApiClient, ClientError
+from vela.cli import client_cmd
+
+
+def _chunk(event: dict) -> bytes:
+    line = (json.dumps(event) + "\n").encode()
+    return f"{len(line):x}\r\n".encode() + line + b"\r\n"
+
+
+class Api(BaseHTTPRequestHandler):
+    """Build 7's log stream: the first connection drops after log 41 (no last chunk);
+    later ones end the build, unless ``drop_always``."""
+
+    protocol_version = "HTTP/1.1"
+    asked_after: list[str] = []
+    drop_always = False
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server interface
+        url = urlparse(self.path)
+        if url.path == "/api/v1/builds/7":
+            body = json.dumps({"id": 7, "status": "success", "reason": None}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        after = parse_qs(url.query)["after"][0]
+        self.asked_after.append(after)
+        self.send_response(200)
+        self.send_header("content-type", "application/x-ndjson")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        if after == "0" or self.drop_always:
+            self.wfile.write(_chunk({"event": "log", "id": 41, "step": 1, "text": "hi\n"}))
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # dropped mid-stream
+            return
+        self.wfile.write(_chunk({"event": "end", "status": "success", "reason": None}))
+        self.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.fixture
+def api(monkeypatch) -> Iterator[ApiClient]:
+    monkeypatch.setattr(client_cmd.time, "sleep", lambda s: None)  # the backoff's pauses
+    Api.asked_after = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with ApiClient(f"http://127.0.0.1:{server.server_port}", "token") as client:
+            yield client
+    finally:
+        server.shutdown()
+
+
+def test_follow_resumes_after_the_last_log_when_the_connection_drops(api):
+    final = client_cmd._follow(api, {"id": 7}, quiet=True)
+    assert final["status"] == "success"
+    assert Api.asked_after == ["0", "41"]
+
+
+def test_follow_gives_up_after_several_drops_in_a_row(api, monkeypatch):
+    monkeypatch.setattr(Api, "drop_always", True)
+    with pytest.raises(ClientError) as e:
+        client_cmd._follow(api, {"id": 7}, quiet=True)
+    assert "vela build logs 7 --follow" in str(e.value)
+    # The first connection brought log 41; then every try brings nothing new.
+    assert Api.asked_after == ["0"] + ["41"] * (client_cmd.FOLLOW_RETRIES + 1)
+
+
+def test_a_secret_from_stdin_loses_one_final_newline_only():
+    """`echo value |` adds one newline; a value's own (a key file's last line, a blank
+    line that matters) are kept — all of them used to be stripped."""
+    strip = client_cmd._without_last_newline
+    assert strip("s3cr3t\n") == "s3cr3t" and strip("s3cr3t\r\n") == "s3cr3t"
+    assert strip("a\n\n") == "a\n" and strip("-----END KEY-----\n\n") == "-----END KEY-----\n"
+    assert strip("no newline") == "no newline"
