@@ -201,3 +201,102 @@ async def test_a_build_being_dispatched_when_redis_restarts_empty_is_queued_agai
     await system.add_worker("w1")
     builds = await system.pump([build_id], timeout_s=10)
     assert builds[build_id].status == BuildStatus.SUCCESS.value
+
+
+async def test_an_unanswered_package_to_a_worker_lost_meanwhile_is_queued_again(system):
+    """The worker is declared lost while its package waits for an answer, which never
+    comes: the build (its start unknown, as for any lost worker's build) is queued
+    again, not kept for a worker that is gone."""
+    await system.add_worker("w1")
+    system.scheduler._call_timeout = 0.3
+    client = system.directory.clients["w1"]
+    entered = asyncio.Event()
+
+    async def hung(package):
+        entered.set()
+        await asyncio.sleep(30)  # a hung worker: the call times out first
+        return {"accepted": False, "reason": "too late"}
+
+    client._execute_package = hung
+    build_id = await system.submit(pipeline("echo hi"))
+    listener_pass = asyncio.ensure_future(system.listener.run_once())
+    await asyncio.wait_for(entered.wait(), 10)
+    await system.scheduler.worker_lost("w1", "no answer")
+    await listener_pass
+    client.dead = True
+    await system.add_worker("w2")
+    builds = await system.pump([build_id], timeout_s=10)
+    assert (builds[build_id].status, builds[build_id].worker) == ("success", "w2")
+
+
+async def _lost_while_receipt_on_the_way(system, pipeline_text: str):
+    """w1 takes the build; its receipt waits on the returned gate."""
+    core = await system.add_worker("w1")
+    client = system.directory.clients["w1"]
+    gate, entered = asyncio.Event(), asyncio.Event()
+    real = client._execute_package
+
+    async def slow(package):
+        receipt = await real(package)  # taken, started...
+        entered.set()
+        await gate.wait()              # ...its answer on the way
+        return receipt
+
+    client._execute_package = slow
+    build_id = await system.submit(pipeline_text)
+    listener_pass = asyncio.ensure_future(system.listener.run_once())
+    await asyncio.wait_for(entered.wait(), 10)
+    return core, client, gate, build_id, listener_pass
+
+
+async def test_a_receipt_from_a_worker_lost_and_back_goes_on_there(system):
+    """A transient silence: the worker is lost and registers again, naming the build it
+    runs, before its receipt arrives. Its adoption skipped the build (being dispatched);
+    the receipt must not end what the worker runs."""
+    from vela.security import Registration
+
+    core, _, gate, build_id, listener_pass = await _lost_while_receipt_on_the_way(
+        system, pipeline("echo hi", "sleep 0.5"))
+    await system.scheduler.worker_lost("w1", "no answer")
+    identity = system.identity("w1")
+    token = await system.authority.registration_token(routes=["vela"], hostname="w1")
+    registration = Registration(hostname="w1", routes=["vela"], build_limit=1,
+                                sign_public_key=identity.sign_public_key,
+                                seal_public_key=identity.seal_public_key,
+                                actor_name="vela-worker-w1")
+    await system.scheduler.register(registration.model_dump(mode="json"), token=token,
+                                    running=core.started)
+    gate.set()
+    await listener_pass
+    assert system.scheduler.registry.get("w1").running == {build_id}
+    builds = await system.pump([build_id], timeout_s=15)
+    assert (builds[build_id].status, builds[build_id].reason) == ("success", None)
+
+
+async def test_a_receipt_from_a_lost_worker_is_settled_later_if_the_database_fails(
+        system, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    _, client, gate, build_id, listener_pass = await _lost_while_receipt_on_the_way(
+        system, pipeline("echo hi", "sleep 30"))
+    client.dead = True
+    while "w1" in system.scheduler.registry:
+        await system.scheduler.check_workers()
+        await asyncio.sleep(0.05)
+    get_build = system.store.get_build
+    failed: list[int] = []
+
+    async def flaky(build_id: int):
+        if not failed:
+            failed.append(build_id)
+            raise OperationalError("SELECT", {}, Exception("connection reset"))
+        return await get_build(build_id)
+
+    monkeypatch.setattr(system.store, "get_build", flaky)
+    gate.set()
+    await listener_pass
+    await client.core.close()
+    assert failed
+    builds = await system.pump([build_id], timeout_s=10)
+    # It had started there (its receipt said so): it ends, it is not run again.
+    assert (builds[build_id].status, builds[build_id].reason) == ("error", WORKER_LOST)

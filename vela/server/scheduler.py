@@ -170,6 +170,8 @@ class Scheduler:
         # Lost workers whose builds are not settled yet (the database did not answer):
         # retried each watch pass, until the worker comes back (_attach settles them).
         self._unsettled: dict[str, WorkerStatus] = {}
+        # Their builds that started there, though no start was recorded.
+        self._started_unrecorded: set[int] = set()
         self._placements = 0  # builds placed on workers so far (_Link.placed)
         # Builds whose start is not recorded yet (set when it is): their reports wait.
         self._starting: dict[int, asyncio.Event] = {}
@@ -290,29 +292,37 @@ class Scheduler:
             if build.id in self._canceled:
                 return Outcome.NOT_PENDING  # canceled while its write was under way
             try:
-                receipt = await self._call(link.client.execute_package(issued.package))
+                receipt: dict[str, Any] | None = await self._call(
+                    link.client.execute_package(issued.package))
             except TimeoutError:
-                # The package went out, and no answer came: the worker may have taken it
-                # and started its steps. Sent elsewhere now, it could run twice; it stays
-                # here instead, its token alive and its slot held, and the worker settles
-                # it — its start is asked for afresh, and a build it turns out not to
-                # hold goes back to the queue after the grace (_reconcile).
+                receipt = None  # the package went out and no answer came: it may have started
+            if receipt is None or receipt.get("accepted") is True:
                 accepted = True
-                log.warning("worker %s did not answer the package of build %d in time; "
-                            "keeping the build there until the worker says", hostname,
-                            build.id)
-                self._spawn(self._unanswered(build.id, hostname, issued, starting))
-                started = None  # opened by _unanswered
-                return Outcome.DISPATCHED
-            if receipt.get("accepted") is True:
-                accepted = True
-                if self._links.get(hostname) is not link:
-                    # Lost while its receipt was on the way (worker_lost left this build
-                    # to the dispatch): started, it ends worker_lost; held, it is queued.
-                    if receipt.get("start") is None:
+                current = self._links.get(hostname)
+                if current is None:
+                    # Lost meanwhile (worker_lost left this build to the dispatch): started,
+                    # it ends worker_lost; held or unanswered (its start not known, as for
+                    # any lost worker's build), it is queued again.
+                    if receipt is None or receipt.get("start") is None:
                         self._opened(build.id, starting)
                         started = None
-                    await self._end_lost_build(await self.store.get_build(build.id))
+                    await self._settle_lost_dispatch(build.id, hostname,
+                                                     started=started is not None)
+                    return Outcome.DISPATCHED
+                if current is not link:
+                    # Lost and registered again meanwhile, its adoption skipping the build
+                    # being dispatched: the slot is taken on the worker as it is now.
+                    self.registry.assign(hostname, build.id)
+                if receipt is None:
+                    # Sent elsewhere now, it could run twice; it stays here instead, its
+                    # token alive and its slot held, and the worker settles it — its start
+                    # is asked for afresh, and a build it turns out not to hold goes back
+                    # to the queue after the grace (_reconcile).
+                    log.warning("worker %s did not answer the package of build %d in "
+                                "time; keeping the build there until the worker says",
+                                hostname, build.id)
+                    self._spawn(self._unanswered(build.id, hostname, issued, starting))
+                    started = None  # opened by _unanswered
                     return Outcome.DISPATCHED
                 self.stats.dispatched += 1
                 if build.enqueued_at is not None:
@@ -348,6 +358,20 @@ class Scheduler:
                 # finds the build missing on the worker and queues it again (_reconcile).
             if started is not None:
                 self._opened(build.id, started)
+
+    async def _settle_lost_dispatch(self, build_id: int, hostname: str, *,
+                                    started: bool) -> None:
+        """End (``started``) or requeue a build whose worker was lost while it was
+        dispatched there; if the database does not answer, the watch settles it with the
+        worker's other builds, knowing whether it started."""
+        try:
+            await self._end_lost_build(await self.store.get_build(build_id))
+        except Exception as e:  # noqa: BLE001 - see _settle_lost_workers
+            log.warning("build %d of lost worker %s not settled yet: %s", build_id,
+                        hostname, type(e).__name__)
+            if started:
+                self._started_unrecorded.add(build_id)
+            self._unsettled.setdefault(hostname, WorkerStatus.ERROR)
 
     async def _unanswered(self, build_id: int, hostname: str, issued: IssuedPackage,
                           starting: asyncio.Event) -> None:
@@ -809,7 +833,8 @@ class Scheduler:
             return  # a legacy worker's build: the Scheduler never watched that worker
         try:
             # A start still being recorded (_record_start) counts: its steps may be running.
-            if build.started_at is None and build.id not in self._starting:
+            if (build.started_at is None and build.id not in self._starting
+                    and build.id not in self._started_unrecorded):
                 moved = await self.store.transition_build(
                     build.id, BuildStatus.RUNNING, BuildStatus.PENDING,
                     only_if={"worker": build.worker}, worker=None, token_jti=None)
@@ -823,6 +848,7 @@ class Scheduler:
                 self.metrics.build_finished(BuildStatus.ERROR.value)
         except Conflict:
             pass
+        self._started_unrecorded.discard(build.id)
         # Only now: should the database not answer, the slot keeps the build watched.
         self.registry.release(build.worker, build.id)
 
