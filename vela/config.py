@@ -13,7 +13,6 @@ import secrets as _secrets
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -335,20 +334,20 @@ def _mask_secret(value: SecretStr) -> str:
 
 
 def shown_url(text: str) -> str:
-    """A URL as it may be shown: its scheme, user, host, port and path; a password and
-    the whole query (drivers take ``?password=`` too) hidden."""
-    try:
-        # Split as the drivers do: the user info ends at the last "@", so a password
-        # holding an unencoded "@" is hidden whole.
-        url = urlsplit(text)
-        host = url.hostname or ""
-        netloc = (f"[{host}]" if ":" in host else host) + (
-            f":{url.port}" if url.port is not None else "")
-    except ValueError:  # an unparsable URL is simply hidden
+    """A URL as it may be shown: its scheme, user, host, port and path; the password and
+    the whole query (drivers take ``?password=`` too) hidden. Split by hand, not parsed:
+    drivers read a password up to its "@" even when it holds "/", "#" or "@", where a
+    URL parser would take part of it for the host, port or path."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
         return REDACTED
-    if url.username is not None or url.password is not None:
-        netloc = f"{url.username or ''}{':***' if url.password is not None else ''}@{netloc}"
-    return f"{url.scheme}://{netloc}{url.path}" + ("?***" if url.query else "")
+    userinfo, at, host = rest.rpartition("@")
+    host, query, _ = host.partition("?")
+    shown = host.partition("#")[0] + ("?***" if query else "")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        shown = f"{user}{':***' if colon else ''}@{shown}"
+    return f"{scheme}://{shown}"
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

@@ -84,7 +84,11 @@ def test_secrets_hidden_in_repr_logs_and_show(caplog):
     ("redis://cache:6379/0?password=hunter2pw", "redis://cache:6379/0?***"),
     ("redis://default:ab@hunter2pw@cache:6379/0", "redis://default:***@cache:6379/0"),
     ("redis://:hunter2pw@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
-    ("redis://cache:notaport/0?password=hunter2pw", REDACTED),
+    ("redis://cache:notaport/0?password=hunter2pw", "redis://cache:notaport/0?***"),
+    # Drivers read the password up to its "@": a URL parser took part of it for the port
+    # and the path, or stopped at "#".
+    ("postgresql+asyncpg://vela:2024/hunter2pw@db:5432/vela", "postgresql+asyncpg://vela:***@db:5432/vela"),
+    ("postgresql://vela:8841#hunter2pw@db/vela", "postgresql://vela:***@db/vela"),
 ])
 def test_urls_shown_without_any_password(url, shown):
     s = load_settings(environ={"VELA_QUEUE_REDIS_URL": url})
