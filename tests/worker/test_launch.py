@@ -39,6 +39,15 @@ def test_a_worker_whose_registration_failed_is_replaced():
     assert "not registered" in replace_reason({"registered": False, "spec": spec()}, spec())
 
 
+def test_a_worker_running_builds_while_it_registers_again_is_kept():
+    """After a Scheduler restart a worker is unregistered a moment, its builds running:
+    a `vela worker` then must not end them. Started otherwise, it is replaced all the
+    same."""
+    again = {"registered": False, "spec": spec(), "running": [7], "error": "TimeoutError"}
+    assert replace_reason(again, spec()) is None
+    assert replace_reason(again, spec(build_limit=4)) is not None
+
+
 def test_other_arguments_or_settings_replace_it_and_say_which():
     reason = replace_reason(registered(spec()), spec(build_limit=4, routes=["gpu"]))
     assert reason is not None

@@ -37,9 +37,11 @@ def replace_reason(status: Mapping[str, Any] | None, spec: Mapping[str, Any]) ->
     for a worker started with ``spec``; None: it is that worker, keep it."""
     if status is None:
         return "it did not answer"
-    if not status.get("registered"):
-        return f"it is not registered ({status.get('error') or 'no answer from the server'})"
     theirs = status.get("spec")
+    if not status.get("registered") and not (status.get("running") and theirs == spec):
+        # One that runs builds with these settings registers again by itself (after a
+        # Scheduler restart, say): replacing it would end its builds.
+        return f"it is not registered ({status.get('error') or 'no answer from the server'})"
     if not theirs:
         return "it does not say what it was started with (another vela version)"
     changed = [f"{key} {theirs.get(key)!r}, not {spec.get(key)!r}"
