@@ -342,10 +342,12 @@ def shown_url(text: str) -> str:
     if not sep:
         return REDACTED
     userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if any(c in user for c in "/?#"):
+        return REDACTED  # that "@" is in the path or query: which part is secret is unclear
     host, query, _ = host.partition("?")
     shown = host.partition("#")[0] + ("?***" if query else "")
     if at:
-        user, colon, _ = userinfo.partition(":")
         shown = f"{user}{':***' if colon else ''}@{shown}"
     return f"{scheme}://{shown}"
 

@@ -43,6 +43,9 @@ MAX_PIPELINE_CHARS = 256 * 1024
 # Linux takes no single argument or environment string longer than this (MAX_ARG_STRLEN,
 # with its NUL): a step's script is one argument, each variable one string.
 MAX_EXEC_STRING_BYTES = 128 * 1024 - 1
+# Variables a step's environment and secrets may set: bubblewrap takes 9,000 arguments
+# in all, and each variable is three (--setenv NAME VALUE).
+MAX_STEP_VARIABLES = 1000
 MAX_STEPS = 100
 MAX_ERRORS_SHOWN = 20
 DEFAULT_IMAGE = "local"
@@ -170,9 +173,9 @@ class Step(BaseModel):
     image: Image = DEFAULT_IMAGE
     commands: list[Command] = Field(min_length=1, max_length=1000)
     environment: Annotated[dict[str, str], BeforeValidator(_scalars_to_str)] = Field(
-        default_factory=dict
+        default_factory=dict, max_length=MAX_STEP_VARIABLES
     )
-    secrets: list[str] = Field(default_factory=list)
+    secrets: list[str] = Field(default_factory=list, max_length=MAX_STEP_VARIABLES)
     timeout: Seconds = None
     failure: Literal["fail", "ignore"] = "fail"
 
@@ -223,6 +226,11 @@ class Step(BaseModel):
 
     @model_validator(mode="after")
     def _fits_one_exec(self) -> Step:
+        if len(self.environment) + len(self.secrets) > MAX_STEP_VARIABLES:
+            raise PydanticCustomError(
+                "too_many_variables",
+                "environment and secrets set more than {limit} variables together",
+                {"limit": MAX_STEP_VARIABLES, "sub_loc": ("environment",)})
         size = len(self.script().encode())
         if size > MAX_EXEC_STRING_BYTES:
             raise PydanticCustomError(
@@ -382,34 +390,43 @@ _NULL_TAG = "tag:yaml.org,2002:null"
 def _environment_as_text(root: yaml.Node) -> None:
     """Environment names and values are text as written: YAML would make ``1.10`` the
     float 1.1, ``0755`` the int 493, ``12:30`` 750 and the name ``ON`` true. Their plain
-    scalars are tagged as strings before the document is constructed."""
-    for step in _sequence_items(_entries(root, "steps")):
-        for env in _entries(step, "environment"):
-            for mapping in _merged(env):
-                for key_node, value_node in mapping.value:
-                    for n in (key_node, value_node):
-                        if (isinstance(n, yaml.ScalarNode) and not n.style  # plain
-                                and n.tag not in (_NULL_TAG, _MERGE_TAG)):
-                            n.tag = _STR_TAG
+    scalars are replaced by string copies before the document is constructed (copies:
+    an alias of the same scalar elsewhere, a ``timeout`` say, keeps its type). Each node
+    is visited once, so nested aliases cannot make the walk explode."""
+    seen: set[int] = set()
+    for step in _sequence_items(_entries(root, "steps", seen)):
+        for env in _entries(step, "environment", seen):
+            for mapping in _merged(env, seen):
+                mapping.value = [(_as_text(k), _as_text(v)) for k, v in mapping.value]
 
 
-def _merged(node: yaml.Node) -> list[yaml.MappingNode]:
-    """A mapping node and those it merges (``<<``), all the way down."""
-    if isinstance(node, yaml.SequenceNode):
-        return [m for item in node.value for m in _merged(item)]
-    if not isinstance(node, yaml.MappingNode):
+def _as_text(node: yaml.Node) -> yaml.Node:
+    if (isinstance(node, yaml.ScalarNode) and not node.style  # plain
+            and node.tag not in (_NULL_TAG, _MERGE_TAG)):
+        return yaml.ScalarNode(_STR_TAG, node.value, node.start_mark, node.end_mark)
+    return node
+
+
+def _merged(node: yaml.Node, seen: set[int]) -> list[yaml.MappingNode]:
+    """A mapping node and the mappings it merges (``<<``: one, or a list of them), each
+    once."""
+    if not isinstance(node, yaml.MappingNode) or id(node) in seen:
         return []
+    seen.add(id(node))
     out = [node]
     for key_node, value_node in node.value:
         if key_node.tag == _MERGE_TAG:
-            out += _merged(value_node)
+            merged = (value_node.value if isinstance(value_node, yaml.SequenceNode)
+                      else [value_node])
+            for m in merged:
+                out += _merged(m, seen)
     return out
 
 
-def _entries(node: yaml.Node, key: str) -> list[yaml.Node]:
+def _entries(node: yaml.Node, key: str, seen: set[int]) -> list[yaml.Node]:
     """The values of ``key`` in a mapping node, merged mappings included."""
-    return [value_node for mapping in _merged(node) for key_node, value_node in mapping.value
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key]
+    return [value_node for mapping in _merged(node, seen) for key_node, value_node
+            in mapping.value if isinstance(key_node, yaml.ScalarNode) and key_node.value == key]
 
 
 def _sequence_items(nodes: list[yaml.Node]) -> list[yaml.Node]:

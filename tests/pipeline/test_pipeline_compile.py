@@ -207,6 +207,44 @@ def test_environment_is_text_as_written():
         "      X:\n")
 
 
+def test_nested_aliases_as_environment_are_walked_once(monkeypatch):
+    """Each level doubled the walk that keeps environment text as written: ~600 bytes
+    held the server's event loop for seconds (depth 30: minutes). Each node once now."""
+    import vela.pipeline as pipeline_module
+
+    walked: list[object] = []
+    merged = pipeline_module._merged
+
+    def counted(*args):
+        walked.append(args[0])
+        return merged(*args)
+
+    monkeypatch.setattr(pipeline_module, "_merged", counted)
+    anchors = ["x0: &a0 [{}]"] + [f"x{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 17)]
+    text = ("anchors:\n" + "".join(f"  {a}\n" for a in anchors)
+            + "version: '1'\nsteps:\n  - name: a\n    commands: [make]\n"
+              "    environment: *a16\n")
+    assert "environment" in error(text)
+    assert len(walked) < 10  # 2**16 walks before
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("0x258", 600.0), ("1:30", 90.0)])
+def test_an_alias_in_the_environment_leaves_its_other_uses_typed(value, seconds):
+    text = (f"version: '1'\nsteps:\n  - name: a\n    commands: [make]\n"
+            f"    timeout: &t {value}\n    environment: {{T: *t}}\n")
+    step = compile_pipeline(text).steps[0]
+    assert (step.timeout, step.environment) == (seconds, {"T": value})
+
+
+def test_more_variables_than_the_sandbox_takes_are_refused():
+    """bubblewrap takes 9,000 arguments, three per variable: 3,000 compiled, then every
+    step failed to start."""
+    env = ", ".join(f"V{i}: x" for i in range(1001))
+    msg = error(f'version: "1"\nsteps:\n  - name: a\n    commands: [env]\n'
+                f"    environment: {{{env}}}\n")
+    assert "environment" in msg and "1000" in msg
+
+
 def test_many_errors_are_capped():
     steps = "".join(f"  - name: s{i}\n" for i in range(40))
     msg = error(f'version: "1"\nsteps:\n{steps}')

@@ -300,3 +300,4 @@ async def test_a_receipt_from_a_lost_worker_is_settled_later_if_the_database_fai
     builds = await system.pump([build_id], timeout_s=10)
     # It had started there (its receipt said so): it ends, it is not run again.
     assert (builds[build_id].status, builds[build_id].reason) == ("error", WORKER_LOST)
+    assert not system.scheduler._started_unrecorded and not system.scheduler._unsettled

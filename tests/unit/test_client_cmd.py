@@ -23,11 +23,12 @@ def _chunk(event: dict) -> bytes:
 
 class Api(BaseHTTPRequestHandler):
     """Build 7's log stream: the first connection drops after log 41 (no last chunk);
-    later ones end the build, unless ``drop_always``."""
+    later ones end the build. With ``drop_always`` every one drops before any event."""
 
     protocol_version = "HTTP/1.1"
     asked_after: list[str] = []
     drop_always = False
+    quiet_drops = 0  # connections that bring a step event, then drop
 
     def log_message(self, *args: object) -> None:
         pass
@@ -47,8 +48,16 @@ class Api(BaseHTTPRequestHandler):
         self.send_header("content-type", "application/x-ndjson")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
+        if len(self.asked_after) <= self.quiet_drops:
+            self.wfile.write(_chunk({"event": "step", "step": {"number": 1, "name": "s",
+                                                               "status": "running"}}))
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         if after == "0" or self.drop_always:
-            self.wfile.write(_chunk({"event": "log", "id": 41, "step": 1, "text": "hi\n"}))
+            if not self.drop_always:  # a quiet drop: before any event
+                self.wfile.write(_chunk({"event": "log", "id": 41, "step": 1, "text": "hi\n"}))
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)  # dropped mid-stream
@@ -60,7 +69,7 @@ class Api(BaseHTTPRequestHandler):
 @pytest.fixture
 def api(monkeypatch) -> Iterator[ApiClient]:
     monkeypatch.setattr(client_cmd.time, "sleep", lambda s: None)  # the backoff's pauses
-    Api.asked_after = []
+    Api.asked_after = []  # class state: a fresh list per test
     server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -76,13 +85,21 @@ def test_follow_resumes_after_the_last_log_when_the_connection_drops(api):
     assert Api.asked_after == ["0", "41"]
 
 
+def test_follow_of_a_quiet_build_survives_answered_reconnections(api, monkeypatch):
+    """A proxy that drops idle streams: each reconnection is answered (a step event), no
+    log comes; that is no lost API."""
+    monkeypatch.setattr(Api, "quiet_drops", client_cmd.FOLLOW_RETRIES + 3)
+    final = client_cmd._follow(api, {"id": 7}, quiet=True)
+    assert final["status"] == "success"
+    assert len(Api.asked_after) > client_cmd.FOLLOW_RETRIES + 3
+
+
 def test_follow_gives_up_after_several_drops_in_a_row(api, monkeypatch):
     monkeypatch.setattr(Api, "drop_always", True)
     with pytest.raises(ClientError) as e:
         client_cmd._follow(api, {"id": 7}, quiet=True)
     assert "vela build logs 7 --follow" in str(e.value)
-    # The first connection brought log 41; then every try brings nothing new.
-    assert Api.asked_after == ["0"] + ["41"] * (client_cmd.FOLLOW_RETRIES + 1)
+    assert Api.asked_after == ["0"] * (client_cmd.FOLLOW_RETRIES + 1)
 
 
 def test_a_secret_from_stdin_loses_one_final_newline_only():

@@ -89,6 +89,8 @@ def test_secrets_hidden_in_repr_logs_and_show(caplog):
     # and the path, or stopped at "#".
     ("postgresql+asyncpg://vela:2024/hunter2pw@db:5432/vela", "postgresql+asyncpg://vela:***@db:5432/vela"),
     ("postgresql://vela:8841#hunter2pw@db/vela", "postgresql://vela:***@db/vela"),
+    ("redis://cache/0?password=hunter2@pw", REDACTED),  # an "@" in the query
+    ("postgresql+asyncpg://vela@db/vela?password=hunter2@pw", REDACTED),
 ])
 def test_urls_shown_without_any_password(url, shown):
     s = load_settings(environ={"VELA_QUEUE_REDIS_URL": url})

@@ -140,6 +140,7 @@ def _follow(api: ApiClient, build: dict[str, Any], *, quiet: bool,
         lost += 1
         try:
             for e in api.stream(f"/api/v1/builds/{build_id}/logs", follow="true", after=after):
+                lost = 0  # the API answers: losses count again from here
                 kind = e["event"]
                 if kind == "build" and not quiet:
                     b = e["build"]
@@ -149,8 +150,7 @@ def _follow(api: ApiClient, build: dict[str, Any], *, quiet: bool,
                     st = e["step"]
                     _say(f"  step {st['number']} {st['name']}: {st['status']}")
                 elif kind == "log":
-                    if e["id"] > after:  # progress: the count of losses starts again
-                        after, lost = e["id"], 0
+                    after = max(after, e["id"])
                     if live_logs and not quiet:
                         for line in e["text"].splitlines():
                             _say(f"[{e['step']}] {line}")

@@ -565,6 +565,7 @@ class Scheduler:
         for build in await self.store.list_builds(status=[BuildStatus.RUNNING], worker=hostname,
                                                   limit=10_000):
             if build.id in running:
+                self._started_unrecorded.discard(build.id)
                 self.registry.assign(hostname, build.id)
                 if build.started_at is None and build.id not in self._starting:
                     # Its start came with a receipt the previous Scheduler did not record.
@@ -635,6 +636,7 @@ class Scheduler:
                 continue  # dispatched (or requeued) meanwhile: cancel from its new state
         if build_id in self._dispatching:
             self._canceled.add(build_id)  # its package, if not sent yet, never is
+        self._started_unrecorded.discard(build_id)
         self.metrics.build_finished(BuildStatus.CANCELED.value)
         if status is BuildStatus.RUNNING and build.worker:
             await self._stop_on_worker(build.worker, build_id)
