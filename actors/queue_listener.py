@@ -28,6 +28,7 @@ class QueueListenerActor:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._listener: Listener | None = None
+        self._starting = "starting"  # why it has not started yet, for status()
         self._stop = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -44,7 +45,8 @@ class QueueListenerActor:
                 ctx = ServerContext.open(self._settings)
                 self._listener = await ctx.listener(ctx.queue(), RayDispatcher(handle))
             except Exception as e:  # noqa: BLE001 - keep trying; status() says why
-                log.warning("queue listener cannot start yet: %s", e)
+                self._starting = f"cannot start yet: {type(e).__name__}: {e}"
+                log.warning("queue listener %s", self._starting)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if self._listener is not None:
@@ -67,7 +69,7 @@ class QueueListenerActor:
 
     async def status(self) -> dict[str, Any]:
         if self._listener is None:
-            return {"healthy": False, "last_error": "starting"}
+            return {"healthy": False, "last_error": self._starting}
         return self._listener.status()
 
     async def stop(self) -> None:

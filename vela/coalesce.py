@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -104,6 +105,11 @@ async def answer_each(requests: object, one: Callable[[Any], Awaitable[T]], *,
         try:
             return await one(request)
         except VelaError as e:
+            try:  # it must cross back whole: one that cannot would sink the batch's answer
+                pickle.loads(pickle.dumps(e))  # noqa: S301 - our own object, just made
+            except Exception:  # noqa: BLE001
+                log.error("%s cannot be sent back whole; sending its text", type(e).__name__)
+                return Unavailable(f"{type(e).__name__}: {e}")
             return e
         except Exception as e:  # noqa: BLE001 - answered to its own caller, not the batch
             log.warning("a request failed: %s; its caller may retry", type(e).__name__)

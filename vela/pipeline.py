@@ -75,6 +75,9 @@ class PipelineError(VelaError):
             shown.append(f"... and {len(problems) - MAX_ERRORS_SHOWN} more problems")
         super().__init__("\n".join(shown))
 
+    def __reduce__(self) -> tuple[type[PipelineError], tuple[list[tuple[int | None, str, str]]]]:
+        return type(self), (self.problems,)  # it crosses actor calls (answer_each)
+
 
 def _format_problem(line: int | None, path: str, message: str) -> str:
     prefix = f"line {line}: " if line is not None else ""

@@ -96,3 +96,16 @@ async def test_a_restart_checks_its_route_as_a_create_does(system):
     with pytest.raises(VelaError, match="no longer queues on"):
         await system.scheduler.builds.restart(old)
     assert [b.id for b in await system.store.list_builds()] == [old]
+
+
+async def test_a_build_whose_stored_pipeline_cannot_run_ends_and_others_go_on(system):
+    """A stored executable that no longer parses (an older vela's) was released for ever,
+    taking the builds of its batch down with it (its error did not cross back whole)."""
+    await system.add_worker("w1", build_limit=2)
+    bad = await system.submit(pipeline("true"))
+    good = await system.submit(pipeline("true"))
+    await system.store.set_build_fields(bad, executable='{"version": "0"}')
+    builds = await system.pump([bad, good])
+    assert (builds[good].status, builds[bad].status, builds[bad].reason) == (
+        "success", "error", "invalid_executable")
+    assert "cannot run" in builds[bad].message

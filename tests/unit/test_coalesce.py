@@ -156,3 +156,35 @@ def test_call_counter_turns_totals_into_increments():
     # w2 back with a new client: counted from zero, not against its old totals.
     assert counter.increments({("workers", "w1", "m"): (1, 2), ("workers", "w2", "m"): (1, 1),
                                ("authority", "", "v"): (4, 7)}) == {("workers", "m"): (1, 1)}
+
+
+def test_our_errors_cross_an_actor_call_whole():
+    """A batch's answers are pickled by Ray: an error that cannot be rebuilt from its
+    pickle sank every answer of its batch (PipelineError, QueueItemInvalid did)."""
+    from vela.pipeline import PipelineError
+    from vela.queue.item import InvalidReason, QueueItemInvalid
+
+    problems = [(3, "steps[0].commands", "field required")]
+    back = pickle.loads(pickle.dumps(PipelineError(problems)))
+    assert back.problems == problems and str(back) == "line 3: steps[0].commands: field required"
+    item = pickle.loads(pickle.dumps(QueueItemInvalid(InvalidReason.MALFORMED, "not JSON")))
+    assert (item.reason, item.detail, str(item)) == (
+        InvalidReason.MALFORMED, "not JSON", "queue item refused (malformed): not JSON")
+
+
+async def test_an_error_that_cannot_cross_whole_goes_as_its_text():
+    from vela.errors import VelaError
+
+    class Stubborn(VelaError):
+        def __init__(self, a: int, b: int) -> None:
+            super().__init__(f"{a}+{b}")
+
+    async def one(request: int) -> int:
+        if request == 2:
+            raise Stubborn(1, 2)
+        return request
+
+    answers = await answer_each([1, 2, 3], one)
+    pickle.loads(pickle.dumps(answers))  # the batch's answer crosses whole
+    assert answers[0] == 1 and answers[2] == 3
+    assert isinstance(answers[1], Unavailable) and "Stubborn: 1+2" in str(answers[1])

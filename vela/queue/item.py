@@ -58,6 +58,10 @@ class QueueItemInvalid(VelaError):
     def __init__(self, reason: InvalidReason, message: str) -> None:
         super().__init__(f"queue item refused ({reason}): {message}")
         self.reason = reason
+        self.detail = message
+
+    def __reduce__(self) -> tuple[type[QueueItemInvalid], tuple[InvalidReason, str]]:
+        return type(self), (self.reason, self.detail)
 
 
 class QueueItem(BaseModel):

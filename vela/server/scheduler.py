@@ -39,6 +39,7 @@ from vela.domain import MAX_BACKLOG, BuildStatus, WorkerStatus
 from vela.errors import Conflict, NotFound, WorkerGone
 from vela.legacy.modes import check_queueless_routes
 from vela.metrics import CallCounter, Metrics
+from vela.pipeline import PipelineError
 from vela.queue.item import QueueItem
 from vela.queue.listener import Capacity, Outcome, SubmitResult, submit_each
 from vela.queue.listener import Rejected as ItemRejected
@@ -59,13 +60,14 @@ from vela.security import (
 from vela.security.challenge import Challenge
 from vela.server.authority import IssuedPackage
 from vela.server.builds import BuildQueue
-from vela.server.reports import ReportWriter, parse_batch
+from vela.server.reports import MAX_MESSAGE_CHARS, ReportWriter, parse_batch
 
 log = logging.getLogger(__name__)
 
 WORKER_LOST = "worker_lost"
 CANCELED_BY_USER = "canceled"
 DEADLINE_EXCEEDED = "deadline_exceeded"
+INVALID_EXECUTABLE = "invalid_executable"  # as the worker says of one it cannot read
 # How often the watch loop looks for builds past their deadline (end_overdue).
 OVERDUE_CHECK_S = 15.0
 # How many times a build's start is signed afresh when its proof went stale or was
@@ -277,7 +279,13 @@ class Scheduler:
             if free <= 0:
                 self._refused(hostname, "no_free_slot")
                 return None
-            issued = await self.authority.issue_package(build.id, hostname)
+            try:
+                issued = await self.authority.issue_package(build.id, hostname)
+            except PipelineError as e:
+                # Its stored executable does not parse (an older vela's, say): it can never
+                # run, here or anywhere; released, it would come back for ever.
+                await self._end_unrunnable(build.id, str(e))
+                return Outcome.NOT_PENDING
             # Should the write fail, its commit may have landed all the same (its answer
             # lost): it is undone below, guarded by this token's id (nothing else is).
             recorded = issued
@@ -358,6 +366,16 @@ class Scheduler:
                 # finds the build missing on the worker and queues it again (_reconcile).
             if started is not None:
                 self._opened(build.id, started)
+
+    async def _end_unrunnable(self, build_id: int, why: str) -> None:
+        try:
+            await self.store.transition_build(
+                build_id, BuildStatus.PENDING, BuildStatus.ERROR, reason=INVALID_EXECUTABLE,
+                message=f"its pipeline as stored cannot run: {why}"[:MAX_MESSAGE_CHARS])
+        except Conflict:
+            return
+        self.metrics.build_finished(BuildStatus.ERROR.value)
+        log.error("build %d ended: its stored executable does not parse", build_id)
 
     async def _settle_lost_dispatch(self, build_id: int, hostname: str, *,
                                     started: bool) -> None:
