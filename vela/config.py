@@ -343,8 +343,10 @@ def shown_url(text: str) -> str:
         return REDACTED
     userinfo, at, host = rest.rpartition("@")
     user, colon, _ = userinfo.partition(":")
-    if any(c in user for c in "/?#"):
-        return REDACTED  # that "@" is in the path or query: which part is secret is unclear
+    if any(c in user for c in "/?#") or "?" in userinfo:
+        # That "@" is in the path or query (a port looks like a password): which part
+        # is secret is unclear.
+        return REDACTED
     host, query, _ = host.partition("?")
     shown = host.partition("#")[0] + ("?***" if query else "")
     if at:

@@ -397,9 +397,10 @@ def _environment_as_text(root: yaml.Node) -> None:
     an alias of the same scalar elsewhere, a ``timeout`` say, keeps its type). Each node
     is visited once, so nested aliases cannot make the walk explode."""
     seen: set[int] = set()
+    done: set[int] = set()  # apart: a mapping seen as a step's may be an environment too
     for step in _sequence_items(_entries(root, "steps", seen)):
         for env in _entries(step, "environment", seen):
-            for mapping in _merged(env, seen):
+            for mapping in _merged(env, done):
                 mapping.value = [(_as_text(k), _as_text(v)) for k, v in mapping.value]
 
 

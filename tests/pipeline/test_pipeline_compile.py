@@ -236,6 +236,12 @@ def test_an_alias_in_the_environment_leaves_its_other_uses_typed(value, seconds)
     assert (step.timeout, step.environment) == (seconds, {"T": value})
 
 
+def test_an_environment_first_met_as_a_step_template_is_text_too():
+    text = ("version: 1\nsteps:\n  - <<: &t {timeout: 1.10}\n    name: a\n"
+            "    commands: [x]\n  - name: b\n    commands: [x]\n    environment: *t\n")
+    assert compile_pipeline(text).steps[1].environment == {"timeout": "1.10"}
+
+
 def test_more_variables_than_the_sandbox_takes_are_refused():
     """bubblewrap takes 9,000 arguments, three per variable: 3,000 compiled, then every
     step failed to start."""

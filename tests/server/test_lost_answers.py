@@ -301,3 +301,30 @@ async def test_a_receipt_from_a_lost_worker_is_settled_later_if_the_database_fai
     # It had started there (its receipt said so): it ends, it is not run again.
     assert (builds[build_id].status, builds[build_id].reason) == ("error", WORKER_LOST)
     assert not system.scheduler._started_unrecorded and not system.scheduler._unsettled
+
+
+async def test_the_started_mark_survives_an_adoption_the_database_refuses(system,
+                                                                          monkeypatch):
+    """A build started on w1 with no start recorded (marked so); w1 comes back naming it,
+    but writing its start fails: lost for good after that, it must end, not run again."""
+    from sqlalchemy.exc import OperationalError
+
+    await system.add_worker("w1")
+    build_id = await system.submit(pipeline("echo started", "sleep 30"))
+    await system.pump([build_id], until=lambda b: b[build_id].started_at is not None)
+    scheduler = system.scheduler
+    await system.store.set_build_fields(build_id, started_at=None)  # not recorded
+    scheduler._started_unrecorded.add(build_id)
+    real = system.store.set_build_fields
+
+    async def refused(*args, **kwargs):
+        raise OperationalError("UPDATE", {}, Exception("connection reset"))
+
+    monkeypatch.setattr(system.store, "set_build_fields", refused)
+    with pytest.raises(OperationalError):
+        await scheduler._adopt("w1", {build_id})
+    monkeypatch.setattr(system.store, "set_build_fields", real)
+    await scheduler._end_lost_build(await system.store.get_build(build_id))
+    build = await system.store.get_build(build_id)
+    assert (build.status, build.reason) == ("error", WORKER_LOST)
+    await system.directory.clients["w1"].core.close()

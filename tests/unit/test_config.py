@@ -91,6 +91,7 @@ def test_secrets_hidden_in_repr_logs_and_show(caplog):
     ("postgresql://vela:8841#hunter2pw@db/vela", "postgresql://vela:***@db/vela"),
     ("redis://cache/0?password=hunter2@pw", REDACTED),  # an "@" in the query
     ("postgresql+asyncpg://vela@db/vela?password=hunter2@pw", REDACTED),
+    ("redis://cache:6379/0?password=hunter2@pw", REDACTED),  # the port is no password
 ])
 def test_urls_shown_without_any_password(url, shown):
     s = load_settings(environ={"VELA_QUEUE_REDIS_URL": url})

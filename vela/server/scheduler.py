@@ -583,11 +583,11 @@ class Scheduler:
         for build in await self.store.list_builds(status=[BuildStatus.RUNNING], worker=hostname,
                                                   limit=10_000):
             if build.id in running:
-                self._started_unrecorded.discard(build.id)
                 self.registry.assign(hostname, build.id)
                 if build.started_at is None and build.id not in self._starting:
                     # Its start came with a receipt the previous Scheduler did not record.
                     await self.store.set_build_fields(build.id, started_at=self._now())
+                self._started_unrecorded.discard(build.id)  # recorded (or was) by now
             elif build.id not in self._dispatching:
                 await self._end_lost_build(build)
 
