@@ -64,3 +64,25 @@ def test_a_worker_that_cannot_start_is_a_one_line_error(settings, build_limit, s
         assert cause in str(e.value) and "\n" not in str(e.value)
     finally:
         stop_all(settings.ray.namespace)
+
+
+def test_a_listener_that_cannot_start_says_why_in_its_status(settings):
+    """It keeps trying (the Scheduler may come later); its status said only "starting"."""
+    import ray
+
+    from actors._ray import LISTENER
+    from actors.deploy import _options, stop_all
+    from actors.queue_listener import QueueListenerActor
+    from tests.ray.conftest import wait_until
+
+    listener = QueueListenerActor.options(**_options(LISTENER, settings.ray.namespace)).remote(
+        settings)  # no Scheduler in this namespace
+    try:
+        status = wait_until(lambda: (s := ray.get(listener.status.remote(), timeout=30))
+                            ["last_error"] != "starting" and s, timeout_s=60,
+                            what="the listener to say why it cannot start")
+        assert status["healthy"] is False
+        assert status["last_error"] == ("cannot start yet: RuntimeError: the Scheduler actor "
+                                        "is not running yet")
+    finally:
+        stop_all(settings.ray.namespace)
