@@ -91,15 +91,11 @@ def start_worker(settings: Settings, *, hostname: str, routes: list[str], build_
     this driver's node); wait until it registered. Returns the handle and its status,
     whose ``replaced`` says why a worker of that name was replaced (None: it was not).
     A worker that cannot start is a :class:`VelaError` saying why."""
-    name, state = worker_actor_name(hostname), str(state_dir.resolve())
-    replaced = _make_way(name, settings.ray.namespace, launch_spec(
-        settings, hostname=hostname, routes=routes, build_limit=build_limit, state_dir=state))
-    handle = _pinned(WorkerActor, name, settings, node_id, max_restarts).remote(
+    return _start_worker_actor(
+        WorkerActor, worker_actor_name(hostname), "wait_registered", f"worker {hostname}",
         settings, hostname=hostname, routes=routes, build_limit=build_limit,
-        state_dir=state, registration_token=registration_token)
-    status = _started(handle.wait_registered.remote(timeout_s), timeout_s + 30,
-                      f"worker {hostname}")
-    return handle, {**status, "replaced": replaced}
+        state_dir=state_dir, node_id=node_id, max_restarts=max_restarts,
+        timeout_s=timeout_s, registration_token=registration_token)
 
 
 def start_legacy_worker(settings: Settings, *, hostname: str, routes: list[str],
@@ -110,14 +106,26 @@ def start_legacy_worker(settings: Settings, *, hostname: str, routes: list[str],
     (default: this driver's node); wait until the legacy gateway accepted it (its
     status says ``registered``; else ``error`` says why). ``replaced`` as for
     :func:`start_worker`."""
-    name, state = legacy_worker_actor_name(hostname), str(state_dir.resolve())
+    return _start_worker_actor(
+        LegacyWorkerActor, legacy_worker_actor_name(hostname), "wait_connected",
+        f"legacy worker {hostname}", settings, hostname=hostname, routes=routes,
+        build_limit=build_limit, state_dir=state_dir, node_id=node_id,
+        max_restarts=max_restarts, timeout_s=timeout_s, worker_secret=worker_secret)
+
+
+def _start_worker_actor(cls: Any, name: str, wait: str, what: str, settings: Settings, *,
+                        hostname: str, routes: list[str], build_limit: int, state_dir: Path,
+                        node_id: str | None, max_restarts: int, timeout_s: float,
+                        **credential: Any) -> tuple[Any, dict[str, Any]]:
+    """Either kind of worker actor: make way for it, start it pinned, and wait with its
+    ``wait`` method; ``credential`` (its token or secret) goes to its constructor only."""
+    state = str(state_dir.resolve())
     replaced = _make_way(name, settings.ray.namespace, launch_spec(
         settings, hostname=hostname, routes=routes, build_limit=build_limit, state_dir=state))
-    handle = _pinned(LegacyWorkerActor, name, settings, node_id, max_restarts).remote(
+    handle = _pinned(cls, name, settings, node_id, max_restarts).remote(
         settings, hostname=hostname, routes=routes, build_limit=build_limit,
-        state_dir=state, worker_secret=worker_secret)
-    status = _started(handle.wait_connected.remote(timeout_s), timeout_s + 30,
-                      f"legacy worker {hostname}")
+        state_dir=state, **credential)
+    status = _started(getattr(handle, wait).remote(timeout_s), timeout_s + 30, what)
     return handle, {**status, "replaced": replaced}
 
 

@@ -328,9 +328,8 @@ def _absolute_sqlite_url(url: str, base: Path) -> str:
 
 
 def _mask_secret(value: SecretStr) -> str:
-    """URLs shown as :func:`shown_url`; other secrets vanish."""
-    text = value.get_secret_value()
-    return shown_url(text) if "://" in text else REDACTED
+    """URLs shown as :func:`shown_url`; other secrets vanish (it hides what is no URL)."""
+    return shown_url(value.get_secret_value())
 
 
 def shown_url(text: str) -> str:
@@ -343,7 +342,7 @@ def shown_url(text: str) -> str:
         return REDACTED
     userinfo, at, host = rest.rpartition("@")
     user, colon, _ = userinfo.partition(":")
-    if any(c in user for c in "/?#") or "?" in userinfo:
+    if any(c in user for c in "/#") or "?" in userinfo:
         # That "@" is in the path or query (a port looks like a password): which part
         # is secret is unclear.
         return REDACTED

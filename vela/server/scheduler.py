@@ -60,7 +60,7 @@ from vela.security import (
 from vela.security.challenge import Challenge
 from vela.server.authority import IssuedPackage
 from vela.server.builds import BuildQueue
-from vela.server.reports import MAX_MESSAGE_CHARS, ReportWriter, parse_batch
+from vela.server.reports import MAX_MESSAGE_CHARS, ReportWriter, parse_batch, storable
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class Scheduler:
         try:
             await self.store.transition_build(
                 build_id, BuildStatus.PENDING, BuildStatus.ERROR, reason=INVALID_EXECUTABLE,
-                message=f"its pipeline as stored cannot run: {why}"[:MAX_MESSAGE_CHARS])
+                message=storable(f"its pipeline as stored cannot run: {why}", MAX_MESSAGE_CHARS))
         except Conflict:
             return
         self.metrics.build_finished(BuildStatus.ERROR.value)
