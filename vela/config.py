@@ -263,7 +263,7 @@ def load_settings(path: str | Path | None = None,
     data: dict[str, Any] = {}
     origin: dict[str, str] = {}
     if path:
-        p = Path(path)
+        p = _home_expanded(Path(path), "the configuration file")
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -296,7 +296,8 @@ def load_settings(path: str | Path | None = None,
 def absolute_paths(settings: Settings, base: Path) -> Settings:
     """Make every relative path of ``settings`` absolute against ``base`` (the
     directory the command runs in), in place: every ``Path`` setting and a SQLite
-    database URL. Returns ``settings``.
+    database URL. A leading ``~`` or ``~user`` is that home directory, as in a shell.
+    Returns ``settings``.
 
     The actors get these settings and run in the Ray node's working directory, not
     ours: a relative path would name another database, master key or worker state
@@ -305,12 +306,24 @@ def absolute_paths(settings: Settings, base: Path) -> Settings:
         model = getattr(settings, section)
         for name in type(model).model_fields:
             value = getattr(model, name)
-            if isinstance(value, Path) and not value.is_absolute():
-                setattr(model, name, base / value)
+            if isinstance(value, Path):
+                value = _home_expanded(value, f"{section}.{name}")
+                if not value.is_absolute():
+                    value = base / value
+                setattr(model, name, value)
     url = settings.database.url
     if url is not None and url.get_secret_value().startswith("sqlite"):
         settings.database.url = SecretStr(_absolute_sqlite_url(url.get_secret_value(), base))
     return settings
+
+
+def _home_expanded(path: Path, what: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` replaced by that home directory."""
+    try:
+        return path.expanduser()
+    except RuntimeError:  # no $HOME and no password entry, or no such user
+        raise ConfigError(f"{what}: {path}: cannot find the home directory that "
+                          f"{path.parts[0]} names; give an absolute path") from None
 
 
 def _absolute_sqlite_url(url: str, base: Path) -> str:
@@ -322,9 +335,12 @@ def _absolute_sqlite_url(url: str, base: Path) -> str:
         return url
     db = parsed.database or ""
     # In memory, or a "file:" URI (uri=true): nothing to resolve.
-    if db in ("", ":memory:") or db.startswith("file:") or Path(db).is_absolute():
+    if db in ("", ":memory:") or db.startswith("file:"):
         return url
-    return parsed.set(database=str(base / db)).render_as_string(hide_password=False)
+    path = _home_expanded(Path(db), "database.url")
+    if str(path) == db and path.is_absolute():
+        return url
+    return parsed.set(database=str(base / path)).render_as_string(hide_password=False)
 
 
 def _mask_secret(value: SecretStr) -> str:

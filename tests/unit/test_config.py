@@ -175,3 +175,30 @@ def test_a_relative_sqlite_url_is_made_absolute(tmp_path, url, expected):
 
     s = absolute_paths(Settings.model_validate({"database": {"url": url}}), tmp_path)
     assert s.database_url() == expected.format(base=tmp_path)
+
+
+def test_a_tilde_in_a_path_setting_is_the_home_directory(tmp_path, monkeypatch):
+    """`~/vela` in a file or variable names the user's home, as in a shell; never a
+    directory called `~` below where the command runs."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    cfg = home / "vela.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('[server]\ndata_dir = "~/vela"\n[api]\ncredentials_file = "~/c.json"\n')
+    s = load_settings("~/vela.toml",
+                      environ={"VELA_WORKER_STATE_DIR": "~/vela/worker",
+                               "VELA_DATABASE_URL": "sqlite+aiosqlite:///~/db/v.db"})
+    assert s.server.data_dir == home / "vela"
+    assert s.api.credentials_file == home / "c.json"
+    assert s.worker.state_dir == home / "vela" / "worker"
+    assert s.database_url() == f"sqlite+aiosqlite:///{home / 'db' / 'v.db'}"
+    assert load_settings(environ={"VELA_CONFIG": "~/vela.toml"}).server.data_dir == home / "vela"
+    default_db = load_settings(environ={"VELA_SERVER_DATA_DIR": "~/d"}).database_url()
+    assert default_db == f"sqlite+aiosqlite:///{home / 'd' / 'vela.db'}"
+
+
+def test_a_tilde_naming_no_home_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"worker\.state_dir: ~no-such-user-vela/w: cannot "
+                                          "find the home directory"):
+        load_settings(environ={"VELA_WORKER_STATE_DIR": "~no-such-user-vela/w"})
