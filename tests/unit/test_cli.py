@@ -288,6 +288,30 @@ def test_out_of_range_numbers_are_refused_before_anything_starts(env, monkeypatc
     assert args[1] in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize(("args", "option"), [
+    (["build", "run", "{pipeline}", "--repo", "a/b", "--wait", "-5"], "--wait"),
+    (["build", "run", "{pipeline}", "--repo", "a/b", "--wait", "0"], "--wait"),
+    (["build", "run", "{pipeline}", "--repo", "a/b", "--wait", "nan"], "--wait"),
+    (["build", "logs", "7", "--step", "-1"], "--step"),
+])
+def test_out_of_range_waits_and_steps_are_refused_before_anything_is_asked(
+        env, monkeypatch, tmp_path, args, option):
+    """Not a build given up on at once, or a request the API refuses: the option is
+    named, exit 2, and neither Ray nor the API is called."""
+    from vela.cli import client_cmd, serve_cmd
+
+    def never(*a, **kw):
+        raise AssertionError("nothing may be asked")
+
+    pipeline = tmp_path / "p.yml"
+    pipeline.write_text("steps: []\n")
+    monkeypatch.setattr(serve_cmd, "_connect", never)
+    monkeypatch.setattr(client_cmd, "_client", never)
+    r = invoke([a.format(pipeline=pipeline) for a in args], env)
+    assert r.exit_code == 2, r.output
+    assert option in r.output and "Traceback" not in r.output
+
+
 def test_the_dashboard_and_address_printed_are_the_clusters_own(env, monkeypatch):
     """With ray.address = "auto" there is no host in the setting: what `vela serve`
     prints comes from Ray once connected."""

@@ -271,7 +271,7 @@ def build_show(build_id: int = typer.Argument(..., help="Build id."),
 @command
 def build_logs(
     build_id: int = typer.Argument(..., help="Build id."),
-    step: int = typer.Option(0, "--step", help="Only this step's log."),
+    step: int = typer.Option(0, "--step", min=0, help="Only this step's log."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the build ends; "
                                 "exit 0 only on success."),
     as_json: bool = JSON_OPTION,

@@ -512,6 +512,13 @@ def _parse_secret(text: str) -> tuple[str, str]:
     return name.strip(), value
 
 
+def _positive_seconds(value: float) -> float:
+    # typer's min= admits its bound, and waiting 0 s gives a build up before it starts.
+    if not value > 0:  # NaN too
+        raise typer.BadParameter(f"{value:g} is not a positive number of seconds")
+    return value
+
+
 @build_app.command("run")
 @command
 def build_run(
@@ -523,7 +530,8 @@ def build_run(
     route: str = typer.Option("", "--route", help="Queue route (default: the first of "
                               "queue.routes)."),
     as_json: bool = typer.Option(False, "--json", help="Print the finished build as JSON."),
-    wait_s: float = typer.Option(3600.0, "--wait", help="Give up waiting after this long."),
+    wait_s: float = typer.Option(3600.0, "--wait", callback=_positive_seconds,
+                                 help="Give up waiting after this many seconds."),
 ) -> None:
     """Create a build from FILE, wait for it, print steps and logs; exit 0 on success."""
     import ray
