@@ -29,6 +29,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors._ray import API, SCHEDULER, actor_error_cause, get_actor
+from actors._started import StartedWith
 from vela.api.errors import ApiError, Code
 from vela.config import Settings
 from vela.errors import VelaError
@@ -86,7 +87,7 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-class ApiServerActor:
+class ApiServerActor(StartedWith):
     """uvicorn on a thread of its own, on a socket bound before the constructor returns:
     once Ray reports the actor ready, connections queue on the socket. If the server
     stops by itself the process exits and Ray restarts the actor (``max_restarts=-1``)."""

@@ -2,20 +2,23 @@
 `vela stop` do once connected to Ray. Creation is idempotent (named, detached,
 ``get_if_exists``), so running it twice changes nothing — except for a worker that
 did not register or was started with other arguments, which a new start replaces
-(:mod:`vela.worker.launch`)."""
+(:mod:`vela.worker.launch`), and control actors started with other settings, which
+make the new start refuse (:func:`check_control_plane`)."""
 
 from __future__ import annotations
 
+import secrets
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors._ray import (
+    API,
     AUTHORITY,
     LEGACY_GATEWAY,
     LISTENER,
@@ -34,6 +37,7 @@ from actors.token_authority import TokenAuthorityActor
 from actors.worker import WorkerActor
 from vela.config import Settings
 from vela.errors import VelaError
+from vela.launch import reuse_refusal, started_with
 from vela.worker.launch import launch_spec, replace_reason
 
 CONTROL = ((AUTHORITY, TokenAuthorityActor), (SCHEDULER, SchedulerActor),
@@ -47,15 +51,49 @@ def _options(name: str, namespace: str) -> dict[str, Any]:
 
 def start_control_plane(settings: Settings, *, timeout_s: float = 120.0) -> dict[str, Any]:
     """TokenAuthority, Scheduler, QueueListener — and the LegacyGateway only if some
-    route is in legacy queue mode — started together and confirmed ready."""
+    route is in legacy queue mode — started together and confirmed ready; a
+    :class:`VelaError` if control actors already run with other settings."""
+    check_control_plane(settings)
     handles = create_control_plane(settings)
     wait_control_plane(handles, timeout_s=timeout_s)
     return handles
 
 
+def check_control_plane(settings: Settings, *, timeout_s: float = 30.0) -> None:
+    """Before creating any actor: refuse (:class:`VelaError`, naming the settings) if
+    the control actors or the API already running in this namespace were started with
+    other settings, or cannot say (:func:`vela.launch.reuse_refusal`). ``get_if_exists``
+    would hand them back as they are, serving their own database. One dead for good
+    counts as absent: its name is free and creating makes a new one."""
+    ns = settings.ray.namespace
+    salt = secrets.token_hex(16)  # a fresh key per check: no digest is worth collecting
+    asked: dict[str, Any] = {}
+    running: dict[str, dict[str, str] | None] = {}
+    for name in (API, *(n for n, _ in CONTROL), LEGACY_GATEWAY):
+        handle = get_actor(name, ns)
+        if handle is None:
+            continue
+        try:
+            asked[name] = handle.started_with.remote(salt)
+        except AttributeError:  # an actor of a vela that cannot say
+            running[name] = {}
+    deadline = time.monotonic() + timeout_s
+    for name, ref in asked.items():
+        try:
+            running[name] = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0))
+        except (ActorUnavailableError, GetTimeoutError):
+            running[name] = None  # restarting or stuck
+        except RayActorError:
+            pass  # dead for good
+    refusal = reuse_refusal(running, started_with(settings, salt))
+    if refusal is not None:
+        raise VelaError(refusal)
+
+
 def create_control_plane(settings: Settings) -> dict[str, Any]:
     """Create (or find) the control actors without waiting for them: each finds the
-    others by name, which Ray registers as the actor is created."""
+    others by name, which Ray registers as the actor is created. Call
+    :func:`check_control_plane` first: found ones are returned as they run."""
     ns = settings.ray.namespace
     control: list[tuple[str, Any]] = list(CONTROL)
     if settings.queue.legacy_route_names():

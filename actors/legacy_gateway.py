@@ -14,13 +14,14 @@ from typing import Any
 import ray
 
 from actors._metrics import RayMetrics
+from actors._started import StartedWith
 from vela.config import Settings
 from vela.legacy.gateway import LegacyGateway
 from vela.server.context import ServerContext
 
 
 @ray.remote
-class LegacyGatewayActor:
+class LegacyGatewayActor(StartedWith):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._gateway: LegacyGateway | None = None

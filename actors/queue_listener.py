@@ -15,6 +15,7 @@ import ray
 
 from actors._metrics import RayMetrics
 from actors._ray import SCHEDULER, RayDispatcher, get_actor
+from actors._started import StartedWith
 from vela.config import Settings
 from vela.queue.listener import Listener
 from vela.server.context import ServerContext
@@ -24,7 +25,7 @@ DEPTH_PERIOD_S = 5.0
 
 
 @ray.remote
-class QueueListenerActor:
+class QueueListenerActor(StartedWith):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._listener: Listener | None = None

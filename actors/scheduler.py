@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from actors._started import StartedWith
+
 if TYPE_CHECKING:
     from vela.api.backend import ServerBackend
     from vela.config import Settings
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 @ray.remote
-class SchedulerActor:
+class SchedulerActor(StartedWith):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._core: Scheduler | None = None

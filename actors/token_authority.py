@@ -7,6 +7,7 @@ from typing import Any
 
 import ray
 
+from actors._started import StartedWith
 from vela.config import Settings
 from vela.security import BuildClaims
 from vela.server.authority import Authority, IssuedPackage
@@ -14,7 +15,7 @@ from vela.server.context import ServerContext
 
 
 @ray.remote
-class TokenAuthorityActor:
+class TokenAuthorityActor(StartedWith):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._authority: Authority | None = None

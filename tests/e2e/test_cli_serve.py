@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def env(tmp_path):
     return e
 
 
-def test_serve_build_run_stop(env):
+def test_serve_build_run_stop(env, tmp_path):
     up = vela("serve", "--detach", env=env)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -83,6 +84,16 @@ def test_serve_build_run_stop(env):
         again = vela("serve", "--detach", env=env)  # idempotent
         assert again.returncode == 0, again.stderr
         assert "replaced" not in again.stderr  # its registered workers are kept
+        # With other settings it refuses, naming them, and leaves the server running.
+        other_db = f"sqlite+aiosqlite:///{tmp_path / 'other.db'}"
+        other = vela("serve", "--detach", env={**env, "VELA_DATABASE_URL": other_db})
+        said = " ".join(other.stderr.split())  # as one line, however the terminal wraps
+        assert other.returncode == 1, other.stdout + other.stderr
+        assert "other settings (database.url)" in said and "`vela stop`" in said
+        assert "other.db" not in other.stdout + said
+        # Its admin credential is made only for a server that runs (it is shown once).
+        with sqlite3.connect(tmp_path / "other.db") as db:
+            assert db.execute("SELECT count(*) FROM api_credentials").fetchone() == (0,)
         # A second `vela serve` that cannot reach its database fails alone: the server
         # already running keeps its actors and still runs builds.
         unreachable = {**env, "VELA_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/x"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.ray.conftest import run_build, view
+from tests.server.conftest import HELLO
 from vela.errors import VelaError
 
 pytestmark = pytest.mark.ray
@@ -86,3 +88,39 @@ def test_a_listener_that_cannot_start_says_why_in_its_status(settings):
                                         "is not running yet")
     finally:
         stop_all(settings.ray.namespace)
+
+
+def test_a_second_start_reuses_a_server_started_alike_and_refuses_one_started_otherwise(
+        settings, server):
+    """`vela serve` finds the control actors of a server already running. With the same
+    settings it gets them back; with another database it refuses, naming the settings
+    (never their values), and the running actors keep serving their own database."""
+    import os
+
+    import ray
+    from pydantic import SecretStr
+
+    from actors.deploy import start_control_plane
+
+    password = "Pa55-not-shown"
+
+    def pids(handles):
+        return {name: ray.get(h.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+                for name, h in handles.items()}
+
+    before = pids(server)
+    again = start_control_plane(settings.model_copy(deep=True))
+    assert pids(again) == before
+
+    other = settings.model_copy(deep=True)
+    other.database.url = SecretStr(f"postgresql+asyncpg://vela:{password}@127.0.0.1:1/other")
+    other.scheduler.dispatch_batch = 3
+    with pytest.raises(VelaError) as refused:
+        start_control_plane(other)
+    reason = str(refused.value)
+    assert "database.url" in reason and "scheduler.dispatch_batch" in reason
+    assert "`vela stop`" in reason and "\n" not in reason
+    assert password not in reason and "127.0.0.1:1" not in reason
+    assert pids(server) == before
+    build = run_build(server, HELLO)  # in its own database, which the new one is not
+    assert view(server, build)["status"] == "pending"

@@ -281,7 +281,11 @@ def serve(
                                 help="Return once everything is up; stop with `vela stop`."),
 ) -> None:
     """Start the server (TokenAuthority, Scheduler, QueueListener), local workers and the
-    HTTP API."""
+    HTTP API.
+
+    Run again with the same settings, it keeps the server running; with other settings
+    (another config, database, directory...) it refuses, naming them: `vela stop` first.
+    """
     s = state.settings
     n_workers = local_workers if local_workers is not None else (0 if s.ray.address else 2)
     _check_modes(s, serve=True, routes=list(s.worker.routes) if n_workers else [])
@@ -305,11 +309,17 @@ def serve(
 def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
                       ) -> tuple[Connection, str | None]:
     """Migrate the database (in a thread) while connecting to Ray; a database that is
-    not ready stops everything before any actor exists. Returns the connection, and the
-    admin credential if this boot created it."""
+    not ready, or control actors already running with other settings, stop everything
+    before any actor exists. Returns the connection, and the admin credential if this
+    boot created it."""
     from vela.server.context import ServerContext
 
+    # The admin credential is shown once: made only when this run goes on to serve.
+    serving: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
     async def boot() -> str | None:
+        import asyncio
+
         from sqlalchemy.exc import DBAPIError
 
         from vela.api.auth import ensure_admin_credential
@@ -317,6 +327,8 @@ def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
         ctx = ServerContext.open(s)
         try:
             await ctx.bootstrap()
+            if not await asyncio.wrap_future(serving):
+                return None
             return await ensure_admin_credential(ctx.store)
         except (OSError, DBAPIError) as e:
             url = shown_url(s.database_url())
@@ -326,14 +338,22 @@ def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
         finally:
             await ctx.close()
 
+    refused: VelaError | None = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         booted = pool.submit(run, boot())
         try:
             # The actors' modules (and Ray) load while the head starts: ~0.7 s here.
-            import actors.api
-            import actors.deploy  # noqa: F401
+            import actors.api  # noqa: F401
+            from actors.deploy import check_control_plane
             conn = _connect(s, head=head)
+            try:
+                check_control_plane(s)
+            except VelaError as e:
+                refused = e
+            serving.set_result(refused is None)
         finally:
+            if not serving.done():
+                serving.set_result(False)
             error = booted.exception()
         if error is not None:
             # Nothing of this run exists yet; actors that do belong to a server already
@@ -345,6 +365,8 @@ def _boot_and_connect(s: Settings, head: subprocess.Popen[str] | None
                     ray.shutdown()
                     _stop_local_head(s)
             raise error
+        if refused is not None:
+            raise refused
     return conn, booted.result()
 
 

@@ -5,13 +5,16 @@ Worker actors are named and detached, so a start finds the one already running. 
 one is kept only if it registered and was started with the same arguments; one whose
 registration failed (no or a wrong token, a wrong worker secret) would otherwise keep
 failing with its old arguments and hide the new ones. Plain code: ``actors/deploy.py``
-asks the running actor for its status and acts on :func:`replace_reason`.
+asks the running actor for its status and acts on :func:`replace_reason`. (The control
+actors are compared in :mod:`vela.launch`, and never replaced.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from vela.launch import changed_keys
 
 if TYPE_CHECKING:
     from vela.config import Settings
@@ -45,7 +48,7 @@ def replace_reason(status: Mapping[str, Any] | None, spec: Mapping[str, Any]) ->
     if not theirs:
         return "it does not say what it was started with (another vela version)"
     changed = [f"{key} {theirs.get(key)!r}, not {spec.get(key)!r}"
-               for key in sorted(spec.keys() | theirs.keys()) if theirs.get(key) != spec.get(key)]
+               for key in changed_keys(theirs, spec)]
     if changed:
         return f"it was started with other settings: {'; '.join(changed)}"
     return None
