@@ -38,7 +38,7 @@ from actors.worker import WorkerActor
 from vela.config import Settings
 from vela.errors import VelaError
 from vela.launch import reuse_refusal, started_with
-from vela.worker.launch import launch_spec, replace_reason
+from vela.worker.launch import launch_spec, replace_reason, worker_settings
 
 CONTROL = ((AUTHORITY, TokenAuthorityActor), (SCHEDULER, SchedulerActor),
            (LISTENER, QueueListenerActor))
@@ -131,7 +131,7 @@ def start_worker(settings: Settings, *, hostname: str, routes: list[str], build_
     A worker that cannot start is a :class:`VelaError` saying why."""
     return _start_worker_actor(
         WorkerActor, worker_actor_name(hostname), "wait_registered", f"worker {hostname}",
-        settings, hostname=hostname, routes=routes, build_limit=build_limit,
+        worker_settings(settings), hostname=hostname, routes=routes, build_limit=build_limit,
         state_dir=state_dir, node_id=node_id, max_restarts=max_restarts,
         timeout_s=timeout_s, registration_token=registration_token)
 
@@ -146,9 +146,10 @@ def start_legacy_worker(settings: Settings, *, hostname: str, routes: list[str],
     :func:`start_worker`."""
     return _start_worker_actor(
         LegacyWorkerActor, legacy_worker_actor_name(hostname), "wait_connected",
-        f"legacy worker {hostname}", settings, hostname=hostname, routes=routes,
-        build_limit=build_limit, state_dir=state_dir, node_id=node_id,
-        max_restarts=max_restarts, timeout_s=timeout_s, worker_secret=worker_secret)
+        f"legacy worker {hostname}", worker_settings(settings, legacy=True),
+        hostname=hostname, routes=routes, build_limit=build_limit, state_dir=state_dir,
+        node_id=node_id, max_restarts=max_restarts, timeout_s=timeout_s,
+        worker_secret=worker_secret)
 
 
 def _start_worker_actor(cls: Any, name: str, wait: str, what: str, settings: Settings, *,

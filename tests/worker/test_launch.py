@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vela.config import Settings
-from vela.worker.launch import launch_spec, replace_reason
+from vela.worker.launch import launch_spec, replace_reason, worker_settings
 
 
 def spec(settings: Settings | None = None, **kw):
@@ -59,3 +59,63 @@ def test_other_arguments_or_settings_replace_it_and_say_which():
 def test_a_worker_that_does_not_answer_or_says_nothing_of_its_start_is_replaced():
     assert replace_reason(None, spec()) == "it did not answer"
     assert "another vela version" in replace_reason({"registered": True}, spec())
+
+
+SECRETS = ("master-key-value-0123456789abcdef0123", "db-pass-xyz", "redis-pass-xyz",
+           "legacy-worker-secret-xyz", "registration-token-xyz")
+
+
+def settings_with_secrets() -> Settings:
+    master, db, redis, legacy, token = SECRETS
+    return Settings.model_validate({
+        "server": {"master_key": master, "worker_secret": legacy},
+        "database": {"url": f"postgresql+asyncpg://vela:{db}@db/vela"},
+        "queue": {"redis_url": f"redis://:{redis}@redis:6379/0"},
+        "worker": {"registration_token": token, "worker_secret": legacy, "build_limit": 3}})
+
+
+def test_a_server_mode_worker_is_given_no_server_secret():
+    """A WorkerActor never holds a credential that reads secrets: not the master key,
+    the worker secret, the database's or the queue's password (nor, in its settings,
+    the registration token its constructor gets alone). Pickled as Ray sends them."""
+    import pickle
+
+    given = worker_settings(settings_with_secrets())
+    sent = pickle.dumps(given)
+    for secret in SECRETS:
+        assert secret.encode() not in sent, secret
+    assert given.worker.build_limit == 3
+    assert spec(given) == spec(settings_with_secrets())  # the same worker, as started
+
+
+def test_a_legacy_worker_keeps_the_queue_it_pops_but_no_key_or_secret():
+    import pickle
+
+    given = worker_settings(settings_with_secrets(), legacy=True)
+    sent = pickle.dumps(given)
+    master, db, redis, legacy, token = SECRETS
+    for secret in (master, legacy, token):
+        assert secret.encode() not in sent, secret
+    assert redis in given.queue.redis_url.get_secret_value()
+    assert given.database.url is not None and db in given.database.url.get_secret_value()
+
+
+def test_both_worker_starts_send_their_actor_the_stripped_settings(monkeypatch, tmp_path):
+    """What actors/deploy.py hands to Ray for a worker actor is worker_settings'."""
+    import pickle
+
+    from actors import deploy
+
+    sent = []
+    monkeypatch.setattr(deploy, "_start_worker_actor",
+                        lambda cls, name, wait, what, settings, **kw: sent.append(settings))
+    full = settings_with_secrets()
+    deploy.start_worker(full, hostname="h1", routes=["vela"], build_limit=1,
+                        state_dir=tmp_path, registration_token="x")
+    deploy.start_legacy_worker(full, hostname="h1", routes=["vela"], build_limit=1,
+                               state_dir=tmp_path, worker_secret="y")
+    assert len(sent) == 2
+    master, _, _, legacy, _ = SECRETS
+    for given in sent:
+        assert master.encode() not in pickle.dumps(given)
+        assert legacy.encode() not in pickle.dumps(given)
