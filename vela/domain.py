@@ -1,4 +1,5 @@
-"""Statuses and their allowed transitions, written once.
+"""Statuses and their allowed transitions, written once; repo names, and the repos a
+shared secret's allowlist may name.
 
 The store enforces these with compare-and-set updates, so two concurrent
 writers can never both move the same build.
@@ -6,6 +7,8 @@ writers can never both move the same build.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from enum import StrEnum
 
 from vela.errors import InvalidTransition, VelaError
@@ -13,6 +16,10 @@ from vela.errors import InvalidTransition, VelaError
 DEFAULT_ROUTE = "vela"
 # The most builds a worker holds beyond its slots (worker.backlog).
 MAX_BACKLOG = 64
+# An org, repo or team name as the API's paths take them.
+OWNER_NAME = r"[A-Za-z0-9_.-]{1,250}"
+_REPO_NAME = re.compile(rf"{OWNER_NAME}/{OWNER_NAME}")
+MAX_REPO_ALLOWLIST = 100
 
 
 class BuildStatus(StrEnum):
@@ -106,3 +113,21 @@ def split_repo(full_name: str) -> tuple[str, str]:
     if not sep or not org or not name or "/" in name:
         raise VelaError(f"repository must look like 'org/name', got {full_name!r}")
     return org, name
+
+
+def check_repo_allowlist(scope: str, org: str, repos: Iterable[str]) -> list[str]:
+    """A secret's repo allowlist as stored: sorted, each repo once. Only a shared
+    secret has one, and it names repos (``org/name``) of the secret's own org."""
+    allowed = sorted(set(repos))
+    if allowed and scope != "shared":
+        raise VelaError("a repo allowlist is for shared secrets only: a repo secret goes to "
+                        "its repo's builds, an org secret to those of every repo of its org")
+    if len(allowed) > MAX_REPO_ALLOWLIST:
+        raise VelaError(f"a repo allowlist names at most {MAX_REPO_ALLOWLIST} repos")
+    for repo in allowed:
+        if not _REPO_NAME.fullmatch(repo):
+            raise VelaError(f"{repo!r} is not a repo's full name, org/name")
+        if split_repo(repo)[0] != org:
+            raise VelaError(f"{repo}: a shared secret of org {org} is given to repos of org "
+                            f"{org} only")
+    return allowed

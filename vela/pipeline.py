@@ -8,7 +8,11 @@ A pipeline looks like Vela's::
         image: local            # optional; the bwrap/local runtimes run host tools
         commands: [make test]
         environment: {GOFLAGS: -mod=vendor, GO_VERSION: 1.10}   # text as written
-        secrets: [api_key]      # reaches the step as $API_KEY
+        secrets:
+          - api_key             # the repo's secret, else the org's: $API_KEY
+          - key: acme/ops/deploy_key   # team ops's (shared) secret of org acme,
+            type: shared               # given only to repos on its allowlist
+            target: DEPLOY_TOKEN       # optional; default its name upper-cased
         timeout: 5m             # seconds, or a duration like 90s / 5m / 1h30m
         failure: ignore         # the build goes on if this step fails
 
@@ -30,13 +34,16 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from vela.domain import OWNER_NAME
 from vela.errors import VelaError
 
 MAX_PIPELINE_CHARS = 256 * 1024
@@ -55,6 +62,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # What a step's ``secrets`` may name, and so what the API lets a secret be called.
 SECRET_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"  # noqa: S105 - a pattern
 _SECRET_NAME = re.compile(SECRET_NAME)
+# A shared secret's key: org/team/name.
+_SHARED_KEY = re.compile(rf"{OWNER_NAME}/{OWNER_NAME}/{SECRET_NAME}")
 _IMAGE = re.compile(r"\S{1,255}")
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -89,6 +98,14 @@ def secret_env_name(secret: str) -> str:
     return secret.upper()
 
 
+def shared_secret_key(ref: str) -> tuple[str, str, str] | None:
+    """``(org, team, name)`` if ``ref`` — what a step's secret is known by in
+    :meth:`Executable.secret_names` and in a package — is a shared secret's key; None
+    for a repo or org secret's name (which holds no ``/``)."""
+    parts = ref.split("/")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+
+
 # --- field checks -----------------------------------------------------------
 
 
@@ -104,6 +121,29 @@ def _check_step_name(v: str) -> str:
 def _check_image(v: str) -> str:
     if not _IMAGE.fullmatch(v):
         raise ValueError("must be 1-255 characters without whitespace")
+    return v
+
+
+def _variable_problem(name: str) -> tuple[str, str] | None:
+    """Why a step may not set variable ``name`` (error type and message), or None."""
+    if not _ENV_NAME.fullmatch(name):
+        return "env_name", "not a valid variable name"
+    if name.upper().startswith("VELA_"):
+        return "env_reserved", "variables named VELA_* are set by Vela"
+    return None
+
+
+def _check_variable(v: str) -> str:
+    problem = _variable_problem(v)
+    if problem is not None:
+        raise PydanticCustomError(*problem)
+    return v
+
+
+def _check_shared_key(v: str) -> str:
+    if not _SHARED_KEY.fullmatch(v):
+        raise ValueError("must be org/team/name, e.g. acme/ops/deploy_key: org and team of "
+                         "letters, digits, '.', '_' or '-', the name of letters, digits and '_'")
     return v
 
 
@@ -167,6 +207,49 @@ Command = Annotated[str, AfterValidator(_check_command)]
 Seconds = Annotated[float | None, BeforeValidator(_to_seconds)]
 
 
+class SharedSecret(BaseModel):
+    """A team's secret named in a step, Vela's way: ``key: org/team/name`` and ``type:
+    shared`` (the team is not implied by the repo). It sets ``target``, by default its
+    name in upper case."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: Annotated[str, AfterValidator(_check_shared_key)]
+    type: Literal["shared"]
+    target: Annotated[str, AfterValidator(_check_variable)] | None = None
+
+    @property
+    def variable(self) -> str:
+        return self.target or secret_env_name(self.key.rpartition("/")[2])
+
+
+# Pydantic puts a tagged union's tag in an error's location; _problems leaves it out.
+_SHARED_TAG = "<shared secret>"
+_NAME_TAG = "<secret name>"
+
+
+def _secret_kind(v: Any) -> str | None:
+    if isinstance(v, str):
+        return _NAME_TAG
+    return _SHARED_TAG if isinstance(v, dict | SharedSecret) else None
+
+
+# A step's ``secrets`` entry: a repo/org secret's name, or a shared secret.
+SecretEntry = Annotated[
+    Annotated[str, Tag(_NAME_TAG)] | Annotated[SharedSecret, Tag(_SHARED_TAG)],
+    Discriminator(_secret_kind, custom_error_type="secret_entry",
+                  custom_error_message="a secret is a name, or a mapping with key, type: "
+                                       "shared and target"),
+]
+
+
+def _secret_ref(entry: str | SharedSecret) -> tuple[str, str]:
+    """The variable an entry sets, and what the secret is known by."""
+    if isinstance(entry, SharedSecret):
+        return entry.variable, entry.key
+    return secret_env_name(entry), entry
+
+
 class Step(BaseModel):
     """One step. ``timeout`` is normalised to seconds."""
 
@@ -178,7 +261,7 @@ class Step(BaseModel):
     environment: Annotated[dict[str, str], BeforeValidator(_scalars_to_str)] = Field(
         default_factory=dict, max_length=MAX_STEP_VARIABLES
     )
-    secrets: list[str] = Field(default_factory=list, max_length=MAX_STEP_VARIABLES)
+    secrets: list[SecretEntry] = Field(default_factory=list, max_length=MAX_STEP_VARIABLES)
     timeout: Seconds = None
     failure: Literal["fail", "ignore"] = "fail"
 
@@ -190,18 +273,18 @@ class Step(BaseModel):
         """The text run as ``sh -e -c <script>``."""
         return "\n".join(self.commands)
 
+    def secret_variables(self) -> dict[str, str]:
+        """Each variable the step's secrets set → the secret: a repo or org secret's
+        name, or a shared secret's key."""
+        return dict(_secret_ref(entry) for entry in self.secrets)
+
     @field_validator("environment")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
         for key, value in v.items():
-            if not _ENV_NAME.fullmatch(key):
-                raise PydanticCustomError(
-                    "env_name", "not a valid variable name", {"sub_loc": (key,)}
-                )
-            if key.upper().startswith("VELA_"):
-                raise PydanticCustomError(
-                    "env_reserved", "VELA_* variables are set by Vela", {"sub_loc": (key,)}
-                )
+            problem = _variable_problem(key)
+            if problem is not None:
+                raise PydanticCustomError(*problem, {"sub_loc": (key,)})
             if "\x00" in value:
                 raise PydanticCustomError(
                     "env_nul", "must not contain NUL characters", {"sub_loc": (key,)}
@@ -210,21 +293,22 @@ class Step(BaseModel):
 
     @field_validator("secrets")
     @classmethod
-    def _secret_names(cls, v: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for i, name in enumerate(v):
-            if not _SECRET_NAME.fullmatch(name):
+    def _secret_entries(cls, v: list[str | SharedSecret]) -> list[str | SharedSecret]:
+        seen: dict[str, str] = {}
+        for i, entry in enumerate(v):
+            if isinstance(entry, str) and not _SECRET_NAME.fullmatch(entry):
                 raise PydanticCustomError(
                     "secret_name",
                     "secret names are letters, digits and '_', not starting with a digit",
                     {"sub_loc": (i,)},
                 )
-            if secret_env_name(name) in seen:
+            var, ref = _secret_ref(entry)
+            if var in seen:
                 raise PydanticCustomError(
-                    "secret_duplicate", "secret '{name}' listed twice",
-                    {"name": name, "sub_loc": (i,)},
+                    "secret_duplicate", "secrets '{other}' and '{name}' both set {var}",
+                    {"name": ref, "var": var, "other": seen[var], "sub_loc": (i,)},
                 )
-            seen.add(secret_env_name(name))
+            seen[var] = ref
         return v
 
     @model_validator(mode="after")
@@ -251,13 +335,12 @@ class Step(BaseModel):
 
     @model_validator(mode="after")
     def _no_env_secret_clash(self) -> Step:
-        for name in self.secrets:
-            if secret_env_name(name) in self.environment:
+        for var, name in self.secret_variables().items():
+            if var in self.environment:
                 raise PydanticCustomError(
                     "secret_env_clash",
                     "environment sets {var} which secret '{name}' also sets",
-                    {"var": secret_env_name(name), "name": name,
-                     "sub_loc": ("environment", secret_env_name(name))},
+                    {"var": var, "name": name, "sub_loc": ("environment", var)},
                 )
         return self
 
@@ -285,8 +368,9 @@ class Executable(BaseModel):
     ]
 
     def secret_names(self) -> list[str]:
-        """Every secret some step lists, sorted: what the server must gather."""
-        return sorted({name for step in self.steps for name in step.secrets})
+        """Every secret some step lists, sorted: what the server must gather. A repo or
+        org secret by its name, a shared secret by its key (:func:`shared_secret_key`)."""
+        return sorted({ref for step in self.steps for ref in step.secret_variables().values()})
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -482,7 +566,9 @@ def _problems(
 ) -> list[tuple[int | None, str, str]]:
     out: list[tuple[int | None, str, str]] = []
     for err in error.errors(include_url=False, include_input=False):
-        loc = tuple(err["loc"])
+        raw = err["loc"]  # less the tag of a secrets entry's kind, after the entry's index
+        loc = tuple(p for i, p in enumerate(raw)
+                    if not (p in (_SHARED_TAG, _NAME_TAG) and i and isinstance(raw[i - 1], int)))
         ctx = err.get("ctx") or {}
         loc += tuple(ctx.get("sub_loc", ()))
         msg = _MESSAGES.get(err["type"], err["msg"])

@@ -132,6 +132,35 @@ def test_submit_follow_secrets_and_logs(cli, harness, tmp_path):
     assert r.exit_code == 1 and "--repo" in r.output
 
 
+def test_shared_secrets_with_their_allowlist(cli, harness):
+    _login(cli, harness)
+    r = cli("secret", "add", "deploy_key", "--team", "cli/ops", "--allow", "cli/web",
+            "--allow", "cli/api", "--value-stdin", input=SECRET + "\n")
+    assert r.exit_code == 0 and "added (team cli/ops" in r.output, r.output
+    listed = json.loads(cli("secret", "list", "--team", "cli/ops", "--json").output)
+    assert [(s["name"], s["repo_allowlist"]) for s in listed] == [
+        ("deploy_key", ["cli/api", "cli/web"])]
+    table = cli("secret", "list", "--team", "cli/ops")
+    assert table.exit_code == 0 and "cli/api" in table.output and SECRET not in table.output
+    # Added again without --allow, the allowlist stays; with it, it is replaced.
+    r = cli("secret", "add", "deploy_key", "--team", "cli/ops", "--value-stdin",
+            input=SECRET + "\n")
+    assert r.exit_code == 0 and "updated" in r.output, r.output
+    r = cli("secret", "add", "deploy_key", "--team", "cli/ops", "--allow", "cli/web",
+            "--value-stdin", input=SECRET + "\n")
+    assert r.exit_code == 0, r.output
+    listed = json.loads(cli("secret", "list", "--team", "cli/ops", "--json").output)
+    assert listed[0]["repo_allowlist"] == ["cli/web"]
+    r = cli("secret", "add", "k", "--repo", "cli/web", "--allow", "cli/web",
+            "--value-stdin", input="v\n")
+    assert r.exit_code == 1 and "--allow" in r.output and "--team" in r.output
+    r = cli("secret", "add", "k", "--team", "cli", "--value-stdin", input="v\n")
+    assert r.exit_code == 1 and "org/team" in r.output
+    r = cli("secret", "rm", "deploy_key", "--team", "cli/ops")
+    assert r.exit_code == 0 and "deleted" in r.output
+    assert json.loads(cli("secret", "list", "--team", "cli/ops", "--json").output) == []
+
+
 def test_failing_build_exit_code_list_cancel_restart(cli, harness, tmp_path):
     _login(cli, harness)
     failing = tmp_path / "failing.yml"

@@ -172,8 +172,8 @@ def test_not_found_and_unknown_paths(client, admin):
     assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
 
 
-def test_secrets_crud_never_returns_values(client, admin):
-    base = "/api/v1/secrets/native/repo/vault/app"
+def recording(client, admin):
+    """An admin's call that keeps every answer's text, to check none holds a value."""
     seen: list[str] = []
 
     def call(method, path, **kw):
@@ -181,13 +181,19 @@ def test_secrets_crud_never_returns_values(client, admin):
         seen.append(r.text)
         return r
 
+    return call, seen
+
+
+def test_secrets_crud_never_returns_values(client, admin):
+    base = "/api/v1/secrets/native/repo/vault/app"
+    call, seen = recording(client, admin)
     assert call("POST", base, json={"name": "db_password", "value": SECRET}).status_code == 201
     dup = call("POST", base, json={"name": "db_password", "value": "x"})
     assert dup.status_code == 409 and dup.json()["code"] == "conflict"
     listed = call("GET", base).json()
     assert [s["name"] for s in listed] == ["db_password"]
-    assert set(listed[0]) == {"id", "type", "org", "target", "name", "created_at",
-                              "updated_at"}
+    assert set(listed[0]) == {"id", "type", "org", "target", "name", "repo_allowlist",
+                              "created_at", "updated_at"}
     one = call("GET", f"{base}/db_password").json()
     assert one["type"] == "repo" and one["target"] == "app"
     upd = call("PUT", f"{base}/db_password", json={"value": SECRET + "2"})
@@ -204,6 +210,40 @@ def test_secrets_crud_never_returns_values(client, admin):
     assert not any(SECRET in text for text in seen)
     spec = client.get("/api/v1/openapi.json").json()
     assert "value" not in spec["components"]["schemas"]["SecretOut"]["properties"]
+
+
+def test_shared_secrets_carry_a_repo_allowlist(client, admin):
+    base = "/api/v1/secrets/native/shared/vault/ops"
+    call, seen = recording(client, admin)
+    made = call("POST", base, json={"name": "deploy_key", "value": SECRET,
+                                    "repo_allowlist": ["vault/web", "vault/api"]})
+    assert made.status_code == 201, made.text
+    assert made.json()["repo_allowlist"] == ["vault/api", "vault/web"]
+    listed = call("GET", base).json()
+    assert [(s["type"], s["target"], s["name"], s["repo_allowlist"]) for s in listed] == [
+        ("shared", "ops", "deploy_key", ["vault/api", "vault/web"])]
+    # PUT sets the allowlist, the value, or both; what it leaves out stays.
+    upd = call("PUT", f"{base}/deploy_key", json={"repo_allowlist": ["vault/web"]})
+    assert upd.status_code == 200 and upd.json()["repo_allowlist"] == ["vault/web"]
+    upd = call("PUT", f"{base}/deploy_key", json={"value": SECRET + "2"})
+    assert upd.status_code == 200 and upd.json()["repo_allowlist"] == ["vault/web"]
+    assert call("GET", f"{base}/deploy_key").json()["repo_allowlist"] == ["vault/web"]
+    for method, path, body, field in [
+        ("PUT", f"{base}/deploy_key", {}, "body"),
+        ("POST", base, {"name": "k", "value": "v", "repo_allowlist": ["acme/web"]},
+         "repo_allowlist"),
+        ("POST", base, {"name": "k", "value": "v", "repo_allowlist": ["web"]},
+         "repo_allowlist"),
+        ("POST", "/api/v1/secrets/native/repo/vault/web",
+         {"name": "k", "value": "v", "repo_allowlist": ["vault/web"]}, "repo_allowlist"),
+        ("PUT", "/api/v1/secrets/native/org/vault/*/k", {"repo_allowlist": ["vault/web"]},
+         "repo_allowlist"),
+    ]:
+        r = call(method, path, json=body)
+        assert r.status_code == 422 and r.json()["code"] == "validation_failed", r.text
+        assert r.json().get("field") == field, r.text
+    assert [s["name"] for s in call("GET", base).json()] == ["deploy_key"]
+    assert not any(SECRET in text for text in seen)
 
 
 def test_workers_deactivate_and_activate(client, admin, harness):

@@ -190,6 +190,81 @@ async def test_secret_update_and_delete(store):
         await store.put_secret("galaxy", "octo", "hello", "k", "v")
 
 
+async def test_a_shared_secret_reaches_only_repos_of_its_org_on_its_allowlist(store, engine):
+    info = await store.put_secret("shared", "acme", "ops", "deploy_key", "team-value-789",
+                                  repo_allowlist=["acme/web", "acme/api", "acme/web"])
+    assert info.repo_allowlist == ("acme/api", "acme/web")
+    key = "acme/ops/deploy_key"
+    assert await store.secrets_for_repo("acme/web", [key]) == {key: "team-value-789"}
+    assert await store.secrets_for_repo("acme/cli", [key]) == {}  # not on the allowlist
+    assert await store.secrets_for_repo("evil/web", [key]) == {}  # another org
+    # Its name alone is no repo or org secret's name.
+    assert await store.secrets_for_repo("acme/web", ["deploy_key"]) == {}
+    # Deny by default: without an allowlist no repo gets it.
+    await store.put_secret("shared", "acme", "ops", "bare", "bare-value")
+    assert await store.secrets_for_repo("acme/web", ["acme/ops/bare"]) == {}
+    async with engine.connect() as conn:
+        raw = b"".join(r[0] for r in await conn.execute(text("SELECT value_enc FROM secrets")))
+    assert b"team-value" not in raw
+    assert "team-value" not in repr(await store.list_secrets(org="acme"))
+
+
+async def test_a_shared_secret_is_never_given_to_another_org(store, engine):
+    """Its allowlist names repos of its own org only; a row that says otherwise (written
+    past the store) still gives nothing to another org's repo."""
+    with pytest.raises(VelaError, match="repos of org evil"):
+        await store.put_secret("shared", "evil", "ops", "x", "v", repo_allowlist=["acme/web"])
+    await store.put_secret("shared", "evil", "ops", "x", "evil-value",
+                           repo_allowlist=["evil/web"])
+    async with engine.begin() as conn:
+        await conn.execute(update(Secret).where(Secret.org == "evil")
+                           .values(repo_allowlist=["acme/web", "evil/web"]))
+    assert await store.secrets_for_repo("acme/web", ["evil/ops/x"]) == {}
+    assert await store.secrets_for_repo("evil/web", ["evil/ops/x"]) == {
+        "evil/ops/x": "evil-value"}
+
+
+async def test_a_repo_secret_of_the_same_name_does_not_shadow_a_named_shared_one(store):
+    await store.put_secret("repo", "acme", "web", "token", "repo-value")
+    await store.put_secret("org", "acme", "*", "token", "org-value")
+    await store.put_secret("shared", "acme", "ops", "token", "team-value",
+                           repo_allowlist=["acme/web"])
+    assert await store.secrets_for_repo("acme/web", ["token", "acme/ops/token"]) == {
+        "token": "repo-value", "acme/ops/token": "team-value"}
+
+
+async def test_a_shared_secrets_allowlist_and_value_update_apart(store):
+    await store.put_secret("shared", "acme", "ops", "k", "v1", repo_allowlist=["acme/a"])
+    info = await store.put_secret("shared", "acme", "ops", "k", None, exists=True,
+                                  repo_allowlist=["acme/b"])
+    assert info.repo_allowlist == ("acme/b",)
+    assert await store.secrets_for_repo("acme/b", ["acme/ops/k"]) == {"acme/ops/k": "v1"}
+    assert await store.secrets_for_repo("acme/a", ["acme/ops/k"]) == {}
+    info = await store.put_secret("shared", "acme", "ops", "k", "v2", exists=True)
+    assert info.repo_allowlist == ("acme/b",)  # left as it was
+    assert await store.secrets_for_repo("acme/b", ["acme/ops/k"]) == {"acme/ops/k": "v2"}
+    info = await store.put_secret("shared", "acme", "ops", "k", None, exists=True,
+                                  repo_allowlist=[])
+    assert info.repo_allowlist == ()
+    assert await store.secrets_for_repo("acme/b", ["acme/ops/k"]) == {}
+    with pytest.raises(VelaError, match="value"):
+        await store.put_secret("shared", "acme", "ops", "new", None, exists=False)
+
+
+@pytest.mark.parametrize(("scope", "target", "allowlist", "match"), [
+    ("repo", "web", ["acme/web"], "shared secrets only"),
+    ("org", "*", ["acme/web"], "shared secrets only"),
+    ("shared", "ops", ["web"], "org/name"),
+    ("shared", "ops", ["acme/web/x"], "org/name"),
+    ("shared", "ops", ["acme/*"], "org/name"),
+    ("shared", "ops", [f"acme/r{i}" for i in range(101)], "at most 100"),
+])
+async def test_a_bad_allowlist_is_refused(store, scope, target, allowlist, match):
+    with pytest.raises(VelaError, match=match):
+        await store.put_secret(scope, "acme", target, "k", "v", repo_allowlist=allowlist)
+    assert await store.list_secrets(org="acme") == []
+
+
 async def test_workers(store):
     w = await store.upsert_worker("h1", routes=["vela"], build_limit=2, sign_public_key="s",
                                   seal_public_key="x", key_thumbprint="t", actor_name="a")

@@ -259,11 +259,12 @@ def test_many_errors_are_capped():
 
 KEYS = st.sampled_from(
     ["version", "steps", "name", "image", "commands", "environment", "secrets", "timeout",
-     "failure", "x", "", "1"]
+     "failure", "key", "type", "target", "x", "", "1"]
 )
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20),
-    st.sampled_from(["1", "ignore", "5m", "a", "API_KEY", "-1s", "1h30m"]),
+    st.sampled_from(["1", "ignore", "5m", "a", "API_KEY", "-1s", "1h30m", "shared",
+                     "a/b/c"]),
 )
 STRUCTURES = st.recursive(
     SCALARS,

@@ -306,14 +306,16 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
     async def list_secrets(type: SecretType, org: Org, name: Owner,
                            claims: ApiClaims = allowed(Scope.SECRETS_READ)) -> Any:
         """Secrets of a repo (``repo/org/name``), an org (``org/org/*``) or a team
-        (``shared/org/team``): names and dates, never values."""
+        (``shared/org/team``): names, dates and a shared secret's repo allowlist, never
+        values."""
         return await backend.list_secrets(type=type, org=org, target=name)
 
     @full_paths.post(SecretPath, response_model=SecretOut, status_code=201, tags=["secrets"])
     async def create_secret(type: SecretType, org: Org, name: Owner, body: SecretCreate,
                             claims: ApiClaims = allowed(Scope.SECRETS_WRITE)) -> Any:
         return await backend.put_secret(type=type, org=org, target=name, name=body.name,
-                                        value=body.value, create=True)
+                                        value=body.value, create=True,
+                                        repo_allowlist=body.repo_allowlist)
 
     SecretName = Annotated[str, Path(pattern=STORED_SECRET_NAME)]
 
@@ -327,7 +329,8 @@ def create_app(backend: Backend, *, poll_s: float = 0.25,
                             body: SecretUpdate,
                             claims: ApiClaims = allowed(Scope.SECRETS_WRITE)) -> Any:
         return await backend.put_secret(type=type, org=org, target=name, name=secret,
-                                        value=body.value, create=False)
+                                        value=body.value, create=False,
+                                        repo_allowlist=body.repo_allowlist)
 
     @full_paths.delete(SecretPath + "/{secret}", status_code=204, tags=["secrets"])
     async def delete_secret(type: SecretType, org: Org, name: Owner, secret: SecretName,

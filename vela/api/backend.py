@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from vela.api.auth import MAX_TOKEN_TTL_S, Scope, TokenKeys, allows, check_credential
 from vela.api.errors import ApiError, Code, to_api_error
 from vela.config import Settings
-from vela.domain import BuildStatus, WorkerStatus, split_repo
-from vela.errors import Conflict, NotFound
+from vela.domain import BuildStatus, WorkerStatus, check_repo_allowlist, split_repo
+from vela.errors import Conflict, NotFound, VelaError
 
 if TYPE_CHECKING:  # the API actor (RemoteBackend) loads neither SQLAlchemy nor the queue
     from vela.db.models import Build, Repo, Step, Worker
@@ -79,8 +79,9 @@ class Backend(Protocol):
                            ) -> list[dict[str, Any]]: ...
     async def get_secret(self, *, type: str, org: str, target: str,
                          name: str) -> dict[str, Any]: ...
-    async def put_secret(self, *, type: str, org: str, target: str, name: str, value: str,
-                         create: bool) -> dict[str, Any]: ...
+    async def put_secret(self, *, type: str, org: str, target: str, name: str,
+                         value: str | None, create: bool,
+                         repo_allowlist: list[str] | None = None) -> dict[str, Any]: ...
     async def delete_secret(self, *, type: str, org: str, target: str, name: str) -> None: ...
     async def registration_token(self, *, hostname: str | None, routes: list[str] | None,
                                  ttl_s: int | None) -> dict[str, Any]: ...
@@ -159,6 +160,7 @@ def worker_out(w: Worker, *, connected: bool) -> dict[str, Any]:
 
 def secret_out(s: SecretInfo) -> dict[str, Any]:
     return {"id": s.id, "type": s.scope, "org": s.org, "target": s.target, "name": s.name,
+            "repo_allowlist": list(s.repo_allowlist),
             "created_at": _iso(s.created_at), "updated_at": _iso(s.updated_at)}
 
 
@@ -381,14 +383,23 @@ class ServerBackend:
                 return s
         raise NotFound(f"secret {name} ({type} {org}/{self._target(type, target)}) not found")
 
-    async def put_secret(self, *, type: str, org: str, target: str, name: str, value: str,
-                         create: bool) -> dict[str, Any]:
-        """Create (``create``: must not exist) or update (must exist) a secret."""
+    async def put_secret(self, *, type: str, org: str, target: str, name: str,
+                         value: str | None, create: bool,
+                         repo_allowlist: list[str] | None = None) -> dict[str, Any]:
+        """Create (``create``: must not exist) or update (must exist) a secret; an
+        update leaves what is None as it is."""
         if type == "repo":
             split_repo(f"{org}/{target}")
+        if repo_allowlist is not None:
+            try:
+                check_repo_allowlist(type, org, repo_allowlist)
+            except VelaError as e:
+                raise ApiError(422, Code.VALIDATION_FAILED, f"repo_allowlist: {e}",
+                               field="repo_allowlist") from None
         try:
             info = await self.store.put_secret(type, org, self._target(type, target), name,
-                                               value, exists=not create)
+                                               value, exists=not create,
+                                               repo_allowlist=repo_allowlist)
         except Conflict:
             raise Conflict(f"secret {name} exists already; update it with PUT") from None
         except NotFound:

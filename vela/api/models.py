@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vela import pipeline
 from vela.api.auth import MAX_TOKEN_TTL_S, Scope
-from vela.domain import BuildStatus
+from vela.domain import MAX_REPO_ALLOWLIST, BuildStatus
 
 MAX_PIPELINE_CHARS = 256_000
 MAX_SECRET_CHARS = 64_000
@@ -62,14 +62,31 @@ class BuildCreate(_In):
     timeout_s: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
 
 
+_ALLOWLIST_HELP = ("shared secrets only: the repos (org/name, of the secret's org) whose "
+                   "builds may use it; no other repo's can")
+
+
 class SecretCreate(_In):
     name: str = Field(pattern=SECRET_NAME)
     value: str = Field(min_length=1, max_length=MAX_SECRET_CHARS, repr=False,
                        description="write-only: no endpoint ever returns it")
+    repo_allowlist: list[str] = Field(default_factory=list, max_length=MAX_REPO_ALLOWLIST,
+                                      description=_ALLOWLIST_HELP)
 
 
 class SecretUpdate(_In):
-    value: str = Field(min_length=1, max_length=MAX_SECRET_CHARS, repr=False)
+    """What it leaves out stays as it is."""
+
+    value: str | None = Field(default=None, min_length=1, max_length=MAX_SECRET_CHARS,
+                              repr=False)
+    repo_allowlist: list[str] | None = Field(default=None, max_length=MAX_REPO_ALLOWLIST,
+                                             description=_ALLOWLIST_HELP)
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> SecretUpdate:
+        if self.value is None and self.repo_allowlist is None:
+            raise ValueError("give a value, a repo_allowlist or both")
+        return self
 
 
 class WorkerUpdate(_In):
@@ -186,6 +203,7 @@ class SecretOut(_Out):
     org: str
     target: str
     name: str
+    repo_allowlist: list[str]
     created_at: str
     updated_at: str
 

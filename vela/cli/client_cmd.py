@@ -34,7 +34,7 @@ from vela.errors import VelaError
 TERMINAL = {"success", "failure", "error", "killed", "canceled"}
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON.")
 
-secret_app = typer.Typer(help="Secrets of a repo or an org (values are write-only).",
+secret_app = typer.Typer(help="Secrets of a repo, an org or a team (values are write-only).",
                          no_args_is_help=True)
 app.add_typer(secret_app, name="secret")
 
@@ -421,17 +421,25 @@ def workers(
 
 # -- secrets ------------------------------------------------------------------------------------
 
-def _secret_base(repo: str, org: str) -> tuple[str, str]:
-    if bool(repo) == bool(org):
-        raise VelaError("name the secret's owner: --repo org/name or --org org")
+def _secret_base(repo: str, org: str, team: str) -> tuple[str, str]:
+    if [bool(repo), bool(org), bool(team)].count(True) != 1:
+        raise VelaError("name the secret's owner: --repo org/name, --org org or "
+                        "--team org/team")
     if repo:
         o, n = split_repo(repo)
         return f"/api/v1/secrets/native/repo/{o}/{n}", f"repo {repo}"
+    if team:
+        o, sep, t = team.partition("/")
+        if not (o and sep and t) or "/" in t:
+            raise VelaError(f"--team must look like 'org/team', got {team!r}")
+        return f"/api/v1/secrets/native/shared/{o}/{t}", f"team {team}"
     return f"/api/v1/secrets/native/org/{org}/*", f"org {org}"
 
 
 REPO_OPTION = typer.Option("", "--repo", help="A repository's secret (org/name).")
 ORG_OPTION = typer.Option("", "--org", help="An org's secret (every repo of the org).")
+TEAM_OPTION = typer.Option("", "--team", help="A team's (shared) secret (org/team); "
+                           "a step names it as key: org/team/NAME, type: shared.")
 
 
 @secret_app.command("add")
@@ -440,13 +448,20 @@ def secret_add(
     name: str = typer.Argument(..., help="Name; steps listing it get $NAME in upper case."),
     repo: str = REPO_OPTION,
     org: str = ORG_OPTION,
+    team: str = TEAM_OPTION,
+    allow: list[str] = typer.Option([], "--allow", help="With --team: a repo (org/name, "
+                                    "of the team's org) whose builds may use it; repeat for "
+                                    "more. None: no repo's. Given, it replaces the list."),
     value_file: Path | None = typer.Option(None, "--value-file", exists=True, dir_okay=False,
                                            help="Read the value from this file, exactly."),
     value_stdin: bool = typer.Option(False, "--value-stdin", help="Read the value from "
                                      "stdin, less one final newline (as `echo` adds)."),
 ) -> None:
     """Create or update a secret. Without --value-file/--value-stdin, asks for the value."""
-    base, owner = _secret_base(repo, org)
+    base, owner = _secret_base(repo, org, team)
+    if allow and not team:
+        raise VelaError("--allow is for a team's secret (--team org/team): a repo secret "
+                        "goes to its repo, an org secret to every repo of the org")
     if value_file is not None:  # as it is: a key file's last newline is part of it
         value = read_utf8(value_file, "secrets are text; encode a binary value first "
                           "(e.g. with `base64`) and decode it in the step")
@@ -454,41 +469,47 @@ def secret_add(
         value = _without_last_newline(sys.stdin.read())
     else:
         value = typer.prompt(f"value of {name}", hide_input=True)
+    allowlist = {"repo_allowlist": allow} if allow else {}
     with _client() as api:
         try:
-            api.post(base, {"name": name, "value": value})
+            api.post(base, {"name": name, "value": value, **allowlist})
             verb = "added"
         except ClientError as e:
             if e.code != "conflict":
                 raise
-            api.put(f"{base}/{name}", {"value": value})
+            api.put(f"{base}/{name}", {"value": value, **allowlist})
             verb = "updated"
-    _say(f"secret {name} {verb} ({owner})")
+    given = f", for {', '.join(sorted(set(allow)))}" if allow else ""
+    _say(f"secret {name} {verb} ({owner}{given})")
 
 
 @secret_app.command("list")
 @command
-def secret_list(repo: str = REPO_OPTION, org: str = ORG_OPTION,
+def secret_list(repo: str = REPO_OPTION, org: str = ORG_OPTION, team: str = TEAM_OPTION,
                 as_json: bool = JSON_OPTION) -> None:
-    """Secret names and dates (values are never shown)."""
-    base, owner = _secret_base(repo, org)
+    """Secret names and dates, and which repos a team's may reach (values are never
+    shown)."""
+    base, owner = _secret_base(repo, org, team)
     with _client() as api:
         rows = api.get(base)
     if as_json:
         print_json(rows)
         return
-    table = Table("name", "type", "owner", "updated (UTC)", title=f"secrets of {owner}")
+    columns = ["name", "type", "owner", "updated (UTC)"] + (["repos"] if team else [])
+    table = Table(*columns, title=f"secrets of {owner}")
     for r in rows:
-        table.add_row(r["name"], r["type"], f"{r['org']}/{r['target']}", _when(r["updated_at"]))
+        repos = [", ".join(r.get("repo_allowlist") or []) or "(none)"] if team else []
+        table.add_row(r["name"], r["type"], f"{r['org']}/{r['target']}", _when(r["updated_at"]),
+                      *repos)
     console.print(table)
 
 
 @secret_app.command("rm")
 @command
 def secret_rm(name: str = typer.Argument(...), repo: str = REPO_OPTION,
-              org: str = ORG_OPTION) -> None:
+              org: str = ORG_OPTION, team: str = TEAM_OPTION) -> None:
     """Delete a secret."""
-    base, owner = _secret_base(repo, org)
+    base, owner = _secret_base(repo, org, team)
     with _client() as api:
         api.delete(f"{base}/{name}")
     _say(f"secret {name} deleted ({owner})")

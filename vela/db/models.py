@@ -122,6 +122,8 @@ class Secret(Base):
     name: Mapped[str] = mapped_column(String(250))
     # AES-GCM nonce || ciphertext; associated data binds scope, org, target, name.
     value_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    # shared: the repos (org/name, of the secret's org) whose builds get it; none: no repo.
+    repo_allowlist: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

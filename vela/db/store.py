@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -43,10 +43,12 @@ from vela.domain import (
     StepStatus,
     WorkerStatus,
     check_build_transition,
+    check_repo_allowlist,
     check_step_transition,
     split_repo,
 )
 from vela.errors import Conflict, NotFound, VelaError
+from vela.pipeline import shared_secret_key
 from vela.security import atrest
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class SecretInfo:
     name: str
     created_at: datetime
     updated_at: datetime
+    repo_allowlist: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -364,16 +367,23 @@ class Store:
         return f"vela-secret\x00{scope}\x00{org}\x00{target}\x00{name}".encode()
 
     async def put_secret(self, scope: str, org: str, target: str, name: str,
-                         value: str, *, exists: bool | None = None) -> SecretInfo:
+                         value: str | None, *, exists: bool | None = None,
+                         repo_allowlist: Iterable[str] | None = None) -> SecretInfo:
         """Create or update a secret; the value is stored AES-GCM encrypted. With
         ``exists`` False only create it (:class:`Conflict` if it exists), True only
-        update it (:class:`NotFound` if it does not), checked in the write itself."""
+        update it (:class:`NotFound` if it does not), checked in the write itself.
+        An update leaves the value (``value`` None) or the allowlist (None) as they are;
+        a new secret has no allowlist unless given one (:func:`check_repo_allowlist`)."""
         if scope not in SECRET_SCOPES:
             raise VelaError(f"secret scope must be one of {', '.join(SECRET_SCOPES)}")
         if scope == "org":
             target = "*"
-        blob = atrest.encrypt(self._master_key, value.encode(),
-                              self._secret_aad(scope, org, target, name))
+        allowed = (None if repo_allowlist is None
+                   else check_repo_allowlist(scope, org, repo_allowlist))
+        if value is None and exists is not True:
+            raise VelaError(f"secret {name} needs a value")
+        blob = None if value is None else atrest.encrypt(
+            self._master_key, value.encode(), self._secret_aad(scope, org, target, name))
         now = utcnow()
 
         def unit(s: Session) -> SecretInfo:
@@ -384,10 +394,13 @@ class Store:
                 raise (Conflict if row is not None else NotFound)(f"secret {name}")
             if row is None:
                 row = Secret(scope=scope, org=org, target=target, name=name, value_enc=blob,
-                             created_at=now, updated_at=now)
+                             repo_allowlist=allowed or [], created_at=now, updated_at=now)
                 s.add(row)
             else:
-                row.value_enc = blob
+                if blob is not None:
+                    row.value_enc = blob
+                if allowed is not None:
+                    row.repo_allowlist = allowed
                 row.updated_at = now
             s.flush()
             return _secret_info(row)
@@ -414,24 +427,39 @@ class Store:
         if deleted != 1:
             raise NotFound(f"secret {scope}/{org}/{target}/{name} not found")
 
-    async def secrets_for_repo(self, full_name: str, names: Iterable[str]) -> dict[str, str]:
-        """Clear values of the named secrets a build of ``full_name`` may use.
+    async def secrets_for_repo(self, full_name: str, refs: Iterable[str]) -> dict[str, str]:
+        """Clear values of the secrets a build of ``full_name`` may use, of those its
+        pipeline names (:meth:`~vela.pipeline.Executable.secret_names`), by that name.
 
-        A repo secret wins over an org secret of the same name. Only the server's
-        scheduler calls this, to seal a package to one worker.
+        A name is a repo secret's, else the org's (the repo's wins). A key
+        ``org/team/name`` is a shared secret's, given only to repos of its own org that
+        its allowlist names. What may not be used is left out, as what does not exist.
+        Only the server's scheduler calls this, to seal a package to one worker.
         """
         org, repo = split_repo(full_name)
-        wanted = set(names)
-        if not wanted:
+        names: set[str] = set()
+        shared: set[tuple[str, str]] = set()  # (team, name)
+        for ref in refs:
+            key = shared_secret_key(ref)
+            if key is None:
+                names.add(ref)
+            elif key[0] == org:  # another org's: never
+                shared.add(key[1:])
+        if not names and not shared:
             return {}
+        named = Secret.name.in_(names) & (
+            ((Secret.scope == "repo") & (Secret.target == repo)) | (Secret.scope == "org"))
+        teams = ((Secret.scope == "shared") & Secret.target.in_({t for t, _ in shared})
+                 & Secret.name.in_({n for _, n in shared}))
         rows = await self._db.read(lambda s: list(s.scalars(select(Secret).where(
-            Secret.org == org, Secret.name.in_(wanted),
-            ((Secret.scope == "repo") & (Secret.target == repo)) | (Secret.scope == "org"),
-        ))))
+            Secret.org == org, or_(named, teams)))))
+        rows = [r for r in rows if r.scope != "shared"
+                or ((r.target, r.name) in shared and full_name in r.repo_allowlist)]
         rows.sort(key=lambda r: r.scope == "repo")  # repo scope last, so it wins
-        return {r.name: atrest.decrypt(self._master_key, r.value_enc,
-                                       self._secret_aad(r.scope, r.org, r.target, r.name)
-                                       ).decode() for r in rows}
+        return {_secret_ref(r): atrest.decrypt(self._master_key, r.value_enc,
+                                               self._secret_aad(r.scope, r.org, r.target,
+                                                                r.name)).decode()
+                for r in rows}
 
     # ---------------------------------------------------------------- workers
     async def upsert_worker(self, hostname: str, *, routes: Sequence[str], build_limit: int,
@@ -722,7 +750,13 @@ def _detached(model: type[M], row: Any) -> M:
 
 def _secret_info(row: Secret) -> SecretInfo:
     return SecretInfo(id=row.id, scope=row.scope, org=row.org, target=row.target,
-                      name=row.name, created_at=row.created_at, updated_at=row.updated_at)
+                      name=row.name, created_at=row.created_at, updated_at=row.updated_at,
+                      repo_allowlist=tuple(row.repo_allowlist or ()))
+
+
+def _secret_ref(row: Secret) -> str:
+    """What a pipeline knows the secret by: its name, or a shared secret's key."""
+    return f"{row.org}/{row.target}/{row.name}" if row.scope == "shared" else row.name
 
 
 def _step_status_for(build: BuildStatus) -> StepStatus:

@@ -45,7 +45,7 @@ from vela.domain import BuildStatus, StepStatus
 from vela.executor.logs import LinePump
 from vela.executor.masking import Masker
 from vela.executor.runtime import DEFAULT_PATH, BuildDirs, Runtime, StepProcess
-from vela.pipeline import Executable, Step, secret_env_name
+from vela.pipeline import Executable, Step, shared_secret_key
 
 logger = logging.getLogger("vela.executor")
 
@@ -182,9 +182,7 @@ class _BuildRun:
         missing = [n for n in self.executable.secret_names() if n not in self.secrets]
         if missing:
             return await self._finish(
-                started, BuildStatus.ERROR, Reason.MISSING_SECRET,
-                f"secrets not provided: {', '.join(missing)}",
-            )
+                started, BuildStatus.ERROR, Reason.MISSING_SECRET, _missing_message(missing))
         making = asyncio.ensure_future(asyncio.to_thread(_make_dirs, workspace_root))
         try:
             # Shielded: cancelled mid-creation, the thread still finishes, and what it
@@ -295,7 +293,7 @@ class _BuildRun:
             "VELA": "true",
         }
         env.update(step.environment)
-        env.update({secret_env_name(n): self.secrets[n] for n in step.secrets})
+        env.update({var: self.secrets[ref] for var, ref in step.secret_variables().items()})
         env.update(self.meta)
         env.update({
             "VELA_STEP_NAME": step.name,
@@ -372,6 +370,14 @@ def _build_outcome(result: StepResult) -> tuple[BuildStatus, Reason]:
     if result.status == StepStatus.ERROR:
         return BuildStatus.ERROR, result.reason or Reason.START_FAILED
     return BuildStatus.FAILURE, Reason.STEP_FAILED
+
+
+def _missing_message(missing: list[str]) -> str:
+    # The server leaves out a secret the repo may not use as one that does not exist.
+    shared = any(shared_secret_key(ref) for ref in missing)
+    return f"secrets not provided: {', '.join(missing)}" + (
+        " (a shared secret, org/team/name, is given only to repos of its org on its "
+        "repo allowlist)" if shared else "")
 
 
 def _meta_env(meta: Mapping[str, str]) -> dict[str, str]:
