@@ -1,6 +1,7 @@
 """The CLI client: `--follow` survives a dropped connection (it resumes after the last log
 it printed, docs/api.md, and gives up with a next step only after several failures in a
-row), and `secret add` keeps a value's own newlines."""
+row), Ctrl-C stops following a build but not the build, and `secret add` keeps a value's
+own newlines."""
 
 from __future__ import annotations
 
@@ -109,3 +110,79 @@ def test_a_secret_from_stdin_loses_one_final_newline_only():
     assert strip("s3cr3t\n") == "s3cr3t" and strip("s3cr3t\r\n") == "s3cr3t"
     assert strip("a\n\n") == "a\n" and strip("-----END KEY-----\n\n") == "-----END KEY-----\n"
     assert strip("no newline") == "no newline"
+
+
+class _InterruptedApi:
+    """An API client whose log stream is cut by Ctrl-C after the first event."""
+
+    def __enter__(self) -> _InterruptedApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def post(self, path: str, body: object = None) -> dict:
+        return {"id": 7, "number": 3, "repo": "a/b"}
+
+    def stream(self, path: str, **params: object) -> Iterator[dict]:
+        yield {"event": "build", "build": {"status": "running", "worker": "w1"}}
+        raise KeyboardInterrupt
+
+
+class _Method:
+    """A Ray actor method whose ``remote()`` returns ``result`` as its ref."""
+
+    def __init__(self, result: object) -> None:
+        self.result = result
+
+    def remote(self, *a: object, **kw: object) -> object:
+        return self.result
+
+
+def _interrupted_build_run(monkeypatch) -> None:
+    """`vela build run` against a Scheduler that queues build 7; Ctrl-C while watching."""
+    import types
+
+    import ray
+
+    import actors._ray
+    from vela.cli import serve_cmd
+
+    def get(ref: object) -> object:
+        if ref is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return ref
+
+    scheduler = types.SimpleNamespace(create_build=_Method(7),
+                                      build_view=_Method(KeyboardInterrupt))
+    monkeypatch.setattr(serve_cmd, "_connect", lambda s, **kw: None)
+    monkeypatch.setattr(actors._ray, "get_actor", lambda name, ns: scheduler)
+    monkeypatch.setattr(ray, "get", get)
+
+
+@pytest.mark.parametrize(("args", "shown"), [
+    (["build", "submit", "{pipeline}", "--repo", "a/b", "--follow"], "build 7: running on w1"),
+    (["build", "logs", "7", "--follow"], "build 7: running on w1"),
+    (["build", "restart", "6", "--follow"], "build 7: running on w1"),
+    (["build", "run", "{pipeline}", "--repo", "a/b"], "build 7 queued (a/b)"),
+])
+def test_ctrl_c_stops_following_not_the_build(monkeypatch, tmp_path, args, shown):
+    """Ctrl-C while following (through the API, or `vela build run` through the actors):
+    one line on stderr says the build carries on and how to follow it again, exit 130
+    (the shell's status for SIGINT), no traceback."""
+    from typer.testing import CliRunner
+
+    from vela.cli import app
+
+    pipeline = tmp_path / "p.yml"
+    pipeline.write_text("steps: []\n")
+    monkeypatch.setattr(client_cmd, "_client", _InterruptedApi)
+    _interrupted_build_run(monkeypatch)
+    r = CliRunner().invoke(app, [a.format(pipeline=pipeline) for a in args],
+                           env={"VELA_SERVER_DATA_DIR": str(tmp_path), "VELA_CONFIG": ""})
+    assert r.exit_code == 130, r.output
+    assert shown in r.stdout
+    assert r.stderr.splitlines() == [
+        "stopped following build 7, which carries on on the server: `vela build logs 7 "
+        "--follow` picks it up again, `vela build cancel 7` stops it"]
+    assert "Traceback" not in r.output

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -67,6 +68,24 @@ def _root(
 def fail(message: str, code: int = 1) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code)
+
+
+def follow_again(build_id: int) -> str:
+    """How to pick up a build this command stopped following."""
+    return f"`vela build logs {build_id} --follow` picks it up again"
+
+
+@contextlib.contextmanager
+def following(build_id: int) -> Iterator[None]:
+    """Ctrl-C while following a build stops the following, not the build: one line says
+    so and what next, exit 130 (the shell's status for SIGINT)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(f"stopped following build {build_id}, which carries on on the "
+                          f"server: {follow_again(build_id)}, `vela build cancel {build_id}` "
+                          "stops it", markup=False, highlight=False)
+        raise typer.Exit(130) from None
 
 
 def read_utf8(path: Path, fix: str) -> str:

@@ -25,7 +25,18 @@ from vela.api.client import (
     load_credentials,
     save_credentials,
 )
-from vela.cli._app import app, command, console, err_console, fail, print_json, read_utf8, state
+from vela.cli._app import (
+    app,
+    command,
+    console,
+    err_console,
+    fail,
+    follow_again,
+    following,
+    print_json,
+    read_utf8,
+    state,
+)
 from vela.cli.duration import parse_duration
 from vela.cli.serve_cmd import build_app
 from vela.domain import split_repo
@@ -124,8 +135,15 @@ FOLLOW_RETRIES = 5
 
 def _follow(api: ApiClient, build: dict[str, Any], *, quiet: bool,
             live_logs: bool = False) -> dict[str, Any]:
-    """Print status and step changes as they happen, then the logs; the final build."""
+    """Print status and step changes as they happen, then the logs; the final build.
+    Ctrl-C stops following (:func:`following`)."""
     build_id = build["id"]
+    with following(build_id):
+        return _follow_build(api, build_id, quiet=quiet, live_logs=live_logs)
+
+
+def _follow_build(api: ApiClient, build_id: int, *, quiet: bool,
+                  live_logs: bool) -> dict[str, Any]:
     chunks: list[dict[str, Any]] = []
     after = 0
     ended = False
@@ -133,8 +151,7 @@ def _follow(api: ApiClient, build: dict[str, Any], *, quiet: bool,
     while not ended:  # a dropped stream resumes after the last chunk seen
         if lost > FOLLOW_RETRIES:
             raise ClientError(0, "unreachable", f"lost the API {lost} times in a row while "
-                              f"following build {build_id}; `vela build logs {build_id} "
-                              "--follow` picks it up again")
+                              f"following build {build_id}; {follow_again(build_id)}")
         if lost:
             time.sleep(min(0.5 * 2 ** (lost - 1), 8.0))  # backoff, then resume
         lost += 1

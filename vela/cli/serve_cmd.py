@@ -32,6 +32,8 @@ from vela.cli._app import (
     console,
     err_console,
     fail,
+    follow_again,
+    following,
     print_json,
     read_utf8,
     run,
@@ -575,7 +577,8 @@ def build_run(
                                                      route=route or None))
     if not as_json:
         console.print(f"build {build_id} queued ({repo})", highlight=False)
-    view = _follow(scheduler, build_id, wait_s, quiet=as_json)
+    with following(build_id):
+        view = _follow(scheduler, build_id, wait_s, quiet=as_json)
     if as_json:
         print_json(view)
     if view["status"] != "success":
@@ -603,7 +606,8 @@ def _follow(scheduler: Any, build_id: int, wait_s: float, *, quiet: bool) -> dic
         if view["status"] in TERMINAL:
             break
         if time.monotonic() > deadline:
-            raise VelaError(f"build {build_id} still {view['status']} after {wait_s:.0f}s")
+            raise VelaError(f"build {build_id} still {view['status']} after {wait_s:.0f}s; "
+                            f"{follow_again(build_id)}")
         time.sleep(0.25)
     if not quiet:
         for chunk in view["logs"]:
