@@ -45,7 +45,8 @@ class LegacyWorkerActor:
             hostname=hostname, routes=list(routes), build_limit=build_limit, runtime=runtime,
             workspace_root=workspace, server=RayLegacyServer(settings.ray.namespace),
             queue=open_queue(settings), worker_secret=worker_secret,
-            batch_lines=ws.log_batch_lines, flush_s=ws.log_flush_s)
+            batch_lines=ws.log_batch_lines, flush_s=ws.log_flush_s,
+            key_reload_s=settings.tokens.key_reload_s)
         self._stop = asyncio.Event()
         self._loop = asyncio.get_running_loop().create_task(self.core.run(self._stop))
 

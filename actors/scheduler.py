@@ -105,6 +105,9 @@ class SchedulerActor(StartedWith):
     async def checkin(self, hostname: str) -> bool:
         return await (await self._get()).checkin(hostname)
 
+    async def key_set(self) -> dict[str, Any]:
+        return await (await self._get()).key_set()
+
     async def worker_left(self, hostname: str) -> None:
         await (await self._get()).worker_left(hostname)
 

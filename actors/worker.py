@@ -27,13 +27,11 @@ from vela.security import (
     Rejected,
     answer_challenge,
     load_or_create_identity,
-    load_pinned_server,
-    pin_key_set,
-    save_pinned_server,
 )
 from vela.security.challenge import Challenge
 from vela.worker import WorkerCore
 from vela.worker.launch import launch_spec
+from vela.worker.server_keys import ServerKeys
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +50,22 @@ class WorkerActor:
         # Taken once, then forgotten: after the first registration the key proves us.
         self._token = registration_token
         self._identity = load_or_create_identity(self._state_dir)
-        self._pinned = load_pinned_server(self._state_dir)
         ws = settings.worker
         runtime = choose_runtime(allow_unsandboxed=ws.allow_unsandboxed, network=ws.network,
                                  hidden_paths=(*DEFAULT_HIDDEN_PATHS, self._state_dir.resolve()))
         self._link = RayServerLink(settings.ray.namespace)
+        self._server_keys = ServerKeys(self._state_dir,
+                                       fetch=lambda: self._link.call("key_set"),
+                                       period_s=settings.tokens.key_reload_s)
         workspace = self._state_dir / "workspaces"
         workspace.mkdir(parents=True, exist_ok=True)
         self.core = WorkerCore(
             hostname=hostname, routes=self._routes, build_limit=build_limit,
             identity=self._identity,
-            pinned_server_keys=self._pinned.keys if self._pinned else {},
+            pinned_server_keys=self._server_keys.keys,
             runtime=runtime, server=self._link, workspace_root=workspace, backlog=ws.backlog,
-            batch_lines=ws.log_batch_lines, flush_s=ws.log_flush_s)
+            batch_lines=ws.log_batch_lines, flush_s=ws.log_flush_s,
+            refresh_server_keys=self._server_keys.refresh)
         self._registered = asyncio.Event()
         # Set once the server answered a registration: accepted, or refused for good.
         self._answered = asyncio.Event()
@@ -91,7 +92,7 @@ class WorkerActor:
         reg = self._registration()
         running = self.core.started  # the server queues held builds again
         key_set: dict[str, Any] | None = None
-        if self._pinned is not None:
+        if self._server_keys.pinned is not None:
             try:
                 challenge = await self._link.call("reregister_challenge", self.hostname)
                 answer = answer_challenge(Challenge.model_validate_json(json.dumps(challenge)),
@@ -111,9 +112,7 @@ class WorkerActor:
                                "(mint one with `vela worker-token create`)")
             key_set = await self._link.call("register", reg, token=self._token, running=running)
             self._token = None
-        self._pinned = pin_key_set(key_set, pinned=self._pinned)
-        save_pinned_server(self._state_dir, self._pinned)
-        self.core.pin(self._pinned.keys)
+        self.core.pin(self._server_keys.pin(key_set).keys)
 
     async def _checkin_loop(self) -> None:
         period = self._settings.worker.checkin_period_s

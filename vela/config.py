@@ -151,6 +151,12 @@ class TokenSettings(_Section):
     registration_ttl_s: int = Field(default=3600, gt=0)
     proof_max_age_s: int = Field(default=30, gt=0)
     package_ttl_s: int = Field(default=60, gt=0)
+    # How often each server process reloads the server keys from the database (so a
+    # `vela keys rotate` reaches it without a restart), and the least time between two
+    # reloads asked by signatures of unknown key ids (or, on a worker, two fetches of the
+    # server's key set after a package of an unknown signer). A rotated-in key signs two
+    # periods after the rotation: give `vela keys rotate` the servers' value.
+    key_reload_s: float = Field(default=30.0, gt=0, le=3600)
 
 
 class WorkerSettings(_Section):

@@ -24,11 +24,12 @@ from vela.metrics import RecordingMetrics
 from vela.queue.db_queue import DatabaseQueue
 from vela.queue.listener import Listener
 from vela.queue.redis_queue import RedisQueue
-from vela.security import Registration, load_or_create_identity, pin_key_set
+from vela.security import Registration, load_or_create_identity
 from vela.server.authority import Authority
 from vela.server.context import ServerContext
 from vela.server.scheduler import Scheduler, WorkerGone
 from vela.worker import WorkerCore
+from vela.worker.server_keys import ServerKeys
 
 HELLO = """
 version: "1"
@@ -190,10 +191,14 @@ class System:
         state_dir = self.tmp / "workers" / hostname
         identity = self.identity(hostname)
         runtime = runtime or choose_runtime(allow_unsandboxed=False, network=False)
+        # As the WorkerActor: it fetches the key set again after a rotation.
+        server_keys = ServerKeys(state_dir, fetch=lambda: self.scheduler.key_set(),
+                                 period_s=self.settings.tokens.key_reload_s)
         core = WorkerCore(hostname=hostname, routes=list(routes), build_limit=build_limit,
                           backlog=backlog, identity=identity, pinned_server_keys={},
                           runtime=runtime, server=DirectLink(self), workspace_root=state_dir / "ws",
-                          flush_s=0.05, report_retry_s=0.01, report_deadline_s=5.0)
+                          flush_s=0.05, report_retry_s=0.01, report_deadline_s=5.0,
+                          refresh_server_keys=server_keys.refresh)
         self.directory.clients[hostname] = LocalWorkerClient(core, self.tokens)
         token = await self.authority.registration_token(routes=list(routes), hostname=hostname)
         reg = Registration(hostname=hostname, routes=list(routes), build_limit=build_limit,
@@ -201,7 +206,7 @@ class System:
                            seal_public_key=identity.seal_public_key,
                            actor_name=f"vela-worker-{hostname}")
         key_set = await self.scheduler.register(reg.model_dump(mode="json"), token=token)
-        core.pin(pin_key_set(key_set, pinned=None).keys)
+        core.pin(server_keys.pin(key_set).keys)
         return core
 
     async def submit(self, text: str, *, repo: str = "acme/app", route: str = "vela",

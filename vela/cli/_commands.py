@@ -11,6 +11,7 @@ from rich.table import Table
 from vela.cli import (  # noqa: F401 - registers commands
     admin_cmd,
     client_cmd,
+    keys_cmd,
     queue_cmd,
     serve_cmd,
     worker_token_cmd,
@@ -29,6 +30,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(queue_cmd.app, name="queue")
 app.add_typer(worker_token_cmd.app, name="worker-token")
 app.add_typer(admin_cmd.app, name="admin-credential")
+app.add_typer(keys_cmd.app, name="keys")
 
 
 @config_app.command("show")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -102,7 +102,7 @@ class GatewayStats:
 
 class LegacyGateway:
     def __init__(self, *, store: Store, settings: Settings,
-                 queue_keys: Callable[[], Mapping[str, str]],
+                 queue_keys: Callable[[], Awaitable[Mapping[str, str]]],
                  metrics: Metrics | None = None,
                  now: Callable[[], datetime] = _utcnow) -> None:
         # Raises ConfigError when legacy mode is off: then this door does not exist.
@@ -140,7 +140,7 @@ class LegacyGateway:
         self.stats.hellos += 1
         log.info("legacy worker %s serves %s", hostname, ", ".join(routes))
         q = self.settings.queue
-        return {"queue_keys": dict(self._queue_keys()), "routes": list(routes),
+        return {"queue_keys": dict(await self._queue_keys()), "routes": list(routes),
                 "max_item_bytes": q.max_item_bytes, "lease_s": q.lease_seconds}
 
     async def claim(self, *, worker_secret: str, hostname: str,

@@ -29,8 +29,9 @@ from vela.domain import BuildStatus
 from vela.executor import Runtime
 from vela.pipeline import Executable, PipelineError
 from vela.queue.base import Queue
-from vela.queue.item import ItemVerifier, QueueItemInvalid
+from vela.queue.item import InvalidReason, ItemVerifier, QueueItem, QueueItemInvalid
 from vela.queue.listener import Backoff
+from vela.reloading import Reloading
 from vela.security import BuildAction, Rejected
 from vela.worker.core import BuildRunner, Job, _Run
 
@@ -78,7 +79,7 @@ class LegacyWorker(BuildRunner):
                  worker_secret: str, reserve_timeout_s: float = 1.0,
                  reclaim_every_s: float = 5.0, clock: Callable[[], datetime] = _utcnow,
                  batch_lines: int = 100, flush_s: float = 0.5, report_retry_s: float = 0.2,
-                 report_deadline_s: float = 300.0) -> None:
+                 report_deadline_s: float = 300.0, key_reload_s: float = 30.0) -> None:
         super().__init__(hostname=hostname, routes=routes, build_limit=build_limit,
                          runtime=runtime, workspace_root=workspace_root, clock=clock,
                          batch_lines=batch_lines, flush_s=flush_s,
@@ -89,6 +90,11 @@ class LegacyWorker(BuildRunner):
         self.reserve_timeout_s = reserve_timeout_s
         self.reclaim_every_s = reclaim_every_s
         self._verifier: ItemVerifier | None = None
+        # The queue keys come with a hello, asked again once they are key_reload_s old (a
+        # rotated-in key is published before it signs) and when an item names an unknown
+        # kid (at most once per key_reload_s).
+        self._keys = Reloading(self.connect, None, period_s=key_reload_s, clock=clock,
+                               what="queue keys")
         self._lease_s = 60.0
         self._next_reclaim = float("-inf")
         self.error: str | None = None
@@ -123,7 +129,8 @@ class LegacyWorker(BuildRunner):
         """Pop one item if a slot is free, claim its build and start it."""
         if self._verifier is None:
             await self.connect()
-        assert self._verifier is not None
+        else:
+            await self._keys.fresh()
         if self.free_slots <= 0:
             return Poll.NO_SLOT
         await self._maybe_reclaim()
@@ -132,7 +139,7 @@ class LegacyWorker(BuildRunner):
         if res is None:
             return Poll.IDLE
         try:
-            item = self._verifier.verify(res.payload, route=res.route)
+            item = await self._verify(res.payload, route=res.route)
         except QueueItemInvalid as e:
             log.warning("dead-lettering queue item %s on %s: %s", res.id, res.route, e)
             await self.queue.dead_letter(res, e.reason.value, str(e))
@@ -159,6 +166,17 @@ class LegacyWorker(BuildRunner):
                   executable=str(claim["executable"]), secrets={})
         self._start(job)
         return Poll.STARTED
+
+    async def _verify(self, payload: bytes, *, route: str) -> QueueItem:
+        try:
+            assert self._verifier is not None
+            return self._verifier.verify(payload, route=route)
+        except QueueItemInvalid as e:
+            if e.reason is not InvalidReason.UNKNOWN_KID \
+                    or not await self._keys.reload_on_demand():
+                raise
+        assert self._verifier is not None
+        return self._verifier.verify(payload, route=route)
 
     async def run_until_idle(self, max_passes: int = 1_000) -> list[Poll]:
         """Burst mode for tests and tools: passes until nothing more happens."""

@@ -131,24 +131,36 @@ class ItemVerifier:
     def from_public_keys(cls, keys: Mapping[str, str], known_routes: Iterable[str],
                          max_bytes: int) -> ItemVerifier:
         """From ``{kid: base64url public key}``, as ``KeyRing.verifying_keys`` gives them."""
-        from vela.security.keys import load_public_key
-
-        return cls({kid: load_public_key(k) for kid, k in keys.items()}, known_routes,
-                   max_bytes)
+        verifier = cls({}, known_routes, max_bytes)
+        verifier.use_keys(keys)
+        return verifier
 
     def __init__(self, public_keys: Mapping[str, Ed25519PublicKey], known_routes: Iterable[str],
                  max_bytes: int) -> None:
         self._keys = dict(public_keys)
+        self._given: dict[str, str] | None = None  # what use_keys last loaded them from
         # Keeps configuration order: the listener walks routes in this order.
         self.known_routes: tuple[str, ...] = tuple(dict.fromkeys(known_routes))
         self.max_bytes = max_bytes
 
+    def use_keys(self, keys: Mapping[str, str]) -> None:
+        """Trust exactly ``keys`` (``{kid: base64url public key}``) from now on: the
+        server's verifying queue keys as they are after a rotation."""
+        if keys == self._given:
+            return
+        from vela.security.keys import load_public_key
+
+        self._keys = {kid: load_public_key(k) for kid, k in keys.items()}
+        self._given = dict(keys)
+
     def trust(self, kid: str, key: Ed25519PublicKey) -> None:
         """Add a key (rotation: trust the new key before the signer switches to it)."""
         self._keys[kid] = key
+        self._given = None
 
     def distrust(self, kid: str) -> None:
         self._keys.pop(kid, None)
+        self._given = None
 
     def verify(self, raw: bytes, *, route: str) -> QueueItem:
         """The item in ``raw``, taken from the queue of ``route``."""

@@ -10,7 +10,8 @@ One pass (:meth:`Listener.run_once`):
 3. ask the dispatcher for its capacity (free slots per route) and reserve
    up to ``batch`` items, no more than there are free slots, from routes with
    a free slot only, so items that cannot be placed stay in the queue;
-4. verify each item; a refused item is dead-lettered with its reason code;
+4. verify each item (with the server's queue keys as they are now: see
+   :class:`KeySource`); a refused item is dead-lettered with its reason code;
 5. submit them in one call (``submit_many``) and settle each by outcome:
    DISPATCHED and NOT_PENDING ack, NO_CAPACITY and RETRY release, REJECTED
    dead-letters; an item whose submit raised (or all, if the call did) is released.
@@ -40,7 +41,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -115,6 +116,19 @@ class Dispatcher(Protocol):
         ...
 
 
+class KeySource(Protocol):
+    """The server's verifying queue keys, followed across rotations
+    (:class:`~vela.security.keys.RingHolder`)."""
+
+    async def verifying_keys(self) -> Mapping[str, str]:
+        """``{kid: public key}``, reloaded first when they are a period old."""
+        ...
+
+    async def reload_unknown(self) -> bool:
+        """An item named an unknown kid: reload, unless done less than a period ago."""
+        ...
+
+
 async def submit_each(submit: Callable[[QueueItem], Awaitable[SubmitResult]],
                       items: list[QueueItem]) -> list[SubmitResult | Exception]:
     """:meth:`Dispatcher.submit_many` from a one-build ``submit``, concurrently."""
@@ -185,6 +199,11 @@ class _Settlement:
     done: Step   # what the pass reports once it took effect
 
 
+def _unknown_kid(verified: QueueItem | Exception) -> bool:
+    return isinstance(verified, QueueItemInvalid) \
+        and verified.reason is InvalidReason.UNKNOWN_KID
+
+
 def _ack(res: Reservation, done: Step) -> _Settlement:
     return _Settlement(Settlement(res, "ack"), done)
 
@@ -214,11 +233,14 @@ class Listener:
         max_deliveries: int | None = None,
         backoff: Backoff | None = None,
         reconnect: Callable[[], Awaitable[Queue]] | None = None,
+        keys: KeySource | None = None,
         clock: Clock = time.time,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.queue = queue
         self.verifier = verifier
+        # Where the verifier's keys come from; None: the ones it was made with, for ever.
+        self.keys = keys
         self.dispatcher = dispatcher
         self.lease_s = lease_s
         self.reserve_timeout_s = reserve_timeout_s
@@ -325,7 +347,9 @@ class Listener:
     async def _settlements(self, reserved: list[Reservation]) -> list[_Settlement]:
         """What to do with each reserved item, in order: items that fail their checks
         are dead-lettered, the rest submitted together and settled by outcome."""
-        out: list[_Settlement | QueueItem] = [self._check(res) for res in reserved]
+        out: list[_Settlement | QueueItem] = [
+            self._check(res, verified) for res, verified in zip(
+                reserved, await self._verify_all(reserved), strict=True)]
         todo = [(i, x) for i, x in enumerate(out) if isinstance(x, QueueItem)]
         if not todo:
             return out  # type: ignore[return-value]
@@ -339,17 +363,38 @@ class Listener:
             out[i] = self._by_outcome(reserved[i], item, result)
         return out  # type: ignore[return-value]
 
-    def _check(self, res: Reservation) -> _Settlement | QueueItem:
+    async def _verify_all(self, reserved: list[Reservation]) -> list[QueueItem | Exception]:
+        """Each item verified with the current keys; those naming an unknown kid once
+        more after a reload (a key rotated in since), unless one was made less than a
+        period ago (a flood of forged kids reloads once per period)."""
+        if self.keys is not None:
+            self.verifier.use_keys(await self.keys.verifying_keys())
+        verified = [self._verify(res) for res in reserved]
+        if self.keys is not None and any(map(_unknown_kid, verified)) \
+                and await self.keys.reload_unknown():
+            self.verifier.use_keys(await self.keys.verifying_keys())
+            verified = [self._verify(res) if _unknown_kid(v) else v
+                        for res, v in zip(reserved, verified, strict=True)]
+        return verified
+
+    def _verify(self, res: Reservation) -> QueueItem | Exception:
         try:
-            item = self.verifier.verify(res.payload, route=res.route)
-        except QueueItemInvalid as e:
-            log.warning("dead-lettering queue item %s on %s: %s", res.id, res.route, e)
-            return _dead(res, e.reason.value, str(e))
+            return self.verifier.verify(res.payload, route=res.route)
         except Exception as e:  # noqa: BLE001 - one item must never stop every pass
+            return e
+
+    def _check(self, res: Reservation, verified: QueueItem | Exception
+               ) -> _Settlement | QueueItem:
+        if isinstance(verified, QueueItemInvalid):
+            log.warning("dead-lettering queue item %s on %s: %s", res.id, res.route,
+                        verified)
+            return _dead(res, verified.reason.value, str(verified))
+        if isinstance(verified, Exception):
             log.error("dead-lettering queue item %s on %s: it could not be checked (%s)",
-                      res.id, res.route, type(e).__name__)
+                      res.id, res.route, type(verified).__name__)
             return _dead(res, InvalidReason.MALFORMED.value,
-                         f"could not be checked: {type(e).__name__}")
+                         f"could not be checked: {type(verified).__name__}")
+        item = verified
         if self.max_deliveries is not None and res.deliveries > self.max_deliveries:
             return _dead(res, MAX_DELIVERIES_REASON,
                          f"delivered {res.deliveries} times without being settled")

@@ -9,6 +9,9 @@ reports are written, in the same transaction
 (:class:`~vela.server.reports.ReportWriter`). Revocation is the build row itself: a
 token acts only while its build is ``running`` on its worker with its ``jti``
 recorded, so ending, re-queueing or re-dispatching a build kills its token at once.
+Its keys follow the database (:class:`~vela.security.keys.RingHolder`): after a
+rotation it signs with the new key once that key's turn comes, and verifies the old
+ones until they expire.
 """
 
 from __future__ import annotations
@@ -33,13 +36,12 @@ from vela.security import (
     Reason,
     Rejected,
     create_registration_token,
-    load_or_create_keyring,
     mint_api_token,
     mint_build_token,
     publish_key_set,
     seal_package,
 )
-from vela.security.keys import PURPOSE_TOKEN
+from vela.security.keys import PURPOSE_TOKEN, RingHolder
 from vela.server.builds import build_meta
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,10 @@ class AuthorityStats:
 
 
 class Authority:
-    def __init__(self, store: Store, ring: KeyRing, *, settings: Settings,
+    def __init__(self, store: Store, keys: RingHolder, *, settings: Settings,
                  clock: Callable[[], datetime] = _utcnow) -> None:
         self.store = store
-        self.ring = ring
+        self.keys = keys
         self.settings = settings
         self.server_id = settings.server.id
         self._clock = clock
@@ -82,16 +84,22 @@ class Authority:
     @classmethod
     async def load(cls, store: Store, settings: Settings, master_key: bytes, *,
                    clock: Callable[[], datetime] = _utcnow) -> Authority:
-        ring = await load_or_create_keyring(store, purpose=PURPOSE_TOKEN, master_key=master_key,
-                                            now=clock())
-        return cls(store, ring, settings=settings, clock=clock)
+        keys = await RingHolder.open(store, purpose=PURPOSE_TOKEN, master_key=master_key,
+                                     period_s=settings.tokens.key_reload_s, clock=clock)
+        return cls(store, keys, settings=settings, clock=clock)
+
+    @property
+    def ring(self) -> KeyRing:
+        """The token keys as last loaded (:meth:`RingHolder.current` reloads them)."""
+        return self.keys.ring
 
     def __repr__(self) -> str:
-        return f"Authority({self.server_id}, {self.ring!r})"
+        return f"Authority({self.server_id}, {self.keys!r})"
 
     async def key_set(self) -> dict[str, Any]:
-        """The verifying keys, endorsed by each: what a worker pins at registration."""
-        return publish_key_set(self.ring, server_id=self.server_id,
+        """The verifying keys, endorsed by each: what a worker pins at registration, and
+        fetches again when a package names a key it has not pinned (a rotation)."""
+        return publish_key_set(await self.keys.current(), server_id=self.server_id,
                                now=self._clock()).model_dump(mode="json")
 
     async def issue_package(self, build_id: int, hostname: str, *,
@@ -99,16 +107,17 @@ class Authority:
         """Mint a token for ``build_id`` bound to ``hostname``'s registered key and seal
         the package to it. Secrets are read here and leave only sealed. ``rows``: the
         build, repo and worker, read already (:meth:`issue_packages`)."""
+        ring = await self.keys.current()
         now = self._clock()
         build, repo, worker = rows or await self.store.package_rows(build_id, hostname)
         executable = Executable.from_json(build.executable)
         secrets = await self.store.secrets_for_repo(repo.full_name, executable.secret_names())
         token, claims = mint_build_token(
-            self.ring, issuer=self.server_id, build_id=build.id, worker=hostname,
+            ring, issuer=self.server_id, build_id=build.id, worker=hostname,
             jkt=worker.key_thumbprint, timeout_s=build.timeout_s,
             grace_s=self.settings.tokens.build_token_grace_s, now=now)
         meta = build_meta(build, repo.full_name)
-        package = seal_package(ring=self.ring, server_id=self.server_id, build_id=build.id,
+        package = seal_package(ring=ring, server_id=self.server_id, build_id=build.id,
                                worker=hostname, worker_seal_key=worker.seal_public_key,
                                build=meta, executable=build.executable, secrets=secrets,
                                build_token=token, now=now,
@@ -157,10 +166,19 @@ class Authority:
                 raise Rejected(Reason.MALFORMED, "build id")
             if worker_sign_key is None:
                 worker_sign_key = await self._key_of_builds_worker(build_id)
-            claims = self.guard.verify(
-                token=token, proof=proof, reports_digest=reports_digest,
-                keys=self.ring.verifying_keys(now), build_id=build_id,
-                worker_sign_key=worker_sign_key, now=now)
+            keys = await self.keys.verifying_keys()
+            try:
+                claims = self.guard.verify(
+                    token=token, proof=proof, reports_digest=reports_digest, keys=keys,
+                    build_id=build_id, worker_sign_key=worker_sign_key, now=now)
+            except Rejected as e:
+                # Checked before the proof, which is therefore not spent yet.
+                if e.reason is not Reason.UNKNOWN_KID or not await self.keys.reload_unknown():
+                    raise
+                claims = self.guard.verify(
+                    token=token, proof=proof, reports_digest=reports_digest,
+                    keys=await self.keys.verifying_keys(), build_id=build_id,
+                    worker_sign_key=worker_sign_key, now=now)
         except Rejected as e:
             self.stats.rejected[e.reason.value] = self.stats.rejected.get(e.reason.value, 0) + 1
             raise
@@ -183,8 +201,9 @@ class Authority:
                              ttl_s: int) -> dict[str, Any]:
         """An API token for people and tools; the HTTP API checks it against
         :meth:`key_set`'s keys (a build token never passes: other ``typ`` and ``aud``)."""
-        token, claims = mint_api_token(self.ring, issuer=self.server_id, subject=subject,
-                                       scopes=scopes, ttl_s=ttl_s, now=self._clock())
+        token, claims = mint_api_token(await self.keys.current(), issuer=self.server_id,
+                                       subject=subject, scopes=scopes, ttl_s=ttl_s,
+                                       now=self._clock())
         return {"token": token, "subject": claims.sub, "scopes": claims.scp,
                 "expires_at": claims.exp}
 

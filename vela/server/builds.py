@@ -24,18 +24,26 @@ from vela.pipeline import compile_pipeline
 from vela.queue import Queue
 from vela.queue.item import ItemSigner, QueueItem
 from vela.queue.listener import is_transient
+from vela.security.keys import RingHolder
 
 log = logging.getLogger(__name__)
+
+# The longest build timeout: a build token lives this long plus its grace, so a retired
+# server key verifies at least that long (vela.server.keys).
+MAX_BUILD_TIMEOUT_S = 7 * 24 * 3600
 
 
 class BuildQueue:
     """The server's producer side of the queue: stores builds, pushes signed items."""
 
     def __init__(self, store: Store, queue: Queue, signer: ItemSigner,
-                 routes: Iterable[str]) -> None:
+                 routes: Iterable[str], *, keys: RingHolder | None = None) -> None:
         self.store = store
         self.queue = queue
         self.signer = signer
+        # Where the signer's key comes from, followed across rotations; None: ``signer``
+        # signs for ever.
+        self.keys = keys
         self.routes = tuple(routes)
         # Told after each successful push (the Scheduler wakes the listener with it).
         self.on_enqueued: Callable[[], None] | None = None
@@ -48,6 +56,9 @@ class BuildQueue:
         pipeline and :class:`VelaError` for an unknown route.
         """
         self._check_route(route, f"unknown route {route!r}")
+        if timeout_s is not None and not 0 < timeout_s <= MAX_BUILD_TIMEOUT_S:
+            raise VelaError(f"a build's timeout is 1 to {MAX_BUILD_TIMEOUT_S} seconds "
+                            "(7 days)")
         executable = compile_pipeline(pipeline)
         steps = [StepSpec(number=i, name=s.name, image=s.image or "")
                  for i, s in enumerate(executable.steps, start=1)]
@@ -76,6 +87,7 @@ class BuildQueue:
         """Store a new build and queue it: in the same transaction when the queue lives
         in the same database (the embedded default: one commit, and no moment when the
         build exists unqueued), else by a push after the commit."""
+        await self._fresh_signer()
         push = self.queue.pusher_within(self.store.engine)
         if push is None:
             build = await self.store.create_build(repo, **fields)
@@ -93,6 +105,7 @@ class BuildQueue:
         False if the queue back end is unreachable: the build is then marked
         unqueued (``enqueued_at`` cleared) for :meth:`enqueue_pending` to push later.
         """
+        await self._fresh_signer()
         try:
             await self.queue.push(build.route, self._signed(build))
         except Exception as e:
@@ -107,6 +120,13 @@ class BuildQueue:
             await self.store.set_build_fields(build.id, enqueued_at=datetime.now(UTC))
         self._enqueued()
         return True
+
+    async def _fresh_signer(self) -> None:
+        """Sign with the queue key that signs now (after a rotation, the new one)."""
+        if self.keys is not None:
+            active = (await self.keys.current()).active
+            if active.kid != self.signer.kid:
+                self.signer = ItemSigner.from_key(active)
 
     def _signed(self, build: Build) -> bytes:
         return self.signer.sign(QueueItem.new(build.id, build.route,

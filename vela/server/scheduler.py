@@ -561,6 +561,12 @@ class Scheduler:
         await self._attach(reg, worker, running or [])
         return await self.authority.key_set()
 
+    async def key_set(self) -> dict[str, Any]:
+        """The server's key set, endorsed by its keys (public): a worker fetches it
+        again when a package names a key it has not pinned, after a rotation, and pins
+        it only if a key it pins already endorses it."""
+        return await self.authority.key_set()
+
     async def _attach(self, reg: Registration, worker: Worker, running: list[int]) -> None:
         client = await self.directory.connect(reg.hostname, reg.actor_name)
         if client is None:

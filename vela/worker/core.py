@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -534,13 +534,17 @@ class WorkerCore(BuildRunner):
                  runtime: Runtime, server: ServerLink, workspace_root: Path,
                  backlog: int = 0, clock: Callable[[], datetime] = _utcnow,
                  batch_lines: int = 100, flush_s: float = 0.5, report_retry_s: float = 0.2,
-                 report_deadline_s: float = 300.0) -> None:
+                 report_deadline_s: float = 300.0,
+                 refresh_server_keys: Callable[[], Awaitable[Mapping[str, str] | None]]
+                 | None = None) -> None:
         super().__init__(hostname=hostname, routes=routes, build_limit=build_limit,
                          runtime=runtime, workspace_root=workspace_root, backlog=backlog,
                          clock=clock, batch_lines=batch_lines, flush_s=flush_s,
                          report_retry_s=report_retry_s, report_deadline_s=report_deadline_s)
         self._identity = identity
         self._pinned: dict[str, str] = dict(pinned_server_keys)
+        # After a rotation: the server keys pinned anew, or None (ServerKeys.refresh).
+        self._refresh_server_keys = refresh_server_keys
         self._server = server
         self._seen: dict[str, float] = {}  # package_id -> its expiry (epoch seconds)
 
@@ -577,9 +581,22 @@ class WorkerCore(BuildRunner):
         call fewer per build, and the build does not wait for it). When every slot is
         taken, up to ``backlog`` packages are held instead and started as slots free;
         their receipts carry no start (the build reports it when it starts).
-        Everything up to reserving the slot happens without an await, so calls made
-        concurrently cannot take more than ``build_limit`` slots (and the backlog).
+        Everything up to reserving the slot happens without an await (:meth:`_accept`),
+        so calls made concurrently cannot take more than ``build_limit`` slots (and the
+        backlog). A package signed by a key not pinned here (the server rotated its
+        key) is tried once more, from the start, if the server's key set could be
+        fetched and pinned anew meanwhile.
         """
+        receipt = self._accept(package)
+        if receipt.reason == Reason.PACKAGE_UNKNOWN_SIGNER.value \
+                and self._refresh_server_keys is not None:
+            keys = await self._refresh_server_keys()
+            if keys is not None:
+                self.pin(keys)
+                receipt = self._accept(package)
+        return receipt
+
+    def _accept(self, package: dict[str, Any]) -> Receipt:
         claimed = package.get("build_id") if isinstance(package, dict) else None
         claimed_id = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) \
             else None

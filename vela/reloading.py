@@ -1,0 +1,76 @@
+"""A value read from a slow source (the database, the server), kept and reloaded.
+
+:class:`Reloading` reloads when its value is older than a period, and on demand — when
+a signature names a key the value lacks — at most once per period: whoever can make
+such requests (a forged key id costs nothing) cannot make it hammer the source. Calls
+made while a load is under way share that load. A load that fails keeps the value it
+had and is tried again a period later (the source may be down: no hammering either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Reloading(Generic[T]):
+    def __init__(self, load: Callable[[], Awaitable[T]], value: T, *, period_s: float,
+                 clock: Callable[[], datetime], what: str = "value") -> None:
+        self._load = load
+        self.value = value
+        self.period = timedelta(seconds=period_s)
+        self._clock = clock
+        self._what = what
+        self._loaded_at = clock()
+        self._asked_at: datetime | None = None  # the last on-demand reload
+        self._loading: asyncio.Task[bool] | None = None
+        self.loads = 0  # loads begun, for status and tests
+
+    def age(self) -> timedelta:
+        return self._clock() - self._loaded_at
+
+    async def fresh(self) -> T:
+        """The value, reloaded first if it is a period old or older."""
+        if self._loading is not None or self.age() >= self.period:
+            await self._reload()
+        return self.value
+
+    async def reload_on_demand(self) -> bool:
+        """Reload now, unless an on-demand reload began less than a period ago: then
+        False at once (the caller refuses as it would have). Otherwise whether the
+        reload — this one, or one under way — succeeded (False: the old value stays)."""
+        if self._loading is None:
+            now = self._clock()
+            if self._asked_at is not None and now - self._asked_at < self.period:
+                return False
+            self._asked_at = now
+        return await self._reload()
+
+    async def _reload(self) -> bool:
+        if self._loading is None:
+            self._loading = asyncio.get_running_loop().create_task(self._load_once())
+        # Shielded: a caller that gives up does not cancel the others' load.
+        return await asyncio.shield(self._loading)
+
+    async def _load_once(self) -> bool:
+        self.loads += 1
+        try:
+            value = await self._load()
+        except Exception as e:  # noqa: BLE001 - keep what we have; retried a period later
+            log.warning("cannot reload the %s (%s: %s); keeping the one loaded %.0f s ago",
+                        self._what, type(e).__name__, e, self.age().total_seconds())
+            ok = False
+        else:
+            self.value = value
+            ok = True
+        finally:
+            self._loaded_at = self._clock()
+            self._loading = None
+        return ok

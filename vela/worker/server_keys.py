@@ -1,0 +1,66 @@
+"""The server keys a worker trusts, kept in its state directory, and how it follows a
+rotation of the server's token key.
+
+At registration the worker pins the server's key set (:func:`~vela.security.pin_key_set`).
+After a rotation the server signs packages with a key the worker has not pinned; on that
+refusal only (``package_unknown_signer``) the worker fetches the server's current key set
+— public data, over its link to the Scheduler — and pins it if, and only if, a key it
+pins already endorses it: a key set made by anyone else is refused, and so are the
+packages it would have let in. At most one fetch per period (whoever can send packages
+with made-up kids cannot make it ask the server more often), and packages refused
+together share one fetch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vela.reloading import Reloading
+from vela.security import PinnedServer, load_pinned_server, pin_key_set, save_pinned_server
+
+log = logging.getLogger("vela.worker")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ServerKeys:
+    def __init__(self, state_dir: Path, *, fetch: Callable[[], Awaitable[object]],
+                 period_s: float, clock: Callable[[], datetime] = _utcnow) -> None:
+        self.state_dir = Path(state_dir)
+        self.pinned: PinnedServer | None = load_pinned_server(self.state_dir)
+        self._fetch = fetch
+        self._refresh = Reloading(self._fetch_and_pin, None, period_s=period_s, clock=clock,
+                                  what="server key set")
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """``{kid: public key}`` of the pinned server keys (none before registration)."""
+        return dict(self.pinned.keys) if self.pinned is not None else {}
+
+    def pin(self, key_set: object) -> PinnedServer:
+        """Pin ``key_set`` (a registration's answer, or fetched) as
+        :func:`~vela.security.pin_key_set` allows, and keep it in the state dir;
+        :class:`~vela.security.Rejected` if it does not."""
+        pinned = pin_key_set(key_set, pinned=self.pinned)
+        save_pinned_server(self.state_dir, pinned)
+        self.pinned = pinned
+        return pinned
+
+    async def refresh(self) -> dict[str, str] | None:
+        """After a package of an unknown signer: the server's key set fetched and pinned;
+        the pinned keys if that changed them, else None (the set was refused, the server
+        did not answer, it holds nothing new, or a fetch was made less than a period ago)."""
+        before = self.keys
+        if not await self._refresh.reload_on_demand():
+            return None
+        after = self.keys
+        return after if after != before else None
+
+    async def _fetch_and_pin(self) -> None:
+        pinned = self.pin(await self._fetch())
+        log.info("pinned the server's key set: %s", ", ".join(sorted(pinned.keys)))
