@@ -186,3 +186,24 @@ def test_ctrl_c_stops_following_not_the_build(monkeypatch, tmp_path, args, shown
         "stopped following build 7, which carries on on the server: `vela build logs 7 "
         "--follow` picks it up again, `vela build cancel 7` stops it"]
     assert "Traceback" not in r.output
+
+
+class _Stream:
+    """An API whose build 9 logs a line in steps 1 and 2, then ends."""
+
+    def stream(self, path, **params):
+        yield {"event": "log", "id": 1, "step": 1, "text": "one\n"}
+        yield {"event": "log", "id": 2, "step": 2, "text": "two\n"}
+        yield {"event": "end", "status": "success", "reason": None}
+
+    def get(self, path):
+        return {"id": 9, "status": "success", "reason": None}
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_follow_with_a_step_prints_only_that_steps_log(monkeypatch, live):
+    """`vela build logs ID --step 2 --follow` shows step 2's log, as without --follow."""
+    said: list[str] = []
+    monkeypatch.setattr(client_cmd, "_say", said.append)
+    client_cmd._follow(_Stream(), {"id": 9}, quiet=False, live_logs=live, step=2)
+    assert [line for line in said if line.startswith("[")] == ["[2] two"]

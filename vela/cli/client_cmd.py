@@ -134,16 +134,16 @@ FOLLOW_RETRIES = 5
 
 
 def _follow(api: ApiClient, build: dict[str, Any], *, quiet: bool,
-            live_logs: bool = False) -> dict[str, Any]:
-    """Print status and step changes as they happen, then the logs; the final build.
-    Ctrl-C stops following (:func:`following`)."""
+            live_logs: bool = False, step: int = 0) -> dict[str, Any]:
+    """Print status and step changes as they happen, then the logs (only step ``step``'s
+    if not 0); the final build. Ctrl-C stops following (:func:`following`)."""
     build_id = build["id"]
     with following(build_id):
-        return _follow_build(api, build_id, quiet=quiet, live_logs=live_logs)
+        return _follow_build(api, build_id, quiet=quiet, live_logs=live_logs, step=step)
 
 
 def _follow_build(api: ApiClient, build_id: int, *, quiet: bool,
-                  live_logs: bool) -> dict[str, Any]:
+                  live_logs: bool, step: int) -> dict[str, Any]:
     chunks: list[dict[str, Any]] = []
     after = 0
     ended = False
@@ -168,6 +168,8 @@ def _follow_build(api: ApiClient, build_id: int, *, quiet: bool,
                     _say(f"  step {st['number']} {st['name']}: {st['status']}")
                 elif kind == "log":
                     after = max(after, e["id"])
+                    if step and e["step"] != step:
+                        continue
                     if live_logs and not quiet:
                         for line in e["text"].splitlines():
                             _say(f"[{e['step']}] {line}")
@@ -296,7 +298,8 @@ def build_logs(
     """A build's logs (secrets show as ***)."""
     with _client() as api:
         if follow:
-            final = _follow(api, {"id": build_id}, quiet=as_json, live_logs=True)
+            final = _follow(api, {"id": build_id}, quiet=as_json, live_logs=True,
+                            step=step)
             if as_json:
                 print_json(final)
             if final["status"] != "success":
