@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from vela.config import Settings
 from vela.worker.launch import launch_spec, replace_reason, worker_settings
 
@@ -88,16 +90,27 @@ def test_a_server_mode_worker_is_given_no_server_secret():
     assert spec(given) == spec(settings_with_secrets())  # the same worker, as started
 
 
-def test_a_legacy_worker_keeps_the_queue_it_pops_but_no_key_or_secret():
+@pytest.mark.parametrize("backend", ["database", "redis"])
+def test_a_legacy_worker_keeps_the_queue_it_pops_but_no_key_or_secret(backend):
+    """Only the URL of the queue it pops: the database's on the database back end, the
+    Redis one on Redis; never the other (the database's password reads every
+    ciphertext, and a Redis password is no business of a worker on the database)."""
     import pickle
 
-    given = worker_settings(settings_with_secrets(), legacy=True)
+    from vela.queue import open_queue
+
+    full = settings_with_secrets()
+    full.queue.backend = backend
+    given = worker_settings(full, legacy=True)
     sent = pickle.dumps(given)
     master, db, redis, legacy, token = SECRETS
-    for secret in (master, legacy, token):
+    kept, stripped = (db, redis) if backend == "database" else (redis, db)
+    for secret in (master, legacy, token, stripped):
         assert secret.encode() not in sent, secret
-    assert redis in given.queue.redis_url.get_secret_value()
-    assert given.database.url is not None and db in given.database.url.get_secret_value()
+    assert kept.encode() in sent
+    queue = open_queue(given)  # opens no connection yet
+    assert type(queue).__name__ == ("DatabaseQueue" if backend == "database" else "RedisQueue")
+    assert spec(given) == spec(full)
 
 
 def test_both_worker_starts_send_their_actor_the_stripped_settings(monkeypatch, tmp_path):

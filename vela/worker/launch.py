@@ -39,17 +39,20 @@ def worker_settings(settings: Settings, *, legacy: bool = False) -> Settings:
     """``settings`` as a worker actor is given them: never the master key (it decrypts
     every secret), the legacy worker secret (it reads them all) or a registration token
     (the constructor gets that alone). A legacy worker pops the queue itself, as classic
-    Vela's do, so it keeps the queue's and the database's URLs; a server-mode worker
-    gets neither."""
+    Vela's do, so it keeps the URL of that queue: the database's on the database back
+    end, Redis's on Redis, never the other; a server-mode worker gets neither."""
     from vela.config import DatabaseSettings, QueueSettings
 
     update: dict[str, Any] = {
         "server": settings.server.model_copy(update={"master_key": None,
                                                      "worker_secret": None}),
         "worker": settings.worker.model_copy(update=dict.fromkeys(_SECRETS))}
-    if not legacy:
-        update.update(database=DatabaseSettings(), queue=settings.queue.model_copy(
-            update={"redis_url": QueueSettings().redis_url}))
+    pops = settings.queue.backend if legacy else None
+    if pops != "database":
+        update["database"] = DatabaseSettings()
+    if pops != "redis":
+        update["queue"] = settings.queue.model_copy(
+            update={"redis_url": QueueSettings().redis_url})
     return settings.model_copy(update=update)
 
 
