@@ -48,6 +48,8 @@ def started_with(settings: Settings, salt: str) -> dict[str, str]:
             if section in NOT_SERVED or key in NOT_SERVED:
                 continue
             value = getattr(model, name)
+            if key == "database.url":  # unset, empty or spelled out: the same database
+                value = settings.database_url()
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             text = json.dumps(value, default=str, sort_keys=True)

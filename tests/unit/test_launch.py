@@ -116,3 +116,21 @@ def test_a_secret_value_given_as_secretstr_compares_by_value():
     b = settings()
     b.database.url = SecretStr("sqlite+aiosqlite:////x.db")
     assert reuse_refusal(running(a), started_with(b, SALT)) is None
+
+
+def test_the_default_database_is_the_same_however_it_is_left_unset(tmp_path):
+    """database.url empty (``VELA_DATABASE_URL=`` or ``url = ""``) is the default SQLite
+    database, as unset is: a second `vela serve` so configured runs the same server."""
+    from vela.config import load_settings
+
+    unset = load_settings(environ={"VELA_SERVER_DATA_DIR": str(tmp_path)})
+    empty = load_settings(environ={"VELA_SERVER_DATA_DIR": str(tmp_path),
+                                   "VELA_DATABASE_URL": ""})
+    named = load_settings(environ={"VELA_SERVER_DATA_DIR": str(tmp_path),
+                                   "VELA_DATABASE_URL": unset.database_url()})
+    assert unset.database_url() == empty.database_url() == named.database_url()
+    for alike in (empty, named):
+        assert reuse_refusal(running(unset), started_with(alike, SALT)) is None
+    other = load_settings(environ={"VELA_SERVER_DATA_DIR": str(tmp_path / "other")})
+    reason = reuse_refusal(running(unset), started_with(other, SALT))
+    assert reason is not None and "database.url" in reason and "server.data_dir" in reason
