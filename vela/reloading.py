@@ -4,7 +4,10 @@
 a signature names a key the value lacks — at most once per period: whoever can make
 such requests (a forged key id costs nothing) cannot make it hammer the source. Calls
 made while a load is under way share that load. A load that fails keeps the value it
-had and is tried again a period later (the source may be down: no hammering either).
+had and is tried again a period later (the source may be down: no hammering either);
+so does a load that has not answered after a period (at least
+:data:`MIN_LOAD_TIMEOUT_S`): it is given up, so that it cannot hold its callers, nor
+every later reload, for ever.
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# The least time a load is given before it counts as failed (a short period in tests).
+MIN_LOAD_TIMEOUT_S = 5.0
+
 
 class Reloading(Generic[T]):
     def __init__(self, load: Callable[[], Awaitable[T]], value: T, *, period_s: float,
-                 clock: Callable[[], datetime], what: str = "value") -> None:
+                 clock: Callable[[], datetime], what: str = "value",
+                 timeout_s: float | None = None) -> None:
         self._load = load
         self.value = value
         self.period = timedelta(seconds=period_s)
+        self.timeout_s = max(period_s, MIN_LOAD_TIMEOUT_S) if timeout_s is None else timeout_s
         self._clock = clock
         self._what = what
         self._loaded_at = clock()
@@ -62,10 +70,11 @@ class Reloading(Generic[T]):
     async def _load_once(self) -> bool:
         self.loads += 1
         try:
-            value = await self._load()
+            value = await asyncio.wait_for(self._load(), self.timeout_s)
         except Exception as e:  # noqa: BLE001 - keep what we have; retried a period later
             log.warning("cannot reload the %s (%s: %s); keeping the one loaded %.0f s ago",
-                        self._what, type(e).__name__, e, self.age().total_seconds())
+                        self._what, type(e).__name__, e or "no answer",
+                        self.age().total_seconds())
             ok = False
         else:
             self.value = value

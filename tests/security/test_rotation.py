@@ -221,3 +221,26 @@ async def test_a_failed_reload_keeps_the_keys_and_waits_a_period(clock):
     assert await holder.reload_unknown() is False  # failed: still refused, no retry storm
     await holder.current()
     assert len(calls) == 2
+
+
+async def test_a_load_that_hangs_keeps_the_keys_and_does_not_hold_their_users(clock):
+    """A reload that never answers (a database that stopped answering, a server that does
+    not reply) counts as failed once it is a period old: its callers go on with the keys
+    they have, and a period later it is tried afresh instead of waited on for ever."""
+    from vela.reloading import Reloading
+
+    hung = asyncio.Event()  # never set
+    calls = []
+
+    async def load() -> str:
+        calls.append(clock.now)
+        if len(calls) == 1:
+            await hung.wait()
+        return "new"
+
+    keys = Reloading(load, "old", period_s=PERIOD, clock=lambda: clock.now, timeout_s=0.05)
+    clock.advance(PERIOD)
+    assert await asyncio.wait_for(keys.fresh(), 5) == "old"
+    assert await asyncio.wait_for(keys.fresh(), 5) == "old" and len(calls) == 1
+    clock.advance(PERIOD)  # the source answers again: the next reload gets through
+    assert await asyncio.wait_for(keys.fresh(), 5) == "new" and len(calls) == 2
