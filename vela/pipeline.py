@@ -222,6 +222,16 @@ class SharedSecret(BaseModel):
     def variable(self) -> str:
         return self.target or secret_env_name(self.key.rpartition("/")[2])
 
+    @model_validator(mode="after")
+    def _default_variable_allowed(self) -> SharedSecret:
+        problem = None if self.target else _variable_problem(self.variable)
+        if problem is not None:  # a name vela_*: VELA_* is Vela's, as for a target
+            kind, message = problem
+            raise PydanticCustomError(
+                kind, "its variable by default, {var}: " + message + "; give a target",
+                {"var": self.variable, "sub_loc": ("key",)})
+        return self
+
 
 # Pydantic puts a tagged union's tag in an error's location; _problems leaves it out.
 _SHARED_TAG = "<shared secret>"

@@ -102,3 +102,15 @@ def test_shared_secrets_count_towards_the_variables_a_step_may_set():
     one = "      - key: acme/ops/a\n        type: shared\n"
     assert len(compile_pipeline(step_with(one, f"    environment: {{{env}}}\n"))
                .steps[0].secret_variables()) == 1
+
+
+def test_a_default_variable_follows_the_variable_rules_as_a_target_does():
+    """Without a target the variable is the name upper-cased: VELA_* is Vela's there
+    too (target: VELA_TOKEN is refused; so is the name vela_token left to default)."""
+    msg = error(step_with("      - key: acme/ops/vela_token\n        type: shared\n"))
+    assert msg.startswith("line 6: steps[0].secrets[0].key: "), msg
+    assert "VELA_TOKEN" in msg and "set by Vela" in msg and "target" in msg, msg
+    ok = compile_pipeline(step_with("      - key: acme/ops/vela_token\n        type: shared\n"
+                                    "        target: TOKEN\n"))
+    assert ok.steps[0].secret_variables() == {"TOKEN": "acme/ops/vela_token"}
+
