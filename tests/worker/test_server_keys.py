@@ -147,3 +147,26 @@ async def test_refusals_fetch_once_per_period_and_together_once(world):
     clock.advance(PERIOD)
     await server.execute(core, server.package(9, one_step("true")))
     assert source.fetches == 2
+
+
+async def test_a_package_that_comes_as_the_fetch_ends_is_opened_too(world):
+    """Another package of the new key, refused after the fetch pinned the new set but
+    before the refusal that asked for it pinned it in the core: it must not be refused
+    as if nothing new had come (the fetch it would need is a period away)."""
+    core, server, source = world.core, world.server, world.source
+    old, new = rotate(server, world.clock)
+    late: list[asyncio.Task[Any]] = []
+
+    async def fetch() -> Any:
+        answer = await source()
+        # Called while this fetch completes: its answer reaches the first refusal later.
+        late.append(asyncio.create_task(
+            server.execute(core, server.package(2, one_step("true")))))
+        return answer
+
+    world.server_keys._fetch = fetch
+    first = await server.execute(core, server.package(1, one_step("true")))
+    second = await late[0]
+    assert first.accepted, first
+    assert second.accepted, second
+    assert source.fetches == 1 and set(world.server_keys.keys) == {old, new}

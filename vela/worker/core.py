@@ -543,7 +543,8 @@ class WorkerCore(BuildRunner):
                          report_retry_s=report_retry_s, report_deadline_s=report_deadline_s)
         self._identity = identity
         self._pinned: dict[str, str] = dict(pinned_server_keys)
-        # After a rotation: the server keys pinned anew, or None (ServerKeys.refresh).
+        # After a rotation: the server keys pinned now, fetched anew if allowed
+        # (ServerKeys.refresh); None: none pinned.
         self._refresh_server_keys = refresh_server_keys
         self._server = server
         self._seen: dict[str, float] = {}  # package_id -> its expiry (epoch seconds)
@@ -587,11 +588,12 @@ class WorkerCore(BuildRunner):
         key) is tried once more, from the start, if the server's key set could be
         fetched and pinned anew meanwhile.
         """
+        tried = self._pinned
         receipt = self._accept(package)
         if receipt.reason == Reason.PACKAGE_UNKNOWN_SIGNER.value \
                 and self._refresh_server_keys is not None:
             keys = await self._refresh_server_keys()
-            if keys is not None:
+            if keys is not None and dict(keys) != tried:
                 self.pin(keys)
                 receipt = self._accept(package)
         return receipt

@@ -52,14 +52,13 @@ class ServerKeys:
         return pinned
 
     async def refresh(self) -> dict[str, str] | None:
-        """After a package of an unknown signer: the server's key set fetched and pinned;
-        the pinned keys if that changed them, else None (the set was refused, the server
-        did not answer, it holds nothing new, or a fetch was made less than a period ago)."""
-        before = self.keys
-        if not await self._refresh.reload_on_demand():
-            return None
-        after = self.keys
-        return after if after != before else None
+        """After a package of an unknown signer: the server's key set fetched and pinned
+        (unless a fetch was made less than a period ago; a set refused or not fetched
+        changes nothing), then the pinned keys, None before registration. The caller
+        tries again if they are not the keys it tried with: they may have changed by a
+        fetch that another refusal asked for, even one that ended just before."""
+        await self._refresh.reload_on_demand()
+        return self.keys or None
 
     async def _fetch_and_pin(self) -> None:
         pinned = self.pin(await self._fetch())
