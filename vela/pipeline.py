@@ -474,7 +474,7 @@ def _load(text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
             return None, {}
         # Walk before constructing: construction flattens merge keys in place.
         lines = _line_map(node)
-        _environment_as_text(node)
+        _variables_as_text(node)
         return loader.construct_document(node), lines
     finally:
         loader.dispose()
@@ -484,18 +484,28 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
 
 
-def _environment_as_text(root: yaml.Node) -> None:
-    """Environment names and values are text as written: YAML would make ``1.10`` the
-    float 1.1, ``0755`` the int 493, ``12:30`` 750 and the name ``ON`` true. Their plain
-    scalars are replaced by string copies before the document is constructed (copies:
-    an alias of the same scalar elsewhere, a ``timeout`` say, keeps its type). Each node
-    is visited once, so nested aliases cannot make the walk explode."""
+def _variables_as_text(root: yaml.Node) -> None:
+    """Environment names and values, and a shared secret's ``target``, are text as
+    written: YAML would make ``1.10`` the float 1.1, ``0755`` the int 493, ``12:30`` 750
+    and the name ``ON`` true. Their plain scalars are replaced by string copies before
+    the document is constructed (copies: an alias of the same scalar elsewhere, a
+    ``timeout`` say, keeps its type). Each node is visited once, so nested aliases
+    cannot make the walk explode."""
     seen: set[int] = set()
     done: set[int] = set()  # apart: a mapping seen as a step's may be an environment too
     for step in _sequence_items(_entries(root, "steps", seen)):
-        for env in _entries(step, "environment", seen):
-            for mapping in _merged(env, done):
-                mapping.value = [(_as_text(k), _as_text(v)) for k, v in mapping.value]
+        for mapping in _merged(step, seen):
+            for key_node, value_node in mapping.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                if key_node.value == "environment":
+                    for env in _merged(value_node, done):
+                        env.value = [(_as_text(k), _as_text(v)) for k, v in env.value]
+                elif key_node.value == "secrets":
+                    for entry in _sequence_items([value_node]):
+                        for shared in _merged(entry, done):
+                            shared.value = [(k, _as_text(v) if k.value == "target" else v)
+                                            for k, v in shared.value]
 
 
 def _as_text(node: yaml.Node) -> yaml.Node:

@@ -114,3 +114,13 @@ def test_a_default_variable_follows_the_variable_rules_as_a_target_does():
                                     "        target: TOKEN\n"))
     assert ok.steps[0].secret_variables() == {"TOKEN": "acme/ops/vela_token"}
 
+
+@pytest.mark.parametrize("name", ["ON", "NO", "Yes", "TRUE", "off"])
+def test_a_target_is_text_as_written_as_an_environment_name_is(name):
+    """YAML would make ON, NO, Yes... booleans; a target is a variable's name, as an
+    environment's names are, which the step gets as written."""
+    text = step_with(f"      - key: acme/ops/x\n        type: shared\n        target: {name}\n")
+    assert compile_pipeline(text).steps[0].secret_variables() == {name: "acme/ops/x"}
+    env = compile_pipeline(f'version: "1"\nsteps:\n  - name: a\n    commands: [x]\n'
+                           f"    environment: {{{name}: v}}\n")
+    assert env.steps[0].environment == {name: "v"}
