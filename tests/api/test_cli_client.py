@@ -161,6 +161,24 @@ def test_shared_secrets_with_their_allowlist(cli, harness):
     assert json.loads(cli("secret", "list", "--team", "cli/ops", "--json").output) == []
 
 
+def test_a_shared_secrets_allowlist_can_be_emptied_from_the_cli(cli, harness):
+    """Left out, --allow keeps an updated secret's list; --allow-none empties it (no
+    repo's builds get the secret), as the API's `"repo_allowlist": []` does."""
+    _login(cli, harness)
+    r = cli("secret", "add", "deploy_key", "--team", "cli/ops", "--allow", "cli/web",
+            "--value-stdin", input=SECRET + "\n")
+    assert r.exit_code == 0, r.output
+    r = cli("secret", "add", "deploy_key", "--team", "cli/ops", "--allow-none",
+            "--value-stdin", input=SECRET + "\n")
+    assert r.exit_code == 0 and "updated (team cli/ops, for no repo)" in r.output, r.output
+    listed = json.loads(cli("secret", "list", "--team", "cli/ops", "--json").output)
+    assert listed[0]["repo_allowlist"] == []
+    for args in (("--team", "cli/ops", "--allow", "cli/web", "--allow-none"),
+                 ("--repo", "cli/web", "--allow-none")):
+        r = cli("secret", "add", "k", *args, "--value-stdin", input="v\n")
+        assert r.exit_code == 1 and "--allow-none" in r.output, r.output
+
+
 def test_failing_build_exit_code_list_cancel_restart(cli, harness, tmp_path):
     _login(cli, harness)
     failing = tmp_path / "failing.yml"

@@ -471,7 +471,10 @@ def secret_add(
     team: str = TEAM_OPTION,
     allow: list[str] = typer.Option([], "--allow", help="With --team: a repo (org/name, "
                                     "of the team's org) whose builds may use it; repeat for "
-                                    "more. None: no repo's. Given, it replaces the list."),
+                                    "more. Given, it replaces the list; left out, a new "
+                                    "secret reaches no repo and an update keeps the list."),
+    allow_none: bool = typer.Option(False, "--allow-none", help="With --team: no repo's "
+                                    "builds may use it (empties the list)."),
     value_file: Path | None = typer.Option(None, "--value-file", exists=True, dir_okay=False,
                                            help="Read the value from this file, exactly."),
     value_stdin: bool = typer.Option(False, "--value-stdin", help="Read the value from "
@@ -479,9 +482,12 @@ def secret_add(
 ) -> None:
     """Create or update a secret. Without --value-file/--value-stdin, asks for the value."""
     base, owner = _secret_base(repo, org, team)
-    if allow and not team:
-        raise VelaError("--allow is for a team's secret (--team org/team): a repo secret "
-                        "goes to its repo, an org secret to every repo of the org")
+    if (allow or allow_none) and not team:
+        raise VelaError("--allow and --allow-none are for a team's secret (--team "
+                        "org/team): a repo secret goes to its repo, an org secret to every "
+                        "repo of the org")
+    if allow and allow_none:
+        raise VelaError("give --allow or --allow-none, not both")
     if value_file is not None:  # as it is: a key file's last newline is part of it
         value = read_utf8(value_file, "secrets are text; encode a binary value first "
                           "(e.g. with `base64`) and decode it in the step")
@@ -489,7 +495,7 @@ def secret_add(
         value = _without_last_newline(sys.stdin.read())
     else:
         value = typer.prompt(f"value of {name}", hide_input=True)
-    allowlist = {"repo_allowlist": allow} if allow else {}
+    allowlist = {"repo_allowlist": allow} if allow or allow_none else {}
     with _client() as api:
         try:
             api.post(base, {"name": name, "value": value, **allowlist})
@@ -499,7 +505,7 @@ def secret_add(
                 raise
             api.put(f"{base}/{name}", {"value": value, **allowlist})
             verb = "updated"
-    given = f", for {', '.join(sorted(set(allow)))}" if allow else ""
+    given = f", for {', '.join(sorted(set(allow))) or 'no repo'}" if allow or allow_none else ""
     _say(f"secret {name} {verb} ({owner}{given})")
 
 
