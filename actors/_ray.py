@@ -194,10 +194,11 @@ class RayLegacyServer:
                                    "this server, or it is starting)")
         return self._gateway
 
-    async def hello(self, *, worker_secret: str, hostname: str,
-                    routes: list[str]) -> dict[str, Any]:
+    async def hello(self, *, worker_secret: str, hostname: str, routes: list[str],
+                    unknown_kid: bool = False) -> dict[str, Any]:
+        asked = {"unknown_kid": True} if unknown_kid else {}
         return await _await(self.gateway().hello.remote(
-            worker_secret=worker_secret, hostname=hostname, routes=routes))
+            worker_secret=worker_secret, hostname=hostname, routes=routes, **asked))
 
     async def claim(self, *, worker_secret: str, hostname: str,
                     build_id: int) -> dict[str, Any] | None:

@@ -41,10 +41,10 @@ class LegacyGatewayActor(StartedWith):
         await self._get()
         return True
 
-    async def hello(self, *, worker_secret: str, hostname: str,
-                    routes: list[str]) -> dict[str, Any]:
+    async def hello(self, *, worker_secret: str, hostname: str, routes: list[str],
+                    unknown_kid: bool = False) -> dict[str, Any]:
         return await (await self._get()).hello(worker_secret=worker_secret, hostname=hostname,
-                                               routes=routes)
+                                               routes=routes, unknown_kid=unknown_kid)
 
     async def claim(self, *, worker_secret: str, hostname: str,
                     build_id: int) -> dict[str, Any] | None:

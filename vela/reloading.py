@@ -29,8 +29,12 @@ MIN_LOAD_TIMEOUT_S = 5.0
 class Reloading(Generic[T]):
     def __init__(self, load: Callable[[], Awaitable[T]], value: T, *, period_s: float,
                  clock: Callable[[], datetime], what: str = "value",
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None,
+                 load_on_demand: Callable[[], Awaitable[T]] | None = None) -> None:
         self._load = load
+        # What an on-demand reload runs (default: ``load``): a source told why it is asked
+        # may look further than its own cache.
+        self._load_on_demand = load_on_demand or load
         self.value = value
         self.period = timedelta(seconds=period_s)
         self.timeout_s = max(period_s, MIN_LOAD_TIMEOUT_S) if timeout_s is None else timeout_s
@@ -47,7 +51,7 @@ class Reloading(Generic[T]):
     async def fresh(self) -> T:
         """The value, reloaded first if it is a period old or older."""
         if self._loading is not None or self.age() >= self.period:
-            await self._reload()
+            await self._reload(self._load)
         return self.value
 
     async def reload_on_demand(self) -> bool:
@@ -59,18 +63,18 @@ class Reloading(Generic[T]):
             if self._asked_at is not None and now - self._asked_at < self.period:
                 return False
             self._asked_at = now
-        return await self._reload()
+        return await self._reload(self._load_on_demand)
 
-    async def _reload(self) -> bool:
+    async def _reload(self, load: Callable[[], Awaitable[T]]) -> bool:
         if self._loading is None:
-            self._loading = asyncio.get_running_loop().create_task(self._load_once())
+            self._loading = asyncio.get_running_loop().create_task(self._load_once(load))
         # Shielded: a caller that gives up does not cancel the others' load.
         return await asyncio.shield(self._loading)
 
-    async def _load_once(self) -> bool:
+    async def _load_once(self, load: Callable[[], Awaitable[T]]) -> bool:
         self.loads += 1
         try:
-            value = await asyncio.wait_for(self._load(), self.timeout_s)
+            value = await asyncio.wait_for(load(), self.timeout_s)
         except Exception as e:  # noqa: BLE001 - keep what we have; retried a period later
             log.warning("cannot reload the %s (%s: %s); keeping the one loaded %.0f s ago",
                         self._what, type(e).__name__, e or "no answer",

@@ -103,6 +103,7 @@ class GatewayStats:
 class LegacyGateway:
     def __init__(self, *, store: Store, settings: Settings,
                  queue_keys: Callable[[], Awaitable[Mapping[str, str]]],
+                 reload_queue_keys: Callable[[], Awaitable[bool]] | None = None,
                  metrics: Metrics | None = None,
                  now: Callable[[], datetime] = _utcnow) -> None:
         # Raises ConfigError when legacy mode is off: then this door does not exist.
@@ -114,6 +115,8 @@ class LegacyGateway:
         self.writer = ReportWriter(store, metrics=self.metrics, now=now)
         self.stats = GatewayStats()
         self._queue_keys = queue_keys
+        # Reloads them from the database, at most once per period (RingHolder).
+        self._reload_queue_keys = reload_queue_keys
         self._now = now
 
     def __repr__(self) -> str:
@@ -125,10 +128,14 @@ class LegacyGateway:
         log.info("legacy %s refused: %s", what, e.reason.value)
         return e
 
-    async def hello(self, *, worker_secret: str, hostname: str,
-                    routes: list[str]) -> dict[str, Any]:
+    async def hello(self, *, worker_secret: str, hostname: str, routes: list[str],
+                    unknown_kid: bool = False) -> dict[str, Any]:
         """A legacy worker starts: it learns the queue's verifying keys and lease, once
-        its secret and its routes check out (all of them legacy)."""
+        its secret and its routes check out (all of them legacy). ``unknown_kid``: it
+        met an item of a key it does not know, asking again: the keys are reloaded from
+        the database first, as the listener does on an unknown kid (at most once per
+        period), not only taken as cached (one failed reload would hide a rotated-in key
+        until the next)."""
         try:
             check_worker_secret(worker_secret, self._secret_digest)
             hostname = _hostname(hostname)
@@ -139,6 +146,8 @@ class LegacyGateway:
             raise self._refused(e, "hello") from None
         self.stats.hellos += 1
         log.info("legacy worker %s serves %s", hostname, ", ".join(routes))
+        if unknown_kid is True and self._reload_queue_keys is not None:
+            await self._reload_queue_keys()
         q = self.settings.queue
         return {"queue_keys": dict(await self._queue_keys()), "routes": list(routes),
                 "max_item_bytes": q.max_item_bytes, "lease_s": q.lease_seconds}

@@ -49,8 +49,8 @@ class LegacyServer(Protocol):
     """The server's legacy entry point as the worker sees it (LegacyGateway's methods);
     :class:`~vela.security.Rejected` for a refusal, anything else is transient."""
 
-    async def hello(self, *, worker_secret: str, hostname: str,
-                    routes: list[str]) -> dict[str, Any]: ...
+    async def hello(self, *, worker_secret: str, hostname: str, routes: list[str],
+                    unknown_kid: bool = False) -> dict[str, Any]: ...
 
     async def claim(self, *, worker_secret: str, hostname: str,
                     build_id: int) -> dict[str, Any] | None: ...
@@ -92,9 +92,10 @@ class LegacyWorker(BuildRunner):
         self._verifier: ItemVerifier | None = None
         # The queue keys come with a hello, asked again once they are key_reload_s old (a
         # rotated-in key is published before it signs) and when an item names an unknown
-        # kid (at most once per key_reload_s).
+        # kid (at most once per key_reload_s): then the gateway reloads them too.
         self._keys = Reloading(self.connect, None, period_s=key_reload_s, clock=clock,
-                               what="queue keys")
+                               what="queue keys",
+                               load_on_demand=lambda: self.connect(unknown_kid=True))
         self._lease_s = 60.0
         self._next_reclaim = float("-inf")
         self.error: str | None = None
@@ -111,12 +112,14 @@ class LegacyWorker(BuildRunner):
         return {**super().status(), "mode": "legacy", "connected": self.connected,
                 "error": self.error, "refused": self.refused}
 
-    async def connect(self) -> None:
+    async def connect(self, *, unknown_kid: bool = False) -> None:
         """Say hello to the server: it checks the secret and that every route is a legacy
         one (:class:`Rejected` ``route_mode_mismatch`` otherwise), and tells us the queue
-        keys to verify items with."""
+        keys to verify items with. ``unknown_kid``: an item named a key we do not know
+        (the server then reloads its keys, at most once per period)."""
+        asked = {"unknown_kid": True} if unknown_kid else {}
         answer = await self._server.hello(worker_secret=self._secret, hostname=self.hostname,
-                                          routes=list(self.routes))
+                                          routes=list(self.routes), **asked)
         self._verifier = ItemVerifier.from_public_keys(answer["queue_keys"], self.routes,
                                                        int(answer["max_item_bytes"]))
         self._lease_s = float(answer["lease_s"])

@@ -111,7 +111,8 @@ class ServerContext:
 
         keys = await self.keys(PURPOSE_QUEUE)
         return LegacyGateway(store=self.store, settings=self.settings,
-                             queue_keys=keys.verifying_keys, metrics=metrics)
+                             queue_keys=keys.verifying_keys,
+                             reload_queue_keys=keys.reload_unknown, metrics=metrics)
 
     async def close(self) -> None:
         await self.engine.dispose()
