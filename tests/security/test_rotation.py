@@ -244,3 +244,36 @@ async def test_a_load_that_hangs_keeps_the_keys_and_does_not_hold_their_users(cl
     assert await asyncio.wait_for(keys.fresh(), 5) == "old" and len(calls) == 1
     clock.advance(PERIOD)  # the source answers again: the next reload gets through
     assert await asyncio.wait_for(keys.fresh(), 5) == "new" and len(calls) == 2
+
+
+async def test_the_api_refuses_a_cut_off_keys_tokens_from_its_verify_until(
+        engine, master_key, clock):
+    """`vela keys rotate --verify-for 0` after a compromise: every API token of the old
+    key dies at the switch (docs/security.md), also at an API that fetched the keys
+    before it and keeps them a while."""
+    from types import SimpleNamespace
+
+    from vela.api.auth import Authenticator
+    from vela.api.backend import ServerBackend
+    from vela.api.errors import ApiError
+
+    store = Store(engine, master_key)
+    s = settings()
+    authority = await Authority.load(store, s, master_key, clock=lambda: clock.now)
+    backend = ServerBackend(scheduler=SimpleNamespace(store=store, builds=None),  # type: ignore[arg-type]
+                            issuer=authority, settings=s)
+    api = Authenticator(backend.token_keys, clock=lambda: clock.now,
+                        monotonic=lambda: clock.now.timestamp())
+    minted = await authority.mint_api_token(subject="ci", scopes=["builds:read"],
+                                            ttl_s=24 * 3600)
+    [r] = await rotate_keys(store, s, master_key, purposes=[PURPOSE_TOKEN], now=clock.now,
+                            verify_for=timedelta(0))
+    clock.now = r.switch_at - timedelta(seconds=1)
+    assert (await api.authenticate(minted["token"])).sub == "ci"  # keys fetched now
+
+    clock.now = r.switch_at + timedelta(seconds=1)
+    with pytest.raises(ApiError) as e:
+        await api.authenticate(minted["token"])
+    assert e.value.status == 401
+    fresh = await authority.mint_api_token(subject="ci", scopes=["builds:read"], ttl_s=600)
+    assert (await api.authenticate(fresh["token"])).sub == "ci"

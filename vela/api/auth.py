@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -98,7 +99,9 @@ async def check_credential(store: Store, credential: str) -> tuple[str, list[str
 
 # -- API tokens ---------------------------------------------------------------------
 
-TokenKeys = dict[str, Any]  # {"issuer": str, "keys": {kid: Ed25519 public key}}
+# {"issuer": str, "keys": {kid: Ed25519 public key}, "until": {kid: epoch s a retired key
+# verifies until}, "revoked": {subject: epoch s}}
+TokenKeys = dict[str, Any]
 
 
 class Authenticator:
@@ -106,7 +109,8 @@ class Authenticator:
 
     Keys are fetched once and cached; an unknown ``kid`` (a rotation) refetches
     them, at most once per ``min_refresh_s``, and they are refetched every
-    ``refresh_s`` anyway so a retired key stops verifying. Revoked subjects come with
+    ``refresh_s`` anyway. A retired key comes with the instant it stops verifying and
+    stops then, whenever the keys were fetched. Revoked subjects come with
     the keys: a token of one, issued before its revocation, is ``token_revoked``.
     """
 
@@ -160,8 +164,14 @@ class Authenticator:
         self._forgotten += 1
 
     def _verify(self, token: str, keys: TokenKeys) -> ApiClaims:
-        claims = verify_api_token(token, keys=keys["keys"], issuer=keys["issuer"],
-                                  now=self._clock())
+        now = self._clock()
+        trusted = keys["keys"]
+        if until := keys.get("until"):
+            # A key retired since the fetch (`vela keys rotate --verify-for`) stops at its
+            # instant here too, not when the keys are next fetched.
+            t = now.timestamp()
+            trusted = {kid: k for kid, k in trusted.items() if t < until.get(kid, math.inf)}
+        claims = verify_api_token(token, keys=trusted, issuer=keys["issuer"], now=now)
         cut = keys.get("revoked", {}).get(claims.sub)
         if cut is not None and claims.iat < cut:
             raise Rejected(Reason.TOKEN_REVOKED, f"the tokens of {claims.sub!r} were revoked")

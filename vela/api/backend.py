@@ -180,11 +180,17 @@ class ServerBackend:
 
     # -- auth ------------------------------------------------------------------------
     async def token_keys(self) -> TokenKeys:
-        """What the API actor checks tokens against: the verifying keys, and per revoked
-        subject the instant (epoch seconds) before which its tokens are refused."""
+        """What the API actor checks tokens against: the verifying keys, per retired key
+        the instant (epoch seconds) it stops verifying (the API keeps keys a while), and
+        per revoked subject the instant before which its tokens are refused."""
+        from vela.security.keys import PURPOSE_TOKEN
+
         revoked = await self.store.api_token_revocations()
-        return {"issuer": self.settings.server.id,
-                "keys": dict((await self.issuer.key_set())["keys"]),
+        keys = dict((await self.issuer.key_set())["keys"])
+        until = {r.kid: r.verify_until.timestamp()
+                 for r in await self.store.list_server_keys(PURPOSE_TOKEN)
+                 if r.kid in keys and r.retired_at is not None and r.verify_until is not None}
+        return {"issuer": self.settings.server.id, "keys": keys, "until": until,
                 "revoked": {sub: at.timestamp() for sub, at in revoked.items()}}
 
     async def login(self, *, credential: str, scopes: list[str] | None,
