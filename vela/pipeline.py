@@ -485,12 +485,12 @@ _NULL_TAG = "tag:yaml.org,2002:null"
 
 
 def _variables_as_text(root: yaml.Node) -> None:
-    """Environment names and values, and a shared secret's ``target``, are text as
-    written: YAML would make ``1.10`` the float 1.1, ``0755`` the int 493, ``12:30`` 750
-    and the name ``ON`` true. Their plain scalars are replaced by string copies before
-    the document is constructed (copies: an alias of the same scalar elsewhere, a
-    ``timeout`` say, keeps its type). Each node is visited once, so nested aliases
-    cannot make the walk explode."""
+    """Environment names and values, secret names and a shared secret's ``target`` are
+    text as written: YAML would make ``1.10`` the float 1.1, ``0755`` the int 493,
+    ``12:30`` 750 and the name ``ON`` true. Their plain scalars are replaced by string
+    copies before the document is constructed (copies: an alias of the same scalar
+    elsewhere, a ``timeout`` say, keeps its type). Each node is visited once, so nested
+    aliases cannot make the walk explode."""
     seen: set[int] = set()
     done: set[int] = set()  # apart: a mapping seen as a step's may be an environment too
     for step in _sequence_items(_entries(root, "steps", seen)):
@@ -502,6 +502,9 @@ def _variables_as_text(root: yaml.Node) -> None:
                     for env in _merged(value_node, done):
                         env.value = [(_as_text(k), _as_text(v)) for k, v in env.value]
                 elif key_node.value == "secrets":
+                    if isinstance(value_node, yaml.SequenceNode) and id(value_node) not in done:
+                        done.add(id(value_node))
+                        value_node.value = [_as_text(item) for item in value_node.value]
                     for entry in _sequence_items([value_node]):
                         for shared in _merged(entry, done):
                             shared.value = [(k, _as_text(v) if k.value == "target" else v)

@@ -124,3 +124,13 @@ def test_a_target_is_text_as_written_as_an_environment_name_is(name):
     env = compile_pipeline(f'version: "1"\nsteps:\n  - name: a\n    commands: [x]\n'
                            f"    environment: {{{name}: v}}\n")
     assert env.steps[0].environment == {name: "v"}
+
+
+@pytest.mark.parametrize("name", ["on", "no", "yes", "true", "off"])
+def test_a_plain_secret_name_is_text_as_written(name):
+    """`secrets: [on]` names the secret "on" (the step gets $ON); YAML would make it
+    the boolean true and the pipeline be refused as "not a string"."""
+    text = (f'version: "1"\nsteps:\n  - name: a\n    commands: [x]\n'
+            f"    secrets: [{name}, api_key]\n")
+    assert compile_pipeline(text).steps[0].secret_variables() == {
+        name.upper(): name, "API_KEY": "api_key"}
