@@ -107,9 +107,10 @@ async def test_rotate_keys_on_the_database(engine, master_key, clock):
     assert again[0].retired == [done[0].kid]
     ring = await load_or_create_keyring(store, purpose=PURPOSE_TOKEN, master_key=master_key,
                                         now=again[0].switch_at)
-    # The first rotation's old key keeps its own verify_until; the cut one stops now.
-    assert set(ring.verifying_keys(again[0].switch_at)) == {before[PURPOSE_TOKEN],
-                                                            again[0].kid}
+    # Cut short: every old key stops at the switch, also the first rotation's (a
+    # compromise may have leaked it with the other).
+    assert set(ring.verifying_keys(again[0].switch_at)) == {again[0].kid}
+    assert again[0].cut == [before[PURPOSE_TOKEN]]
 
     with pytest.raises(VelaError, match="purpose"):
         await rotate_keys(store, s, master_key, purposes=["nope"], now=clock.now)
@@ -277,3 +278,33 @@ async def test_the_api_refuses_a_cut_off_keys_tokens_from_its_verify_until(
     assert e.value.status == 401
     fresh = await authority.mint_api_token(subject="ci", scopes=["builds:read"], ttl_s=600)
     assert (await api.authenticate(fresh["token"])).sub == "ci"
+
+
+async def test_a_rotation_cut_short_cuts_every_old_key_not_only_the_one_it_retires(
+        engine, master_key, clock):
+    """docs/security.md, after a compromise: `vela keys rotate --verify-for 0` and
+    every API token dies at the switch. A key retired by an earlier rotation still
+    verifies (a year by default) and sits in the same ring, the same table, under the
+    same master key as the compromised one: it must stop too."""
+    store = Store(engine, master_key)
+    s = settings()
+    authority = await Authority.load(store, s, master_key, clock=lambda: clock.now)
+    oldest = await authority.mint_api_token(subject="ci", scopes=["builds:read"],
+                                            ttl_s=30 * 24 * 3600)
+    [first] = await rotate_keys(store, s, master_key, purposes=[PURPOSE_TOKEN],
+                                now=clock.now)
+    clock.now = first.switch_at + timedelta(days=1)
+    recent = await authority.mint_api_token(subject="ci", scopes=["builds:read"],
+                                            ttl_s=30 * 24 * 3600)
+    [cut] = await rotate_keys(store, s, master_key, purposes=[PURPOSE_TOKEN],
+                              now=clock.now, verify_for=timedelta(0))
+    clock.now = cut.switch_at + timedelta(seconds=1)
+    keys = await key_set_keys(authority)
+    assert set(keys) == {cut.kid}
+    for minted in (oldest, recent):
+        with pytest.raises(Rejected) as e:
+            verify_api_token(minted["token"], keys=keys, issuer=ISSUER, now=clock.now)
+        assert e.value.reason is Reason.UNKNOWN_KID
+    infos = {k.kid: k for k in await list_keys(store, now=clock.now)}
+    assert infos[first.retired[0]].verify_until == cut.switch_at
+    assert cut.cut == [first.retired[0]]

@@ -39,9 +39,10 @@ def rotate(
              "queue items; all (default): both."),
     verify_for: str = typer.Option(
         "", "--verify-for",
-        help="How long the old key verifies after the new one takes over, e.g. 0 or 1h "
-             "(default: the longest lifetime of anything it signed). 0 after a "
-             "compromise: whatever it signed dies then (docs/security.md)."),
+        help="How long the old keys verify after the new one takes over, e.g. 0 or 1h "
+             "(default: the longest lifetime of anything they signed); also keys retired "
+             "by earlier rotations that verify longer. 0 after a compromise: whatever "
+             "they signed dies then (docs/security.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """A new key signs two reload periods from now (`tokens.key_reload_s`), when every
@@ -72,7 +73,9 @@ def rotate(
     for r in rotations:
         console.print(f"{r.purpose}: new key {r.kid} signs from {_when(r.switch_at)} UTC; "
                       f"{', '.join(r.retired) or 'no key'} retired then, verifying until "
-                      f"{_when(r.verify_until)} UTC", highlight=False, soft_wrap=True)
+                      f"{_when(r.verify_until)} UTC"
+                      + (f"; so does {', '.join(r.cut)} (retired before)" if r.cut else ""),
+                      highlight=False, soft_wrap=True)
     err_console.print("running servers pick the new keys up within "
                       f"{s.tokens.key_reload_s:g} s (tokens.key_reload_s); workers fetch the "
                       "new key set when they first meet it.", highlight=False)

@@ -29,7 +29,7 @@ procedure after a key is compromised).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
 from vela.api.auth import MAX_TOKEN_TTL_S
@@ -97,6 +97,9 @@ class Rotation:
     retired: list[str]
     switch_at: datetime
     verify_until: datetime
+    # Keys retired by earlier rotations whose verify_until a cut short one (verify_for)
+    # brought forward to its own.
+    cut: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {k: v.isoformat() if isinstance(v, datetime) else v
@@ -108,8 +111,10 @@ async def rotate_keys(store: Store, settings: Settings, master_key: bytes, *,
                       verify_for: timedelta | None = None) -> list[Rotation]:
     """Rotate the server keys of ``purposes`` by the module's rule. ``verify_for``: how
     long the old keys verify after the switch, instead of :func:`retired_key_lifetime`
-    (0 after a compromise: whatever they signed dies at the switch). Refuses (before
-    changing anything) a purpose whose last rotation has not switched yet."""
+    (0 after a compromise: whatever they signed dies at the switch) — every old key of
+    the purpose, also one an earlier rotation retired that still verifies: it was kept
+    where the compromised one was (same table, same master key, same processes). Refuses
+    (before changing anything) a purpose whose last rotation has not switched yet."""
     period = timedelta(seconds=settings.tokens.key_reload_s)
     rings = []
     for purpose in purposes:
@@ -131,7 +136,14 @@ async def rotate_keys(store: Store, settings: Settings, master_key: bytes, *,
         rotated = await rotate_keyring(store, ring, master_key=master_key, now=now,
                                        verify_until=verify_until, switch_at=switch_at)
         new = rotated.newest_since(ring)
+        cut = []
+        for k in ring.keys if verify_for is not None else ():
+            if k.retired_at is not None and k.verify_until is not None \
+                    and k.verify_until > verify_until:
+                await store.retire_server_key(k.kid, retired_at=k.retired_at,
+                                              verify_until=verify_until)
+                cut.append(k.kid)
         out.append(Rotation(purpose=ring.purpose, kid=new.kid,
                             retired=[k.kid for k in ring.keys if k.retired_at is None],
-                            switch_at=switch_at, verify_until=verify_until))
+                            switch_at=switch_at, verify_until=verify_until, cut=cut))
     return out
