@@ -127,6 +127,9 @@ class WorkerActor:
                     self._answered.set()
                     self._error = None
                     log.info("worker %s registered", self.hostname)
+                keys = await self._server_keys.follow()
+                if keys is not None:
+                    self.core.pin(keys)
                 delay = 0.2
                 await asyncio.sleep(period)
             except Rejected as e:

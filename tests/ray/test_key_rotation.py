@@ -5,7 +5,7 @@ pinned after fetching the new key set) and a queue item signed by the new queue 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -20,19 +20,20 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
-def settings(tmp_path, cluster):
+def settings(request, tmp_path, cluster):
     # Short reload periods: the new keys take over a second after the rotation.
-    return ray_settings(tmp_path, tokens={"key_reload_s": 0.5})
+    sections = getattr(request, "param", {"tokens": {"key_reload_s": 0.5}})
+    return ray_settings(tmp_path, **sections)
 
 
-def rotate(settings) -> list[Rotation]:
+def rotate(settings, **kw) -> list[Rotation]:
     """What `vela keys rotate` does, from this process, on the server's database."""
     async def go() -> list[Rotation]:
         ctx = ServerContext.open(settings)
         try:
             return await rotate_keys(ctx.store, settings, ctx.master_key,
                                      purposes=[PURPOSE_TOKEN, PURPOSE_QUEUE],
-                                     now=datetime.now(UTC))
+                                     now=datetime.now(UTC), **kw)
         finally:
             await ctx.close()
 
@@ -68,3 +69,27 @@ def test_a_build_after_a_rotation_runs_with_the_new_keys(settings, server):
     # Its package came signed by the new key: the worker fetched the key set, which the
     # old key endorses, and pinned it; the old key stays (it verifies for a year).
     assert set(load_pinned_server(state_dir).keys) == {old_token, token.kid}
+
+
+# The worker fetches the key set at most a reload period after it changed (5 s, as it
+# checks in every 0.2 s), well before the switch, two periods after the rotation.
+@pytest.mark.parametrize("settings", [{"tokens": {"key_reload_s": 5.0},
+                                       "worker": {"checkin_period_s": 0.2}}],
+                         indirect=True)
+def test_a_worker_drops_a_cut_key_and_follows_the_new_one_with_no_build_in_between(
+        settings, server):
+    """`vela keys rotate --verify-for 0` (after a compromise): the worker learns the new
+    key as it checks in, before the key signs, and drops the cut one, with no build
+    between; the next build runs."""
+    add_worker(settings, server, "rot2")
+    state_dir = settings.server.data_dir / "workers" / "rot2"
+    [old_token] = load_pinned_server(state_dir).keys
+
+    token, _ = rotate(settings, verify_for=timedelta(0))
+    wait_until(lambda: set(load_pinned_server(state_dir).keys) == {old_token, token.kid},
+               30, "the new key pinned before it signs")
+    assert datetime.now(UTC) < token.switch_at
+    wait_until(lambda: set(load_pinned_server(state_dir).keys) == {token.kid}, 30,
+               "the cut key dropped")
+    build = run_build(server, pipeline("echo after the cut"))
+    assert wait_terminal(server, build)["status"] == "success"

@@ -170,3 +170,49 @@ async def test_a_package_that_comes_as_the_fetch_ends_is_opened_too(world):
     assert first.accepted, first
     assert second.accepted, second
     assert source.fetches == 1 and set(world.server_keys.keys) == {old, new}
+
+
+async def test_a_key_the_server_cut_is_dropped_a_period_later_without_any_refusal(world):
+    """The worker follows the server's key set as it checks in: once the server no
+    longer publishes a key (cut by `vela keys rotate --verify-for 0`, or past its
+    verify_until), a package signed by it is refused here within a period, even though
+    no package of the new key ever came to make the worker fetch."""
+    core, server, source, clock = world.core, world.server, world.source, world.clock
+    before = server.ring
+    # Published first, as `vela keys rotate` does: the new key verifies at once.
+    server.ring = before.rotated(now=clock(), verify_until=clock() + timedelta(seconds=60),
+                                 switch_at=clock() + timedelta(seconds=60))
+    assert await world.server_keys.follow() is not None
+    assert source.fetches == 0  # not a period yet: nothing fetched
+    clock.advance(PERIOD)
+    keys = await world.server_keys.follow()
+    assert source.fetches == 1 and set(keys) == set(server.ring.verifying_keys(clock()))
+    core.pin(keys)
+    clock.advance(120)  # the switch, then the old key's verify_until: cut
+    server.ring = KeyRing(server.ring.keys, purpose=before.purpose, now=clock())
+    new_kid = server.ring.newest_since(before).kid
+    assert server.ring.active.kid == new_kid
+    assert set(server.ring.verifying_keys(clock())) == {new_kid}
+    core.pin(await world.server_keys.follow())
+    assert source.fetches == 2 and set(world.server_keys.keys) == {new_kid}
+    assert set(load_pinned_server(world.state_dir).keys) == {new_kid}
+
+    newer = server.ring
+    server.ring = before  # someone who kept the cut key signs a package with it
+    forged = server.package(1, one_step("echo cut key"))
+    server.ring = newer
+    receipt = await server.execute(core, forged)
+    assert not receipt.accepted and receipt.reason == "package_unknown_signer", receipt
+    # The new key's packages open with no fetch: it was known before it signed.
+    assert (await server.execute(core, server.package(2, one_step("true")))).accepted
+    assert source.fetches == 3  # the refusal's own fetch, which changed nothing
+
+
+async def test_a_periodic_key_set_no_pinned_key_endorses_changes_nothing(world):
+    source, clock = world.source, world.clock
+    pinned = world.server_keys.keys
+    source.answer = publish_key_set(KeyRing.generate(clock()), server_id=ISSUER,
+                                    now=clock()).model_dump(mode="json")
+    clock.advance(PERIOD)
+    assert await world.server_keys.follow() == pinned
+    assert source.fetches == 1 and load_pinned_server(world.state_dir).keys == pinned

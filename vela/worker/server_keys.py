@@ -2,13 +2,14 @@
 rotation of the server's token key.
 
 At registration the worker pins the server's key set (:func:`~vela.security.pin_key_set`).
-After a rotation the server signs packages with a key the worker has not pinned; on that
-refusal only (``package_unknown_signer``) the worker fetches the server's current key set
-— public data, over its link to the Scheduler — and pins it if, and only if, a key it
-pins already endorses it: a key set made by anyone else is refused, and so are the
-packages it would have let in. At most one fetch per period (whoever can send packages
-with made-up kids cannot make it ask the server more often), and packages refused
-together share one fetch.
+The worker fetches the server's current key set — public data, over its link to the
+Scheduler — once a period as it checks in (:meth:`ServerKeys.follow`: a key rotated in
+is known before it signs, a key the server stopped trusting is dropped), and when a
+package comes signed by a key it has not pinned (``package_unknown_signer``). It pins a
+set if, and only if, a key it pins already endorses it: a key set made by anyone else is
+refused, and so are the packages it would have let in. On refusals, at most one fetch
+per period (whoever can send packages with made-up kids cannot make it ask the server
+more often), and packages refused together share one fetch.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ class ServerKeys:
         tries again if they are not the keys it tried with: they may have changed by a
         fetch that another refusal asked for, even one that ended just before."""
         await self._refresh.reload_on_demand()
+        return self.keys or None
+
+    async def follow(self) -> dict[str, str] | None:
+        """Called as the worker checks in: once a period, the server's key set fetched and
+        pinned, so a key rotated in is known before it signs, and a key the server no
+        longer trusts (past its ``verify_until``, or cut by ``vela keys rotate
+        --verify-for``) opens no package here a period later. The pinned keys; None
+        before registration. A set no pinned key endorses changes nothing (logged)."""
+        await self._refresh.fresh()
         return self.keys or None
 
     async def _fetch_and_pin(self) -> None:
