@@ -55,8 +55,9 @@ def test_rotate_then_list_shows_public_facts_only(env):
     assert len(keys(env)) == 4
 
 
-def test_rotate_all_and_cut_short(env):
-    r = runner.invoke(app, ["keys", "rotate", "--verify-for", "0", "--json"], env=env)
+@pytest.mark.parametrize("zero", ["0", "0s", "0m", " 0h "])
+def test_rotate_all_and_cut_short(env, zero):
+    r = runner.invoke(app, ["keys", "rotate", "--verify-for", zero, "--json"], env=env)
     assert r.exit_code == 0, r.output
     rotations = json.loads(r.stdout)
     assert [x["purpose"] for x in rotations] == ["token", "queue"]
@@ -66,6 +67,7 @@ def test_rotate_all_and_cut_short(env):
 @pytest.mark.parametrize(("args", "says"), [
     (["keys", "rotate", "nope"], "token, queue or all"),
     (["keys", "rotate", "--verify-for", "soon"], "invalid duration"),
+    (["keys", "rotate", "--verify-for", "-1h"], "0 or more"),
 ])
 def test_bad_arguments_say_what_to_use(env, args, says):
     r = runner.invoke(app, args, env=env)

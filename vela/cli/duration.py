@@ -10,10 +10,12 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 
 
-def parse_duration(text: str) -> int:
-    """Seconds in ``text``; :class:`VelaError` saying the accepted forms otherwise."""
+def parse_duration(text: str, *, zero_ok: bool = False) -> int:
+    """Seconds in ``text`` (0, as ``0``, ``0s`` or ``0h``, only if ``zero_ok``);
+    :class:`VelaError` saying the accepted forms otherwise."""
     m = _RE.match(text.lower())
-    if not m or int(m.group(1)) <= 0:
-        raise VelaError(f"invalid duration {text!r}: use a positive number with s, m, h or d "
+    if not m or int(m.group(1)) < (0 if zero_ok else 1):
+        least = "0 or more" if zero_ok else "a positive number"
+        raise VelaError(f"invalid duration {text!r}: use {least} with s, m, h or d "
                         "(e.g. 15m, 1h)")
     return int(m.group(1)) * _UNITS[m.group(2)]

@@ -55,8 +55,7 @@ def rotate(
     purposes = PURPOSES if purpose == "all" else (purpose,)
     cut = None
     if verify_for:
-        cut = timedelta(0) if verify_for.strip() == "0" else timedelta(
-            seconds=parse_duration(verify_for))
+        cut = timedelta(seconds=parse_duration(verify_for, zero_ok=True))
     s = state.settings
 
     from vela.db.store import Store
