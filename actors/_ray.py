@@ -146,6 +146,9 @@ class RayDispatcher:
     async def submit_many(self, items: list[QueueItem]) -> list[SubmitResult | Exception]:
         return await _await(self._h.submit_many.remote(items))
 
+    async def requeue_pending(self, build_ids: list[int]) -> int:
+        return await _await(self._h.requeue_pending.remote(build_ids))
+
 
 class RayServerLink:
     """A worker's line to the server: reports with build token and proof. The reports

@@ -88,6 +88,9 @@ class SchedulerActor(StartedWith):
     async def submit_many(self, items: list[QueueItem]) -> list[SubmitResult | Exception]:
         return await (await self._get()).submit_many(items)
 
+    async def requeue_pending(self, build_ids: list[int]) -> int:
+        return await (await self._get()).requeue_pending(build_ids)
+
     # -- workers -------------------------------------------------------------------
     async def register(self, registration: dict[str, Any], *, token: str,
                        running: list[int] | None = None) -> dict[str, Any]:

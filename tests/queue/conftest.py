@@ -148,6 +148,7 @@ class FakeScheduler:
         self.dispatched: list[int] = []
         self.submitted: list[QueueItem] = []
         self.answer: Callable[[QueueItem], Awaitable[SubmitResult | None]] | None = None
+        self.requeue_asked: list[list[int]] = []
 
     def add(self, build_id: int, status: str = "pending") -> None:
         self.builds[build_id] = status
@@ -157,6 +158,10 @@ class FakeScheduler:
 
     async def submit_many(self, items: list[QueueItem]) -> list[SubmitResult | Exception]:
         return await submit_each(self.submit, items)
+
+    async def requeue_pending(self, build_ids: list[int]) -> int:
+        self.requeue_asked.append(list(build_ids))
+        return sum(self.builds.get(b) == "pending" for b in build_ids)
 
     async def submit(self, item: QueueItem) -> SubmitResult:
         self.submitted.append(item)

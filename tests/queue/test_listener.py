@@ -289,6 +289,42 @@ class TestOnEveryBackend:
         assert {d.reason: d.payload for d in dead} == bad
         assert dict(listener.stats.dead_lettered) == dict.fromkeys(bad, 1)
         assert await queue.depth() == {"vela": RouteDepth(dead=len(bad))}
+        # Refused for its signature alone, an item may have been its build's own: the
+        # builds those items name are asked to be queued again if still pending (a
+        # harmless thing to ask, whoever forged the name); nothing else is.
+        assert sorted(sum(scheduler.requeue_asked, [])) == [3, 7]
+
+    async def test_the_builds_of_items_refused_for_their_signature_are_queued_again(
+            self, queue, verifier, signer, scheduler, clock):
+        """A pending build whose item was signed by a key no longer trusted (cut by
+        `vela keys rotate --verify-for 0`) is queued again rather than left pending;
+        a forged item naming a build that is not pending queues nothing."""
+        gone = ItemSigner(Ed25519PrivateKey.generate(), "cut-key")
+        scheduler.add(4)
+        scheduler.add(5, status="running")
+        await queue.push("vela", signed(gone, 4))
+        await queue.push("vela", signed(gone, 5))
+        await queue.push("vela", b'{"item": {"build_id": 6}}')  # unsigned, names 6
+
+        asked: list[list[int]] = []
+
+        async def down(build_ids):
+            raise ConnectionError("scheduler restarting")
+
+        scheduler.requeue_pending, real = down, scheduler.requeue_pending  # type: ignore[method-assign]
+        listener = make_listener(queue, verifier, scheduler, clock)
+        await listener.run_until_idle()
+        assert listener.stats.requeued == 0  # kept for the next pass
+
+        async def back(build_ids):
+            asked.append(build_ids)
+            return await real(build_ids)
+
+        scheduler.requeue_pending = back  # type: ignore[method-assign]
+        await listener.run_once()
+        assert asked == [[4, 5, 6]] and listener.stats.requeued == 1
+        await listener.run_once()
+        assert asked == [[4, 5, 6]]  # asked once
 
     async def test_poison_item_is_dead_lettered_after_max_deliveries(
             self, queue, verifier, signer, scheduler, clock):

@@ -170,6 +170,8 @@ def test_our_errors_cross_an_actor_call_whole():
     item = pickle.loads(pickle.dumps(QueueItemInvalid(InvalidReason.MALFORMED, "not JSON")))
     assert (item.reason, item.detail, str(item)) == (
         InvalidReason.MALFORMED, "not JSON", "queue item refused (malformed): not JSON")
+    claimed = pickle.loads(pickle.dumps(QueueItemInvalid(InvalidReason.UNKNOWN_KID, "k", 7)))
+    assert (claimed.reason, claimed.claimed_build_id) == (InvalidReason.UNKNOWN_KID, 7)
 
 
 async def test_an_error_that_cannot_cross_whole_goes_as_its_text():

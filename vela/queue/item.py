@@ -53,15 +53,29 @@ class InvalidReason(StrEnum):
 
 
 class QueueItemInvalid(VelaError):
-    """A queue item was refused; ``reason`` is an :class:`InvalidReason` code."""
+    """A queue item was refused; ``reason`` is an :class:`InvalidReason` code.
 
-    def __init__(self, reason: InvalidReason, message: str) -> None:
+    ``claimed_build_id``: the build an item refused for its signature alone says it is
+    for — unproven, so good only for what is harmless whoever asks it: queueing that
+    build again if it is still pending (an item its key no longer verifies, or one
+    tampered with, must not leave its build pending for ever)."""
+
+    def __init__(self, reason: InvalidReason, message: str,
+                 claimed_build_id: int | None = None) -> None:
         super().__init__(f"queue item refused ({reason}): {message}")
         self.reason = reason
         self.detail = message
+        self.claimed_build_id = claimed_build_id
 
-    def __reduce__(self) -> tuple[type[QueueItemInvalid], tuple[InvalidReason, str]]:
-        return type(self), (self.reason, self.detail)
+    def __reduce__(self) -> tuple[type[QueueItemInvalid], tuple[InvalidReason, str, int | None]]:
+        return type(self), (self.reason, self.detail, self.claimed_build_id)
+
+
+def _claimed_build_id(body: object) -> int | None:
+    build_id = body.get("build_id") if isinstance(body, dict) else None
+    if type(build_id) is int and build_id > 0:
+        return build_id
+    return None
 
 
 class QueueItem(BaseModel):
@@ -174,9 +188,10 @@ class ItemVerifier:
         if not isinstance(envelope, dict):
             raise QueueItemInvalid(InvalidReason.MALFORMED, "not a JSON object")
         sig, kid = envelope.get("sig"), envelope.get("kid")
-        if sig is None or kid is None:
-            raise QueueItemInvalid(InvalidReason.UNSIGNED, "no signature or key id")
         body = envelope.get("item")
+        if sig is None or kid is None:
+            raise QueueItemInvalid(InvalidReason.UNSIGNED, "no signature or key id",
+                                   _claimed_build_id(body))
         if not isinstance(body, dict) or set(envelope) != {"item", "kid", "sig"}:
             raise QueueItemInvalid(InvalidReason.MALFORMED,
                                    "expected exactly the fields item, kid and sig")
@@ -184,13 +199,15 @@ class ItemVerifier:
             raise QueueItemInvalid(InvalidReason.MALFORMED, "kid and sig must be strings")
         key = self._keys.get(kid)
         if key is None:
-            raise QueueItemInvalid(InvalidReason.UNKNOWN_KID, f"key id {kid[:64]!r} is not trusted")
+            raise QueueItemInvalid(InvalidReason.UNKNOWN_KID, f"key id {kid[:64]!r} is not trusted",
+                                   _claimed_build_id(body))
         try:
             signature = _unb64url(sig)
         except (binascii.Error, ValueError):
             signature = b""
         if len(signature) != SIGNATURE_BYTES:
-            raise QueueItemInvalid(InvalidReason.BAD_SIGNATURE, "signature is not 64 bytes")
+            raise QueueItemInvalid(InvalidReason.BAD_SIGNATURE, "signature is not 64 bytes",
+                                   _claimed_build_id(body))
         try:
             # 1e400 (inf) or a lone surrogate cannot be signed bytes: no key made them.
             signed = canonical_json(body)
@@ -200,7 +217,8 @@ class ItemVerifier:
             key.verify(signature, SIGNING_CONTEXT + signed)
         except InvalidSignature:
             raise QueueItemInvalid(InvalidReason.BAD_SIGNATURE,
-                                   "signature does not match the item") from None
+                                   "signature does not match the item",
+                                   _claimed_build_id(body)) from None
         try:
             item = QueueItem.model_validate(body)
         except ValidationError as e:

@@ -14,7 +14,10 @@ One pass (:meth:`Listener.run_once`):
    :class:`KeySource`); a refused item is dead-lettered with its reason code;
 5. submit them in one call (``submit_many``) and settle each by outcome:
    DISPATCHED and NOT_PENDING ack, NO_CAPACITY and RETRY release, REJECTED
-   dead-letters; an item whose submit raised (or all, if the call did) is released.
+   dead-letters; an item whose submit raised (or all, if the call did) is released;
+6. have the dispatcher queue again (``requeue_pending``) the builds named by items
+   refused for their signature alone, if still pending: the refused item may have
+   been the build's own (its key since cut, or tampered with).
 
 No polling while idle: with ``wait_s > 0`` the capacity call is a long poll.
 The dispatcher answers at once if a slot is free and work was queued since
@@ -115,6 +118,11 @@ class Dispatcher(Protocol):
         one failed (the item is released)."""
         ...
 
+    async def requeue_pending(self, build_ids: list[int]) -> int:
+        """Queue these builds again, those still pending (each a fresh signed item); how
+        many. Asked for builds that items refused for their signature named."""
+        ...
+
 
 class KeySource(Protocol):
     """The server's verifying queue keys, followed across rotations
@@ -182,6 +190,7 @@ class ListenerStats:
     submit_errors: int = 0
     backend_errors: int = 0
     dispatcher_errors: int = 0
+    requeued: int = 0  # pending builds queued again after their item was refused
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -189,7 +198,7 @@ class ListenerStats:
             "released": self.released, "dead_lettered": dict(self.dead_lettered),
             "lease_lost": self.lease_lost, "reclaimed": self.reclaimed,
             "submit_errors": self.submit_errors, "backend_errors": self.backend_errors,
-            "dispatcher_errors": self.dispatcher_errors,
+            "dispatcher_errors": self.dispatcher_errors, "requeued": self.requeued,
         }
 
 
@@ -259,6 +268,8 @@ class Listener:
         self.last_error: str | None = None
         self._next_reclaim = float("-inf")
         self._unsettled: list[_Settlement] = []
+        # Builds that items refused for their signature named (:meth:`_requeue_claimed`).
+        self._claimed: set[int] = set()
         self._rotation = 0
         # The dispatcher's work counter when the queue was last found empty.
         self._seen_work: int | None = None
@@ -302,6 +313,7 @@ class Listener:
         happened to the first. Back-end errors are absorbed: unhealthy, back off."""
         try:
             await self._settle_leftovers()
+            await self._requeue_claimed()
             await self._maybe_reclaim()
             try:
                 cap = await self.dispatcher.capacity(self.wait_s, self._seen_work)
@@ -322,7 +334,9 @@ class Listener:
                 self._seen_work = cap.work
                 return Step.IDLE
             self._seen_work = None
-            return (await self._settle(await self._settlements(reserved)))[0]
+            step = (await self._settle(await self._settlements(reserved)))[0]
+            await self._requeue_claimed()
+            return step
         except Exception as e:
             if not is_transient(e):
                 raise
@@ -347,9 +361,12 @@ class Listener:
     async def _settlements(self, reserved: list[Reservation]) -> list[_Settlement]:
         """What to do with each reserved item, in order: items that fail their checks
         are dead-lettered, the rest submitted together and settled by outcome."""
+        checked = await self._verify_all(reserved)
+        self._claimed.update(v.claimed_build_id for v in checked
+                             if isinstance(v, QueueItemInvalid) and v.claimed_build_id)
         out: list[_Settlement | QueueItem] = [
-            self._check(res, verified) for res, verified in zip(
-                reserved, await self._verify_all(reserved), strict=True)]
+            self._check(res, verified) for res, verified in zip(reserved, checked,
+                                                                strict=True)]
         todo = [(i, x) for i, x in enumerate(out) if isinstance(x, QueueItem)]
         if not todo:
             return out  # type: ignore[return-value]
@@ -450,6 +467,23 @@ class Listener:
         else:
             self.stats.dead_lettered[what.reason] += 1
         return s.done
+
+    async def _requeue_claimed(self) -> None:
+        """Have the dispatcher queue again the pending builds that items refused for
+        their signature named: the refused item may have been the build's own (signed
+        by a key since cut, or tampered with), and its build would stay pending for
+        ever. Unproven names, so only this, which is harmless whoever asks it (a second
+        item for a pending build is acked as not pending once it runs). Kept for the
+        next pass if the dispatcher cannot be asked now."""
+        if not self._claimed:
+            return
+        ids = sorted(self._claimed)
+        try:
+            self.stats.requeued += await self.dispatcher.requeue_pending(ids)
+        except Exception as e:  # noqa: BLE001 - e.g. the scheduler restarting; next pass
+            log.warning("could not have %d build(s) queued again: %r", len(ids), e)
+            return
+        self._claimed.difference_update(ids)
 
     async def _settle_leftovers(self) -> None:
         if self._unsettled:

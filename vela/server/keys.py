@@ -16,8 +16,8 @@ The rule, for both purposes:
   + ``tokens.build_token_grace_s``), packages (``tokens.package_ttl_s``). A queue item
   has no lifetime — a build may wait in the queue for as long as no worker takes its
   route — so a retired queue key verifies as long as a token key does; an item still
-  queued after that is dead-lettered ``unknown_kid`` and its build waits ``pending``
-  until it is restarted.
+  queued after that is dead-lettered ``unknown_kid`` and its build, if still pending,
+  queued again with a fresh item (:meth:`~vela.queue.listener.Listener.run_once`).
 - One rotation at a time per purpose: rotating again before the last one switched is
   refused (its new key would never be retired).
 

@@ -217,6 +217,20 @@ class Scheduler:
         return await submit_each(lambda item: self._submit(item, builds.get(item.build_id)),
                                  items)
 
+    async def requeue_pending(self, build_ids: list[int]) -> int:
+        """Queue again, each with a fresh signed item, the builds of ``build_ids`` that
+        are still pending and not being placed now: items naming them were refused for
+        their signature (by a key since cut, say), which may have been their own."""
+        builds = await self.store.get_builds(list(build_ids)[:1000])
+        again = [b for b in builds.values() if BuildStatus(b.status) is BuildStatus.PENDING
+                 and b.id not in self._dispatching]
+        for build in again:
+            await self.builds.enqueue(build)
+        if again:
+            log.warning("queued %d pending build(s) again whose queue item was refused: %s",
+                        len(again), ", ".join(str(b.id) for b in again))
+        return len(again)
+
     async def _submit(self, item: QueueItem, build: Build | None) -> SubmitResult:
         if build is None:
             return ItemRejected("build_not_found", f"build {item.build_id}")

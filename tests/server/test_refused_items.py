@@ -1,0 +1,37 @@
+"""A queue item refused for its signature may have been its build's own: signed by a
+queue key since cut (`vela keys rotate --verify-for 0`), or tampered with. Its build
+must not stay pending for ever: the listener has the Scheduler queue it again, with a
+fresh item, if it is still pending — and only then. On SQLite with the database queue
+and on PostgreSQL with Redis."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.server.conftest import pipeline
+from vela.queue import ItemSigner, QueueItem
+
+
+async def test_a_pending_build_whose_item_no_key_verifies_runs_all_the_same(system):
+    build_id = await system.submit(pipeline("echo still here"))
+    done = await system.submit(pipeline("echo done"))
+    # Its item, as a key the server no longer trusts signed it; and one naming a build
+    # that is not pending, which must queue nothing.
+    own = await system.queue.reserve(["vela"], lease_s=30)
+    await system.queue.ack(own)
+    cut = ItemSigner(Ed25519PrivateKey.generate(), "a-key-since-cut")
+    await system.queue.push("vela", cut.sign(QueueItem.new(build_id, "vela")))
+
+    await system.add_worker("w1")
+    builds = await system.pump([build_id, done], timeout_s=30)
+    assert builds[build_id].status == "success"
+    assert builds[done].status == "success"
+    assert [d.reason for d in await system.queue.dead_letters()] == ["unknown_kid"]
+    assert system.listener.stats.requeued == 1
+
+    # A forged item naming a finished build: dead-lettered, nothing queued again.
+    await system.queue.push("vela", cut.sign(QueueItem.new(done, "vela")))
+    await system.listener.run_until_idle()
+    assert len(await system.queue.dead_letters()) == 2
+    assert system.listener.stats.requeued == 1
+    assert (await system.store.get_build(done)).status == "success"
