@@ -35,3 +35,20 @@ async def test_a_pending_build_whose_item_no_key_verifies_runs_all_the_same(syst
     assert len(await system.queue.dead_letters()) == 2
     assert system.listener.stats.requeued == 1
     assert (await system.store.get_build(done)).status == "success"
+
+
+async def test_a_forged_item_naming_a_build_id_past_the_database_range_poisons_nothing(system):
+    """A forged item's build id is any JSON int: one past the database's integer range
+    must not make every later requeue fail (the pending build named next to it runs)."""
+    build_id = await system.submit(pipeline("echo still here"))
+    own = await system.queue.reserve(["vela"], lease_s=30)
+    await system.queue.ack(own)
+    cut = ItemSigner(Ed25519PrivateKey.generate(), "a-key-since-cut")
+    await system.queue.push("vela", cut.sign(QueueItem.model_construct(
+        v=1, build_id=2**64, route="vela", enqueued_at=0.0, attempt=1)))
+    await system.queue.push("vela", cut.sign(QueueItem.new(build_id, "vela")))
+
+    await system.add_worker("w1")
+    builds = await system.pump([build_id], timeout_s=30)
+    assert builds[build_id].status == "success"
+    assert system.listener.stats.requeued == 1

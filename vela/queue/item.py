@@ -71,9 +71,14 @@ class QueueItemInvalid(VelaError):
         return type(self), (self.reason, self.detail, self.claimed_build_id)
 
 
+# The largest build id a database holds (a 64-bit signed integer): a larger one cannot
+# be looked up (the database refuses the query).
+MAX_BUILD_ID = 2**63 - 1
+
+
 def _claimed_build_id(body: object) -> int | None:
     build_id = body.get("build_id") if isinstance(body, dict) else None
-    if type(build_id) is int and build_id > 0:
+    if type(build_id) is int and 0 < build_id <= MAX_BUILD_ID:
         return build_id
     return None
 
