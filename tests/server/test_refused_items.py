@@ -6,6 +6,8 @@ and on PostgreSQL with Redis."""
 
 from __future__ import annotations
 
+import json
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.server.conftest import pipeline
@@ -52,3 +54,16 @@ async def test_a_forged_item_naming_a_build_id_past_the_database_range_poisons_n
     builds = await system.pump([build_id], timeout_s=30)
     assert builds[build_id].status == "success"
     assert system.listener.stats.requeued == 1
+
+
+async def test_requeue_pending_queues_every_pending_build_it_is_asked_for(system):
+    """The listener forgets every id it asked for once requeue_pending answers: ids past
+    the first thousand must not be dropped unasked (a pending build left for ever)."""
+    build_id = await system.submit(pipeline("echo still here"))
+    own = await system.queue.reserve(["vela"], lease_s=30)
+    await system.queue.ack(own)
+    assert await system.scheduler.requeue_pending(
+        [10**9 + i for i in range(1000)] + [build_id]) == 1
+    again = await system.queue.reserve(["vela"], lease_s=30)
+    assert again is not None and QueueItem.model_validate(
+        json.loads(again.payload)["item"]).build_id == build_id

@@ -221,7 +221,9 @@ class Scheduler:
         """Queue again, each with a fresh signed item, the builds of ``build_ids`` that
         are still pending and not being placed now: items naming them were refused for
         their signature (by a key since cut, say), which may have been their own."""
-        builds = await self.store.get_builds(list(build_ids)[:1000])
+        ids, builds = list(build_ids), {}
+        for i in range(0, len(ids), 1000):  # one bounded query per thousand
+            builds.update(await self.store.get_builds(ids[i:i + 1000]))
         again = [b for b in builds.values() if BuildStatus(b.status) is BuildStatus.PENDING
                  and b.id not in self._dispatching]
         for build in again:
