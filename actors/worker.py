@@ -70,6 +70,7 @@ class WorkerActor:
         # Set once the server answered a registration: accepted, or refused for good.
         self._answered = asyncio.Event()
         self._error: str | None = None
+        self._following: asyncio.Task[None] | None = None  # the key set fetch under way
         self._loop = asyncio.get_running_loop().create_task(self._checkin_loop())
 
     def __repr__(self) -> str:
@@ -127,9 +128,7 @@ class WorkerActor:
                     self._answered.set()
                     self._error = None
                     log.info("worker %s registered", self.hostname)
-                keys = await self._server_keys.follow()
-                if keys is not None:
-                    self.core.pin(keys)
+                self._follow_keys()
                 delay = 0.2
                 await asyncio.sleep(period)
             except Rejected as e:
@@ -143,6 +142,18 @@ class WorkerActor:
                 self._error = f"{type(e).__name__}: {e}"
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _follow_keys(self) -> None:
+        """Follow the server's key set (once per reload period) in the background: a
+        Scheduler slow to answer it must not hold the check-ins, which register the
+        worker again once the Scheduler forgot it."""
+        if self._following is None or self._following.done():
+            self._following = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        keys = await self._server_keys.follow()
+        if keys is not None:
+            self.core.pin(keys)
 
     async def wait_registered(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Block until registered (or the timeout); returns :meth:`status`. A refusal
