@@ -6,6 +6,7 @@ the package. In plain asyncio, with the same fake server as test_core."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -216,3 +217,15 @@ async def test_a_periodic_key_set_no_pinned_key_endorses_changes_nothing(world):
     clock.advance(PERIOD)
     assert await world.server_keys.follow() == pinned
     assert source.fetches == 1 and load_pinned_server(world.state_dir).keys == pinned
+
+
+async def test_following_an_unchanged_key_set_logs_nothing(world, caplog):
+    """Every worker fetches the key set once a period: one that changed nothing is not
+    worth a log line each time (it is when the keys change)."""
+    clock = world.clock
+    with caplog.at_level(logging.INFO, logger="vela.worker"):
+        for _ in range(3):
+            clock.advance(PERIOD)
+            await world.server_keys.follow()
+    assert world.source.fetches == 3
+    assert not [r for r in caplog.records if "pinned" in r.getMessage()]

@@ -71,5 +71,7 @@ class ServerKeys:
         return self.keys or None
 
     async def _fetch_and_pin(self) -> None:
+        before = self.keys
         pinned = self.pin(await self._fetch())
-        log.info("pinned the server's key set: %s", ", ".join(sorted(pinned.keys)))
+        if pinned.keys != before:  # fetched once a period: logged when it changed only
+            log.info("pinned the server's key set: %s", ", ".join(sorted(pinned.keys)))
