@@ -326,6 +326,27 @@ class TestOnEveryBackend:
         await listener.run_once()
         assert asked == [[4, 5, 6]]  # asked once
 
+    async def test_builds_kept_to_be_queued_again_are_bounded(
+            self, queue, verifier, scheduler, clock, monkeypatch):
+        """While the dispatcher cannot be asked, the builds that refused items name are
+        kept for the next pass, never more than MAX_CLAIMED of them (anyone who can
+        write to the queue can name any number)."""
+        from vela.queue import listener as listener_mod
+
+        monkeypatch.setattr(listener_mod, "MAX_CLAIMED", 3)
+        stranger = ItemSigner(Ed25519PrivateKey.generate(), "intruder")
+        for build_id in range(1, 6):
+            await queue.push("vela", signed(stranger, build_id))
+
+        async def down(build_ids):
+            raise ConnectionError("scheduler restarting")
+
+        scheduler.requeue_pending = down  # type: ignore[method-assign]
+        listener = make_listener(queue, verifier, scheduler, clock)
+        await listener.run_until_idle()
+        assert listener.stats.dead_lettered["unknown_kid"] == 5
+        assert len(listener._claimed) == 3
+
     async def test_poison_item_is_dead_lettered_after_max_deliveries(
             self, queue, verifier, signer, scheduler, clock):
         scheduler.add(1)
@@ -728,3 +749,4 @@ def test_transient_errors_are_the_back_ends_being_unreachable_not_bad_items():
         assert is_transient(e), e
     for e in (ValueError("bad"), redis.exceptions.ResponseError("WRONGTYPE"), KeyError("x")):
         assert not is_transient(e), e
+

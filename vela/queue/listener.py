@@ -103,6 +103,11 @@ class Capacity:
     work: int = 0          # bumps whenever the dispatcher's side queued a build
 
 
+# Builds named by refused items kept while the dispatcher cannot be asked to queue them
+# again: a bound, as whoever can write to the queue can name any number.
+MAX_CLAIMED = 10_000
+
+
 @runtime_checkable
 class Dispatcher(Protocol):
     """What the listener needs from the Scheduler."""
@@ -362,8 +367,13 @@ class Listener:
         """What to do with each reserved item, in order: items that fail their checks
         are dead-lettered, the rest submitted together and settled by outcome."""
         checked = await self._verify_all(reserved)
-        self._claimed.update(v.claimed_build_id for v in checked
-                             if isinstance(v, QueueItemInvalid) and v.claimed_build_id)
+        for v in checked:
+            if isinstance(v, QueueItemInvalid) and v.claimed_build_id:
+                if len(self._claimed) >= MAX_CLAIMED:  # the dispatcher long unable to ask
+                    log.warning("too many builds wait to be queued again; %d not kept",
+                                v.claimed_build_id)
+                    continue
+                self._claimed.add(v.claimed_build_id)
         out: list[_Settlement | QueueItem] = [
             self._check(res, verified) for res, verified in zip(reserved, checked,
                                                                 strict=True)]
