@@ -68,6 +68,7 @@ def test_rotate_all_and_cut_short(env, zero):
     (["keys", "rotate", "nope"], "token, queue or all"),
     (["keys", "rotate", "--verify-for", "soon"], "invalid duration"),
     (["keys", "rotate", "--verify-for", "-1h"], "0 or more"),
+    (["keys", "rotate", "--verify-for", "99999999999d"], "at most 100 years"),
 ])
 def test_bad_arguments_say_what_to_use(env, args, says):
     r = runner.invoke(app, args, env=env)

@@ -8,6 +8,8 @@ from vela.errors import VelaError
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+# Anything longer is a typo (and far longer overflows a timedelta: a traceback).
+MAX_DURATION_S = 100 * 366 * 86400
 
 
 def parse_duration(text: str, *, zero_ok: bool = False) -> int:
@@ -18,4 +20,7 @@ def parse_duration(text: str, *, zero_ok: bool = False) -> int:
         least = "0 or more" if zero_ok else "a positive number"
         raise VelaError(f"invalid duration {text!r}: use {least} with s, m, h or d "
                         "(e.g. 15m, 1h)")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION_S:
+        raise VelaError(f"invalid duration {text!r}: at most 100 years")
+    return seconds
