@@ -62,7 +62,8 @@ def rotate(
     from vela.server.keys import Rotation, rotate_keys
 
     async def go(engine: AsyncEngine) -> list[Rotation]:
-        return await rotate_keys(Store(engine, s.master_key()), s, s.master_key(),
+        master_key = s.master_key()
+        return await rotate_keys(Store(engine, master_key), s, master_key,
                                  purposes=purposes, now=datetime.now(UTC), verify_for=cut)
 
     rotations = on_database(go)

@@ -49,6 +49,12 @@ from vela.server.builds import MAX_BUILD_TIMEOUT_S
 PURPOSES = (PURPOSE_TOKEN, PURPOSE_QUEUE)
 
 
+def _as_json(info: KeyInfo | Rotation) -> dict[str, object]:
+    """What `vela keys --json` prints of ``info``: its fields, times in ISO form."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v
+            for k, v in asdict(info).items()}
+
+
 def retired_key_lifetime(settings: Settings) -> timedelta:
     """How long after it stops signing a server key must still verify: the longest
     anything it signed may live (see the module's docstring, queue keys included)."""
@@ -71,8 +77,7 @@ class KeyInfo:
     verifies: bool
 
     def as_dict(self) -> dict[str, object]:
-        return {k: v.isoformat() if isinstance(v, datetime) else v
-                for k, v in asdict(self).items()}
+        return _as_json(self)
 
 
 async def list_keys(store: Store, *, now: datetime) -> list[KeyInfo]:
@@ -102,8 +107,7 @@ class Rotation:
     cut: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        return {k: v.isoformat() if isinstance(v, datetime) else v
-                for k, v in asdict(self).items()}
+        return _as_json(self)
 
 
 async def rotate_keys(store: Store, settings: Settings, master_key: bytes, *,
