@@ -77,8 +77,8 @@ def rotate(
                       + (f"; so does {', '.join(r.cut)} (retired before)" if r.cut else ""),
                       highlight=False, soft_wrap=True)
     err_console.print("running servers pick the new keys up within "
-                      f"{s.tokens.key_reload_s:g} s (tokens.key_reload_s); workers fetch the "
-                      "new key set when they first meet it.", highlight=False)
+                      f"{s.tokens.key_reload_s:g} s (tokens.key_reload_s), workers as they check "
+                      "in (worker.checkin_period_s).", highlight=False)
 
 
 @app.command("list")
